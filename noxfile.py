@@ -1,0 +1,50 @@
+"""Developer sessions: `nox -s tests lint typecheck examples bench`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.default_venv_backend = "venv"
+
+ROOT = Path(__file__).parent
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite, Redis included."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """Check formatting and lint with ruff."""
+    session.install("ruff")
+    session.run("ruff", "format", "--check", ".")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    """Type-check src, tests, examples and benchmarks with mypy --strict."""
+    session.install("-e", ".[dev]")
+    session.run("mypy")
+
+
+@nox.session(python="3.11")
+def examples(session: nox.Session) -> None:
+    """Run every example script."""
+    session.install("-e", ".[dev]")
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        session.run("python", str(script))
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks and print their tables."""
+    session.install("-e", ".[dev]")
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs)

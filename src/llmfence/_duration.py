@@ -1,0 +1,130 @@
+"""Budget durations: `"30s"`, `"30m"`, `"30h"`, `"30d"`, `"2w"`, `"3mo"` and the named periods.
+
+A budget's period rolls on first touch, with no sweeper job: when a request arrives after the
+period's end, the spend starts again from zero and a new period begins. A period is either
+
+* **rolling** (the default, as LiteLLM's proxy and BudgetManager do it): it begins at the first
+  request after the previous period ended and lasts the duration; or
+* **calendar-aligned** in UTC: it ends at the next boundary of the duration's unit — midnight for
+  days, Monday 00:00 for weeks, the 1st of the month, 1 January — after `count` units counted from
+  the start of the current unit.
+
+Stores only ever compare the current time with a period's stored end and, when it has passed,
+start a new period ending at `Duration.period_end(now)`; all calendar arithmetic lives here.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from .exceptions import ConfigurationError
+
+__all__ = ["Duration", "parse_duration"]
+
+Unit = Literal["s", "m", "h", "d", "w", "mo", "y"]
+
+_SECONDS: dict[str, int] = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+_NAMED: dict[str, tuple[int, Unit]] = {
+    "daily": (1, "d"),
+    "weekly": (1, "w"),
+    "monthly": (1, "mo"),
+    "yearly": (1, "y"),
+}
+_PATTERN = re.compile(r"(\d{1,6})\s*(mo|s|m|h|d|w|y)")
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    """A budget period length.
+
+    Attributes:
+        count: How many units.
+        unit: `"s"`, `"m"`, `"h"`, `"d"`, `"w"`, `"mo"` or `"y"`.
+        aligned: Whether periods are aligned to UTC calendar boundaries.
+    """
+
+    count: int
+    unit: Unit
+    aligned: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.count}{self.unit}"
+
+    @property
+    def seconds(self) -> int | None:
+        """The fixed length in seconds, or `None` for months and years."""
+        per_unit = _SECONDS.get(self.unit)
+        return None if per_unit is None else per_unit * self.count
+
+    def period_end(self, now: float) -> float:
+        """When a period that starts at `now` ends (Unix seconds)."""
+        if not self.aligned:
+            seconds = self.seconds
+            if seconds is not None:
+                return now + seconds
+            return _add_months(datetime.fromtimestamp(now, UTC), self._months()).timestamp()
+        start = _unit_start(datetime.fromtimestamp(now, UTC), self.unit)
+        if self.unit in ("mo", "y"):
+            return _add_months(start, self._months()).timestamp()
+        return (start + timedelta(seconds=_SECONDS[self.unit] * self.count)).timestamp()
+
+    def _months(self) -> int:
+        return self.count * (12 if self.unit == "y" else 1)
+
+
+def _unit_start(moment: datetime, unit: Unit) -> datetime:
+    """The start of the calendar unit that contains `moment` (UTC)."""
+    if unit == "s":
+        return moment.replace(microsecond=0)
+    if unit == "m":
+        return moment.replace(second=0, microsecond=0)
+    if unit == "h":
+        return moment.replace(minute=0, second=0, microsecond=0)
+    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if unit == "d":
+        return day
+    if unit == "w":
+        return day - timedelta(days=day.weekday())
+    if unit == "mo":
+        return day.replace(day=1)
+    return day.replace(month=1, day=1)
+
+
+def _add_months(moment: datetime, months: int) -> datetime:
+    # Clamp the day: one month after 31 January is the last day of February.
+    index = moment.month - 1 + months
+    year, month = moment.year + index // 12, index % 12 + 1
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return moment.replace(year=year, month=month, day=day)
+
+
+def parse_duration(value: str | Duration, *, aligned: bool = False) -> Duration:
+    """Parse a budget duration.
+
+    Args:
+        value: `"30s"`, `"30m"`, `"30h"`, `"30d"`, `"2w"`, `"3mo"`, `"1y"`, or `"daily"`,
+            `"weekly"`, `"monthly"`, `"yearly"`. A `Duration` is returned as is.
+        aligned: Align periods to UTC calendar boundaries instead of rolling from first use.
+
+    Raises:
+        ConfigurationError: The value is none of the forms above; the message names it.
+    """
+    if isinstance(value, Duration):
+        return value
+    if not isinstance(value, str):
+        raise ConfigurationError(f"Invalid budget duration {value!r}: expected a string.")
+    text = value.strip().lower()
+    if text in _NAMED:
+        count, unit = _NAMED[text]
+        return Duration(count, unit, aligned)
+    match = _PATTERN.fullmatch(text)
+    if match is None or int(match[1]) == 0:
+        raise ConfigurationError(
+            f"Invalid budget duration {value!r}: use e.g. '30s', '30m', '30h', '30d', '2w', "
+            "'3mo', '1y', or 'daily', 'weekly', 'monthly', 'yearly'."
+        )
+    return Duration(int(match[1]), match[2], aligned)  # type: ignore[arg-type]

@@ -1,0 +1,338 @@
+"""Parse an LLM request body once into a typed `LLMRequest`.
+
+One pure function, `parse_request(body, path)`, understands the bodies of OpenAI's chat
+completions, completions, embeddings and Responses API and Anthropic's messages API. Everything a
+guard needs (model, prompt parts, output allowance, `n`, streaming, end user) is read here, so no
+later step looks at the JSON again. Bodies llmfence cannot meter raise `InvalidRequestError`,
+which the middlewares answer with an OpenAI-shaped 400.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NoReturn
+
+from .exceptions import InvalidRequestError
+
+__all__ = ["Endpoint", "LLMRequest", "endpoint_for_path", "parse_request"]
+
+Endpoint = Literal["chat", "completions", "embeddings", "responses", "messages"]
+
+# Larger values are not a real request but an attempt to make the projection overflow or to
+# reserve an absurd amount; the providers' own limits are far below these.
+MAX_OUTPUT_TOKENS = 1 << 24
+MAX_N = 128
+MAX_MODEL_LENGTH = 256
+
+_SUFFIXES: tuple[tuple[str, Endpoint], ...] = (
+    ("/chat/completions", "chat"),
+    ("/completions", "completions"),
+    ("/embeddings", "embeddings"),
+    ("/responses", "responses"),
+    ("/messages", "messages"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LLMRequest:
+    """What llmfence needs to know about one LLM request.
+
+    Attributes:
+        endpoint: Which API the body belongs to.
+        model: The model named by the body (or by an Azure deployment path).
+        messages: Chat-style messages (OpenAI chat, Anthropic messages, Responses `input`
+            items), as parsed JSON objects; counted per message.
+        texts: Other prompt text: `prompt`, embeddings `input`, `instructions`, `system`.
+        prompt_token_ids: Tokens given pre-tokenized (arrays of ints in `prompt` or `input`).
+        tools: Tool and function definitions, as parsed JSON objects.
+        max_output_tokens: The output allowance the body asks for, or `None`.
+        n: How many completions the call asks for.
+        stream: Whether the response is streamed.
+        include_usage: Whether the body already asks for usage in the stream.
+        end_user: The end user named by the body (`user`, or Anthropic `metadata.user_id`).
+        body: The parsed body.
+    """
+
+    endpoint: Endpoint
+    model: str
+    messages: tuple[Mapping[str, Any], ...] = ()
+    texts: tuple[str, ...] = ()
+    prompt_token_ids: int = 0
+    tools: tuple[Mapping[str, Any], ...] = ()
+    max_output_tokens: int | None = None
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    end_user: str | None = None
+    body: Mapping[str, Any] | None = None
+
+    @property
+    def usage_in_stream(self) -> bool:
+        """Whether a streamed response will report usage without any amendment.
+
+        Only OpenAI chat and completions streams need `stream_options.include_usage`;
+        Anthropic and the Responses API always report usage at the end of a stream.
+        """
+        return self.include_usage or self.endpoint not in ("chat", "completions")
+
+
+def endpoint_for_path(path: str) -> Endpoint | None:
+    """The LLM API a request path belongs to, by suffix, or `None`."""
+    path = path.rstrip("/")
+    for suffix, endpoint in _SUFFIXES:
+        if path.endswith(suffix):
+            return endpoint
+    return None
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _fail(message: str, param: str | None = None) -> NoReturn:
+    raise InvalidRequestError(message, param=param)
+
+
+def _load(body: bytes) -> dict[str, Any]:
+    if not body:
+        _fail("The request body is empty; a JSON object is required.")
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        _fail("The request body is not valid UTF-8.")
+    except (ValueError, RecursionError):
+        _fail("The request body is not valid JSON.")
+    if not isinstance(data, dict):
+        _fail(f"The request body must be a JSON object, not {_json_type(data)}.")
+    return data
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _int(body: Mapping[str, Any], name: str, *, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    # bool is an int in Python but not in JSON Schema: `"max_tokens": true` is a client bug.
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(f"'{name}' must be an integer, not {_json_type(value)}.", name)
+    if not low <= value <= high:
+        _fail(f"'{name}' must be between {low} and {high}; got {value}.", name)
+    return value
+
+
+def _bool(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        _fail(f"'{name}' must be a boolean, not {_json_type(value)}.", name)
+    return value
+
+
+def _str(body: Mapping[str, Any], name: str, *, max_length: int | None = None) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        _fail(f"'{name}' must be a string, not {_json_type(value)}.", name)
+    if max_length is not None and len(value) > max_length:
+        _fail(f"'{name}' is longer than {max_length} characters.", name)
+    return value
+
+
+def _objects(value: object, param: str) -> tuple[Mapping[str, Any], ...]:
+    if not isinstance(value, list):
+        _fail(f"'{param}' must be an array, not {_json_type(value)}.", param)
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            _fail(f"'{param}[{i}]' must be an object, not {_json_type(item)}.", f"{param}[{i}]")
+    return tuple(value)
+
+
+def _check_message(message: Mapping[str, Any], param: str, *, anthropic: bool = False) -> None:
+    role = message.get("role")
+    if role is not None and not isinstance(role, str):
+        _fail(f"'{param}.role' must be a string.", f"{param}.role")
+    if "role" not in message and not anthropic and "type" not in message:
+        _fail(f"'{param}' has no 'role'.", param)
+    content = message.get("content")
+    if content is not None and not isinstance(content, str | list):
+        _fail(
+            f"'{param}.content' must be a string or an array, not {_json_type(content)}.",
+            f"{param}.content",
+        )
+    if isinstance(content, list):
+        for i, part in enumerate(content):
+            if not isinstance(part, dict | str):
+                _fail(f"'{param}.content[{i}]' must be an object.", f"{param}.content[{i}]")
+    name = message.get("name")
+    if name is not None and not isinstance(name, str):
+        _fail(f"'{param}.name' must be a string.", f"{param}.name")
+
+
+def _prompt_input(value: object, param: str) -> tuple[tuple[str, ...], int]:
+    """`prompt` / embeddings `input`: a string, strings, token ids, or arrays of token ids."""
+    if isinstance(value, str):
+        return (value,), 0
+    if not isinstance(value, list):
+        _fail(f"'{param}' must be a string or an array, not {_json_type(value)}.", param)
+    texts: list[str] = []
+    token_ids = 0
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            token_ids += 1
+        elif isinstance(item, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in item
+        ):
+            token_ids += len(item)
+        else:
+            _fail(
+                f"'{param}[{i}]' must be a string, a token id or an array of token ids.",
+                f"{param}[{i}]",
+            )
+    return tuple(texts), token_ids
+
+
+def _system_texts(value: object, param: str) -> tuple[str, ...]:
+    """Anthropic `system`: a string or an array of text blocks."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    blocks = _objects(value, param)
+    texts = []
+    for i, block in enumerate(blocks):
+        text = block.get("text")
+        if not isinstance(text, str):
+            _fail(f"'{param}[{i}].text' must be a string.", f"{param}[{i}].text")
+        texts.append(text)
+    return tuple(texts)
+
+
+def _azure_deployment(path: str) -> str | None:
+    # Azure OpenAI names the model in the path: /openai/deployments/{deployment}/chat/completions
+    parts = path.split("/")
+    try:
+        return parts[parts.index("deployments") + 1] or None
+    except (ValueError, IndexError):
+        return None
+
+
+def parse_request(body: bytes, path: str) -> LLMRequest:
+    """Parse the raw body of an LLM request.
+
+    Args:
+        body: The request body, exactly as received.
+        path: The request path; it decides which API the body belongs to.
+
+    Returns:
+        The typed request.
+
+    Raises:
+        InvalidRequestError: The path is not an LLM endpoint, or the body is not UTF-8 JSON,
+            not an object, or has fields of the wrong type or out of range.
+    """
+    endpoint = endpoint_for_path(path)
+    if endpoint is None:
+        _fail(f"{path!r} is not an LLM endpoint llmfence can meter.")
+    data = _load(body)
+
+    model = _str(data, "model", max_length=MAX_MODEL_LENGTH) or _azure_deployment(path)
+    if not model:
+        _fail("'model' is required.", "model")
+
+    messages: tuple[Mapping[str, Any], ...] = ()
+    texts: tuple[str, ...] = ()
+    token_ids = 0
+    tools: tuple[Mapping[str, Any], ...] = ()
+    end_user = _str(data, "user")
+
+    if endpoint == "chat":
+        if "messages" not in data:
+            _fail("'messages' is required.", "messages")
+        messages = _objects(data["messages"], "messages")
+        for i, message in enumerate(messages):
+            _check_message(message, f"messages[{i}]")
+    elif endpoint == "messages":
+        if "messages" not in data:
+            _fail("'messages' is required.", "messages")
+        messages = _objects(data["messages"], "messages")
+        for i, message in enumerate(messages):
+            _check_message(message, f"messages[{i}]", anthropic=True)
+        texts = _system_texts(data.get("system"), "system")
+        metadata = data.get("metadata")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                _fail("'metadata' must be an object.", "metadata")
+            end_user = _str(metadata, "user_id") or end_user
+    elif endpoint == "completions":
+        if "prompt" not in data:
+            _fail("'prompt' is required.", "prompt")
+        texts, token_ids = _prompt_input(data["prompt"], "prompt")
+    elif endpoint == "embeddings":
+        if "input" not in data:
+            _fail("'input' is required.", "input")
+        texts, token_ids = _prompt_input(data["input"], "input")
+    else:  # responses
+        value = data.get("input")
+        if isinstance(value, str):
+            texts = (value,)
+        elif value is not None:
+            messages = _objects(value, "input")
+            for i, message in enumerate(messages):
+                _check_message(message, f"input[{i}]")
+        instructions = _str(data, "instructions")
+        if instructions:
+            texts = (*texts, instructions)
+
+    if "tools" in data and data["tools"] is not None:
+        tools = _objects(data["tools"], "tools")
+    if "functions" in data and data["functions"] is not None:
+        tools = (*tools, *_objects(data["functions"], "functions"))
+
+    allowance = None
+    for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
+        value = _int(data, name, low=1, high=MAX_OUTPUT_TOKENS)
+        if value is not None and allowance is None:
+            allowance = value
+
+    n = _int(data, "n", low=1, high=MAX_N) or 1
+    stream = _bool(data, "stream")
+    include_usage = False
+    options = data.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            _fail("'stream_options' must be an object.", "stream_options")
+        include_usage = _bool(options, "include_usage")
+
+    return LLMRequest(
+        endpoint=endpoint,
+        model=model,
+        messages=messages,
+        texts=texts,
+        prompt_token_ids=token_ids,
+        tools=tools,
+        max_output_tokens=allowance,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        end_user=end_user,
+        body=data,
+    )

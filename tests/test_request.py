@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from llmfence._request import LLMRequest, endpoint_for_path, parse_request
+from llmfence.exceptions import InvalidRequestError
+
+
+def parse(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions") -> LLMRequest:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_request(raw, path)
+
+
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint"),
+    [
+        ("/v1/chat/completions", "chat"),
+        ("/chat/completions", "chat"),
+        ("/openai/deployments/gpt4o/chat/completions", "chat"),
+        ("/v1/completions", "completions"),
+        ("/v1/embeddings", "embeddings"),
+        ("/v1/responses", "responses"),
+        ("/v1/messages", "messages"),
+        ("/v1/messages/", "messages"),
+        ("/v1/models", None),
+        ("/health", None),
+    ],
+)
+def test_endpoint_for_path(path: str, endpoint: str | None) -> None:
+    assert endpoint_for_path(path) == endpoint
+
+
+def test_chat_fields() -> None:
+    request = parse(
+        {
+            "model": "gpt-4o",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:,", "detail": "low"}},
+                    ],
+                },
+            ],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "functions": [{"name": "g"}],
+            "max_completion_tokens": 50,
+            "max_tokens": 70,
+            "n": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "user": "alice",
+        }
+    )
+    assert request.endpoint == "chat"
+    assert request.model == "gpt-4o"
+    assert len(request.messages) == 2
+    assert [t.get("name") or t["function"]["name"] for t in request.tools] == ["f", "g"]
+    assert request.max_output_tokens == 50  # max_completion_tokens wins over the alias
+    assert request.n == 2
+    assert request.stream and request.include_usage and request.usage_in_stream
+    assert request.end_user == "alice"
+
+
+def test_defaults() -> None:
+    request = parse(CHAT)
+    assert request.max_output_tokens is None
+    assert request.n == 1
+    assert not request.stream
+    assert not request.include_usage
+    assert not request.usage_in_stream
+    assert request.end_user is None
+
+
+def test_completions_prompt_forms() -> None:
+    assert parse({"model": "m", "prompt": "hello"}, "/v1/completions").texts == ("hello",)
+    request = parse({"model": "m", "prompt": ["a", "b", [1, 2, 3]]}, "/v1/completions")
+    assert request.texts == ("a", "b")
+    assert request.prompt_token_ids == 3
+    request = parse({"model": "m", "prompt": [1, 2, 3, 4]}, "/v1/completions")
+    assert request.prompt_token_ids == 4
+
+
+def test_embeddings_input() -> None:
+    request = parse({"model": "text-embedding-3-small", "input": ["x", "y"]}, "/v1/embeddings")
+    assert request.endpoint == "embeddings"
+    assert request.texts == ("x", "y")
+    assert request.usage_in_stream
+
+
+def test_responses_api() -> None:
+    request = parse(
+        {"model": "gpt-4.1", "input": "hi", "instructions": "be nice", "max_output_tokens": 9},
+        "/v1/responses",
+    )
+    assert request.texts == ("hi", "be nice")
+    assert request.max_output_tokens == 9
+    items = parse(
+        {"model": "gpt-4.1", "input": [{"role": "user", "content": "hi"}]}, "/v1/responses"
+    )
+    assert items.messages == ({"role": "user", "content": "hi"},)
+
+
+def test_anthropic_messages() -> None:
+    request = parse(
+        {
+            "model": "claude-3-5-sonnet-latest",
+            "system": [{"type": "text", "text": "sys"}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "max_tokens": 1024,
+            "metadata": {"user_id": "u-1"},
+            "stream": True,
+        },
+        "/v1/messages",
+    )
+    assert request.endpoint == "messages"
+    assert request.texts == ("sys",)
+    assert request.max_output_tokens == 1024
+    assert request.end_user == "u-1"
+    assert request.usage_in_stream  # Anthropic always reports usage in streams
+    assert parse({**CHAT, "system": "s"}, "/v1/messages").texts == ("s",)
+
+
+def test_azure_deployment_names_the_model() -> None:
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    request = parse(body, "/openai/deployments/my-gpt4o/chat/completions")
+    assert request.model == "my-gpt4o"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"", None),
+        (b"\xff\xfe\xfa", None),
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'"text"', None),
+        (b"null", None),
+        (b'{"model": "m", "messages": [], "max_tokens": NaN}', None),
+        (b"[" * 100_000 + b"]" * 100_000, None),
+        ({"messages": []}, "model"),
+        ({"model": 5, "messages": []}, "model"),
+        ({"model": "x" * 300, "messages": []}, "model"),
+        ({"model": "m"}, "messages"),
+        ({"model": "m", "messages": "hi"}, "messages"),
+        ({"model": "m", "messages": [5]}, "messages[0]"),
+        ({"model": "m", "messages": [{"content": "x"}]}, "messages[0]"),
+        ({"model": "m", "messages": [{"role": 1}]}, "messages[0].role"),
+        ({"model": "m", "messages": [{"role": "u", "content": 5}]}, "messages[0].content"),
+        ({"model": "m", "messages": [{"role": "u", "content": [5]}]}, "messages[0].content[0]"),
+        ({"model": "m", "messages": [{"role": "u", "name": 5}]}, "messages[0].name"),
+        ({**CHAT, "max_tokens": -1}, "max_tokens"),
+        ({**CHAT, "max_tokens": 0}, "max_tokens"),
+        ({**CHAT, "max_tokens": 10**12}, "max_tokens"),
+        ({**CHAT, "max_tokens": 1.5}, "max_tokens"),
+        ({**CHAT, "max_tokens": "100"}, "max_tokens"),
+        ({**CHAT, "max_tokens": True}, "max_tokens"),
+        ({**CHAT, "max_completion_tokens": -5}, "max_completion_tokens"),
+        ({**CHAT, "n": 0}, "n"),
+        ({**CHAT, "n": 1000}, "n"),
+        ({**CHAT, "stream": "yes"}, "stream"),
+        ({**CHAT, "stream_options": []}, "stream_options"),
+        ({**CHAT, "stream_options": {"include_usage": 1}}, "include_usage"),
+        ({**CHAT, "user": 7}, "user"),
+        ({**CHAT, "tools": {}}, "tools"),
+        ({**CHAT, "tools": ["f"]}, "tools[0]"),
+    ],
+)
+def test_malformed_bodies_raise_typed_errors(body: dict[str, Any] | bytes, param: str | None) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parse(body)
+    error = info.value
+    assert error.status_code == 400
+    assert error.param == param
+    shaped = error.to_openai()["error"]
+    assert shaped["code"] == "invalid_request_error"
+    assert shaped["type"] == "invalid_request_error"
+    assert shaped["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "param"),
+    [
+        ({"model": "m"}, "/v1/completions", "prompt"),
+        ({"model": "m", "prompt": {"a": 1}}, "/v1/completions", "prompt"),
+        ({"model": "m", "prompt": [1.5]}, "/v1/completions", "prompt[0]"),
+        ({"model": "m", "prompt": [[1, "a"]]}, "/v1/completions", "prompt[0]"),
+        ({"model": "m"}, "/v1/embeddings", "input"),
+        ({"model": "m", "input": 5}, "/v1/embeddings", "input"),
+        ({"model": "m", "input": [True]}, "/v1/embeddings", "input[0]"),
+        ({"model": "m", "input": 5}, "/v1/responses", "input"),
+        ({"model": "m", "input": "x", "instructions": 1}, "/v1/responses", "instructions"),
+        ({"model": "m", "messages": [], "system": 5}, "/v1/messages", "system"),
+        ({"model": "m", "messages": [], "system": [{"text": 1}]}, "/v1/messages", "system[0].text"),
+        ({"model": "m", "messages": [], "metadata": "u"}, "/v1/messages", "metadata"),
+        ({"model": "m"}, "/v1/messages", "messages"),
+    ],
+)
+def test_malformed_bodies_per_endpoint(body: dict[str, Any], path: str, param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parse(body, path)
+    assert info.value.param == param
+
+
+def test_not_an_llm_path() -> None:
+    with pytest.raises(InvalidRequestError):
+        parse(CHAT, "/v1/models")
+
+
+def test_utf8_with_bom_and_unicode() -> None:
+    body = json.dumps({**CHAT, "user": "zoë"}, ensure_ascii=False).encode()
+    assert parse(body).end_user == "zoë"
