@@ -1,0 +1,186 @@
+"""The `Store` protocol: the only door to llmfence's state.
+
+Every method is one atomic step in the store — there is no "read, then write" anywhere — and
+takes the current time from its caller. The rules every store follows (and that the shared
+contract suite in `llmfence.testing` checks):
+
+Budgets
+    A budget counter holds the spend of its current period, the period's end and an all-time
+    total. A period rolls on first touch: when `now` is at or past the stored end, the spend
+    starts from zero and the new period ends at the scope's `period_end` (computed by the caller
+    from `now`). `admit` reserves the projected cost at every level, or at none.
+
+Settlement
+    `settle` replaces a reservation with the actual cost, once per request id (a second call is
+    a no-op and returns False). At a level whose period has not rolled since the reservation,
+    the difference is applied (a refund or a top-up). At a level whose period rolled meanwhile,
+    the reservation vanished with the old period, so the whole actual cost is added to the new
+    period: a call's cost is never lost, and never counted twice. Spend never goes below zero.
+
+Windows
+    RPM and TPM use a sliding-window counter: the usage is the current fixed window's count plus
+    the previous window's count weighted by how much of it still overlaps the sliding window. It
+    slides, so a burst cannot take twice the limit across a window boundary. Counters are keyed by
+    scope and never by limit, so changing a limit keeps what was used. Settlement moves a TPM hit
+    to the actual token count in the window it was counted in.
+
+Leases
+    A concurrency lease expires on its own after its TTL, so a worker that died cannot leak
+    slots; `settle` (or `release`) frees it at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from ._types import (
+    Admission,
+    AdmissionResult,
+    BudgetScope,
+    BudgetState,
+    KeyRecord,
+    Settlement,
+    SpendRecord,
+    SpendTotals,
+    TeamRecord,
+    UserRecord,
+)
+
+__all__ = ["SpendGroup", "Store"]
+
+SpendGroup = Literal["global", "key", "user", "team", "model", "end_user"]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Async storage for keys, budgets, windows, leases and spend records."""
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    async def admit(self, admission: Admission) -> AdmissionResult:
+        """Apply every check of one request atomically: all reserved, or nothing changed."""
+        ...
+
+    async def settle(self, settlement: Settlement) -> bool:
+        """Settle a reservation with the actual cost, release its leases, append its record.
+
+        Returns:
+            True if this call settled it; False if it was already settled or is unknown (in
+            which case only the record, if any, is appended).
+        """
+        ...
+
+    async def release(self, request_id: str, slot_keys: Sequence[str]) -> None:
+        """Free a request's leases without settling anything (e.g. after a refusal upstream)."""
+        ...
+
+    # -- budgets outside a request -----------------------------------------------------------
+
+    async def charge(self, scopes: Sequence[BudgetScope], cost: int, now: float) -> None:
+        """Add spend at every level unconditionally (spend that needed no reservation)."""
+        ...
+
+    async def budgets(self, scopes: Sequence[BudgetScope], now: float) -> list[BudgetState]:
+        """Read budget levels; a period that has ended reads as zero spent."""
+        ...
+
+    async def reset_budget(self, key: str, period_end: float | None, now: float) -> None:
+        """Start a new period for one budget counter now (spend back to zero)."""
+        ...
+
+    # -- key, user and team records ----------------------------------------------------------
+
+    async def create_key(self, record: KeyRecord) -> bool:
+        """Store a new key record; False if one with that hash exists."""
+        ...
+
+    async def get_key(self, key_hash: str) -> KeyRecord | None:
+        """The key record stored under a key's hash."""
+        ...
+
+    async def update_key(self, key_hash: str, changes: Mapping[str, Any]) -> KeyRecord | None:
+        """Change some fields of a key record; the updated record, or None if there is none."""
+        ...
+
+    async def delete_key(self, key_hash: str) -> bool:
+        """Delete a key record; False if there was none."""
+        ...
+
+    async def list_keys(
+        self, *, user_id: str | None = None, team_id: str | None = None
+    ) -> list[KeyRecord]:
+        """Key records, all of them or those of one user and/or team."""
+        ...
+
+    async def create_user(self, record: UserRecord) -> bool:
+        """Store a new user; False if the id is taken."""
+        ...
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        """A user record by id."""
+        ...
+
+    async def update_user(self, user_id: str, changes: Mapping[str, Any]) -> UserRecord | None:
+        """Change some fields of a user; the updated record, or None if there is none."""
+        ...
+
+    async def create_team(self, record: TeamRecord) -> bool:
+        """Store a new team; False if the id is taken."""
+        ...
+
+    async def get_team(self, team_id: str) -> TeamRecord | None:
+        """A team record by id."""
+        ...
+
+    async def update_team(self, team_id: str, changes: Mapping[str, Any]) -> TeamRecord | None:
+        """Change some fields of a team; the updated record, or None if there is none."""
+        ...
+
+    async def set_access_group(self, name: str, models: Sequence[str]) -> None:
+        """Define (or redefine) a model access group."""
+        ...
+
+    async def access_groups(self) -> dict[str, tuple[str, ...]]:
+        """Every model access group and its models."""
+        ...
+
+    # -- spend records -----------------------------------------------------------------------
+
+    async def spend_records(
+        self,
+        *,
+        key_hash: str | None = None,
+        user_id: str | None = None,
+        team_id: str | None = None,
+        model: str | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        limit: int = 1000,
+    ) -> list[SpendRecord]:
+        """Kept spend records matching every filter given, newest first."""
+        ...
+
+    async def spend_totals(self, group: SpendGroup, name: str = "") -> SpendTotals:
+        """All-time totals of one group (`"global"` ignores `name`); survive the log's bound."""
+        ...
+
+    # -- BudgetManager project documents -----------------------------------------------------
+
+    async def get_project(self, project_name: str) -> dict[str, Any] | None:
+        """A BudgetManager project's user dict, or None."""
+        ...
+
+    async def set_project(self, project_name: str, user_dict: Mapping[str, Any]) -> None:
+        """Replace a BudgetManager project's user dict."""
+        ...
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise `StoreError` unless the store answers."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the store may not be used afterwards."""
+        ...
