@@ -11,7 +11,14 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 from llmfence.exceptions import ConfigurationError
 
-__all__ = ["NANO_PER_USD", "as_decimal", "nano_to_decimal", "nano_to_usd", "usd_to_nano"]
+__all__ = [
+    "NANO_PER_USD",
+    "as_decimal",
+    "nano_to_decimal",
+    "nano_to_usd",
+    "shift_decimal",
+    "usd_to_nano",
+]
 
 NANO_PER_USD = 1_000_000_000
 """Nano-USD in one USD."""
@@ -56,7 +63,7 @@ def as_decimal(value: Decimal | str | float | int, *, what: str = "amount") -> D
     return result
 
 
-def shift(value: Decimal, places: int) -> Decimal:
+def shift_decimal(value: Decimal, places: int) -> Decimal:
     """`value × 10**places`, exactly: moves the exponent, never rounds to the context precision."""
     sign, digits, exponent = value.as_tuple()
     assert isinstance(exponent, int)  # finite values only (as_decimal guarantees it)
@@ -79,7 +86,7 @@ def usd_to_nano(amount: Decimal | str | float | int) -> int:
     Raises:
         ConfigurationError: The amount is not a finite number.
     """
-    nano = shift(as_decimal(amount, what="USD amount"), 9)
+    nano = shift_decimal(as_decimal(amount, what="USD amount"), 9)
     return int(nano.to_integral_value(rounding=ROUND_HALF_UP))
 
 
@@ -91,4 +98,4 @@ def nano_to_usd(nano: int) -> float:
 
 def nano_to_decimal(nano: int) -> Decimal:
     """Convert nano-USD to an exact `Decimal` of USD (79_000 → `Decimal("0.000079000")`)."""
-    return shift(Decimal(nano), -9)
+    return shift_decimal(Decimal(nano), -9)
