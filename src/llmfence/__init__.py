@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from importlib.metadata import version as _version
 
+from ._duration import Duration, parse_duration
+from ._fence import Fence
+from ._pricing import ModelPrice, PriceBook, PriceOverride
+from ._request import LLMRequest, parse_request
+from ._tokens import TokenCounter
+from ._usage import StreamUsageScanner, Usage, UsageChunkFilter, usage_from_json
 from .exceptions import (
     BudgetExceededError,
     ConfigurationError,
@@ -14,16 +20,50 @@ from .exceptions import (
     StoreError,
     UnknownModelError,
 )
+from .middleware import (
+    BudgetGuardMiddleware,
+    KeyAuthMiddleware,
+    ParallelRequestLimitMiddleware,
+    PathRules,
+    RequestRateLimitMiddleware,
+    SpendRecorderMiddleware,
+    TokenRateLimitMiddleware,
+)
+from .stores import MemoryStore, Store
+from .stores.redis import RedisStore
 
 __version__ = _version("llmfence")
 
 __all__ = [
     "BudgetExceededError",
+    "BudgetGuardMiddleware",
     "ConfigurationError",
+    "Duration",
+    "Fence",
     "InvalidRequestError",
+    "KeyAuthMiddleware",
     "LLMFenceError",
+    "LLMRequest",
+    "MemoryStore",
+    "ModelPrice",
+    "ParallelRequestLimitMiddleware",
+    "PathRules",
+    "PriceBook",
+    "PriceOverride",
     "RateLimitExceededError",
+    "RedisStore",
+    "RequestRateLimitMiddleware",
     "RequestTooLargeError",
+    "SpendRecorderMiddleware",
+    "Store",
     "StoreError",
+    "StreamUsageScanner",
+    "TokenCounter",
+    "TokenRateLimitMiddleware",
     "UnknownModelError",
+    "Usage",
+    "UsageChunkFilter",
+    "parse_duration",
+    "parse_request",
+    "usage_from_json",
 ]

@@ -1,0 +1,1 @@
+"""The checks: plain async objects that know nothing of ASGI."""

@@ -1,0 +1,219 @@
+"""The checks a request can go through, each turning a principal and a request into store parts.
+
+A check decides *what* to ask of the store (which windows, leases and budget levels, with which
+limits); the `Meter` sends every check's parts of one request to the store in one step. Checks
+hold configuration only, never per-request state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .._duration import Duration, parse_duration
+from .._money import usd_to_nano
+from ..exceptions import ConfigurationError
+from ..stores import BudgetScope, RateHit, SlotRequest
+from .auth import Principal
+
+__all__ = ["BudgetCheck", "Check", "ParallelCheck", "RateCheck"]
+
+OutagePolicy = str  # "fail_open" | "fail_closed"
+
+
+def _policy(value: str) -> str:
+    if value not in ("fail_open", "fail_closed"):
+        raise ConfigurationError(f"on_store_error must be 'fail_open' or 'fail_closed', not {value!r}")
+    return value
+
+
+def _limit(name: str, value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigurationError(f"{name} must be a non-negative int or None, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Level:
+    level: str
+    ident: str
+    label: str
+    limit: int | None
+
+
+def _principal_levels(principal: Principal | None, attr: str, default: int | None) -> list[_Level]:
+    """The key, user and team levels of a principal, with their limits for `attr`."""
+    if principal is None or principal.is_master:
+        return []
+    levels = []
+    if principal.key is not None and principal.key_hash is not None:
+        own = getattr(principal.key, attr)
+        levels.append(
+            _Level("key", principal.key_hash, principal.key_masked or "key",
+                   own if own is not None else default)
+        )
+    if principal.user is not None:
+        levels.append(_Level("user", principal.user.user_id, principal.user.user_id,
+                             getattr(principal.user, attr)))
+    if principal.team is not None:
+        levels.append(_Level("team", principal.team.team_id, principal.team.team_id,
+                             getattr(principal.team, attr)))
+    return levels
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """What every check shares.
+
+    Attributes:
+        on_store_error: `"fail_open"` lets requests through while the store is unreachable;
+            `"fail_closed"` answers 503.
+        shadow: Evaluate, record and emit headers, but never refuse.
+    """
+
+    on_store_error: str = "fail_open"
+    shadow: bool = False
+
+    def __post_init__(self) -> None:
+        _policy(self.on_store_error)
+
+
+@dataclass(frozen=True, slots=True)
+class RateCheck(Check):
+    """Requests (RPM) or tokens (TPM) per sliding window, per key, user and team.
+
+    Attributes:
+        kind: `"requests"` or `"tokens"`.
+        default_limit: Applies per key when the key's record sets none (and to unauthenticated
+            requests as one shared bucket).
+        window: Window length in seconds.
+    """
+
+    kind: str = "requests"
+    default_limit: int | None = None
+    window: float = 60.0
+
+    def __post_init__(self) -> None:
+        Check.__post_init__(self)
+        if self.kind not in ("requests", "tokens"):
+            raise ConfigurationError(f"kind must be 'requests' or 'tokens', not {self.kind!r}")
+        _limit("default_limit", self.default_limit)
+        if self.window <= 0:
+            raise ConfigurationError("window must be positive")
+
+    def hits(self, principal: Principal | None, cost: int) -> list[RateHit]:
+        """The windows this request hits, with `cost` units (1 request, or N tokens)."""
+        attr = "rpm_limit" if self.kind == "requests" else "tpm_limit"
+        prefix = "rpm" if self.kind == "requests" else "tpm"
+        levels = _principal_levels(principal, attr, self.default_limit)
+        if principal is None and self.default_limit is not None:
+            levels = [_Level("anonymous", "all", "unauthenticated", self.default_limit)]
+        return [
+            RateHit(f"{prefix}:{lv.level}:{lv.ident}", self.kind, lv.level, lv.label,  # type: ignore[arg-type]
+                    lv.limit, cost, self.window)
+            for lv in levels
+            if lv.limit is not None
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelCheck(Check):
+    """Concurrent requests in flight, per key, user and team.
+
+    Attributes:
+        default_limit: Applies per key when the key's record sets none.
+        lease_ttl: Seconds after which a lease frees itself if its worker died.
+    """
+
+    default_limit: int | None = None
+    lease_ttl: float = 600.0
+
+    def __post_init__(self) -> None:
+        Check.__post_init__(self)
+        _limit("default_limit", self.default_limit)
+
+    def slots(self, principal: Principal | None) -> list[SlotRequest]:
+        """The leases this request needs."""
+        levels = _principal_levels(principal, "max_parallel_requests", self.default_limit)
+        if principal is None and self.default_limit is not None:
+            levels = [_Level("anonymous", "all", "unauthenticated", self.default_limit)]
+        return [
+            SlotRequest(f"parallel:{lv.level}:{lv.ident}", lv.level, lv.label, lv.limit,
+                        self.lease_ttl)
+            for lv in levels
+            if lv.limit is not None
+        ]
+
+
+def _duration(value: str | None, aligned: bool) -> Duration | None:
+    return None if value is None else parse_duration(value, aligned=aligned)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCheck(Check):
+    """USD budgets at every level: global, team, user, key, end user and per model on a key.
+
+    Attributes:
+        max_budget: Whole-app budget in USD, or `None`.
+        budget_duration: How often the whole-app budget resets.
+        max_end_user_budget: Budget of each end user named by a request body, or `None`.
+        end_user_budget_duration: How often end-user budgets reset.
+        calendar_aligned: Align periods to UTC calendar boundaries instead of rolling.
+        clamp_max_tokens: Lower `max_tokens` to what the tightest budget can pay for instead
+            of refusing.
+    """
+
+    on_store_error: str = "fail_closed"
+    max_budget: float | None = None
+    budget_duration: str | None = None
+    max_end_user_budget: float | None = None
+    end_user_budget_duration: str | None = None
+    calendar_aligned: bool = False
+    clamp_max_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        Check.__post_init__(self)
+        for name in ("max_budget", "max_end_user_budget"):
+            value = getattr(self, name)
+            if value is not None and usd_to_nano(value) < 0:
+                raise ConfigurationError(f"{name} must not be negative")
+        _duration(self.budget_duration, self.calendar_aligned)
+        _duration(self.end_user_budget_duration, self.calendar_aligned)
+
+    def scopes(
+        self, principal: Principal | None, end_user: str | None, model: str | None, now: float
+    ) -> list[BudgetScope]:
+        """Every budget level this request is charged to, limited or not (spend is tracked)."""
+        aligned = self.calendar_aligned
+        end: Callable[[str | None], float | None] = lambda d: (  # noqa: E731
+            None if d is None else parse_duration(d, aligned=aligned).period_end(now)
+        )
+        nano: Callable[[float | int | None], int | None] = lambda usd: (  # noqa: E731
+            None if usd is None else usd_to_nano(usd)
+        )
+        scopes = [BudgetScope("global", "global", "global", nano(self.max_budget),
+                              end(self.budget_duration))]
+        if principal is not None and not principal.is_master:
+            if principal.team is not None:
+                team = principal.team
+                scopes.append(BudgetScope(f"team:{team.team_id}", "team", team.team_id,
+                                          team.max_budget, end(team.budget_duration)))
+            if principal.user is not None:
+                user = principal.user
+                scopes.append(BudgetScope(f"user:{user.user_id}", "user", user.user_id,
+                                          user.max_budget, end(user.budget_duration)))
+            key = principal.key
+            if key is not None and principal.key_hash is not None:
+                label = principal.key_masked or "key"
+                scopes.append(BudgetScope(f"key:{principal.key_hash}", "key", label,
+                                          key.max_budget, end(key.budget_duration)))
+                if model is not None and model in key.model_max_budget:
+                    scopes.append(BudgetScope(
+                        f"key_model:{principal.key_hash}:{model}", "model", f"{model} on {label}",
+                        key.model_max_budget[model], end(key.budget_duration),
+                    ))
+        if end_user:
+            scopes.append(BudgetScope(f"end_user:{end_user}", "end_user", end_user,
+                                      nano(self.max_end_user_budget),
+                                      end(self.end_user_budget_duration)))
+        return scopes

@@ -1,0 +1,318 @@
+"""`Fence`: the whole llmfence stack, configured once and installed in the right order."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
+
+from starlette.applications import Starlette
+
+from ._core.auth import Authenticator
+from ._core.checks import BudgetCheck
+from ._core.meter import Meter
+from ._duration import parse_duration
+from ._money import usd_to_nano
+from ._pricing import ModelPrice, PriceBook, PriceOverride
+from ._tokens import TokenCounter
+from .exceptions import ConfigurationError
+from .middleware import (
+    BudgetGuardMiddleware,
+    KeyAuthMiddleware,
+    ParallelRequestLimitMiddleware,
+    RequestRateLimitMiddleware,
+    SpendRecorderMiddleware,
+    TokenRateLimitMiddleware,
+)
+from .middleware._base import DEFAULT_EXEMPT_PATHS, DEFAULT_MAX_BODY_SIZE, PathRules
+from .stores import KeyRecord, MemoryStore, Store, TeamRecord, UserRecord, hash_key, mask_key
+
+__all__ = ["Fence"]
+
+_GUARDS = frozenset({"requests", "tokens", "parallel_requests", "budget"})
+_MIN_KEY_LENGTH = 20
+
+PriceSpec = PriceOverride | ModelPrice | Mapping[str, Any]
+
+
+class Fence:
+    """Budgets, rate limits, key auth and spend tracking for an app, in one object.
+
+    ```python
+    fence = Fence(store=MemoryStore(), master_key="sk-master", max_budget=100.0,
+                  budget_duration="30d", max_end_user_budget=0.5)
+    fence.install(app)
+    ```
+
+    Args:
+        store: Where state lives: `MemoryStore()` (default) for one process, `RedisStore`
+            for many.
+        master_key: The key that may do everything, the admin API included.
+        max_budget: Whole-app budget in USD, or `None`.
+        budget_duration: How often the whole-app budget resets (`"30d"`, `"monthly"`…).
+        max_end_user_budget: Budget of each end user (the body's `user`) in USD, or `None`.
+        end_user_budget_duration: How often end-user budgets reset.
+        rpm_limit: Default requests per minute of a key whose record sets none.
+        tpm_limit: Default tokens per minute of a key whose record sets none.
+        max_parallel_requests: Default requests in flight of a key whose record sets none.
+        prices: Price overrides per model, USD per million tokens
+            (`{"my-llama": {"input": 0.2, "output": 0.6}}`).
+        fallback_price: Price of models nobody knows; without it they are refused (400).
+        default_max_tokens: Output allowance reserved when a request names none.
+        calendar_aligned: Align budget periods to UTC calendar boundaries instead of rolling.
+        clamp_max_tokens: Lower `max_tokens` to what the tightest budget can pay for instead of
+            refusing.
+        metered_paths: `fnmatch` patterns of LLM paths; default the OpenAI and Anthropic ones.
+        exempt_paths: `fnmatch` patterns llmfence leaves alone (no auth either).
+        access_groups: Model access groups defined in code.
+        shadow: Guards that evaluate and report but never refuse: any of `"requests"`,
+            `"tokens"`, `"parallel_requests"`, `"budget"`.
+        limits_on_store_error: Rate limits while the store is down: `"fail_open"` (default).
+        budgets_on_store_error: Budgets while the store is down: `"fail_closed"` (default).
+        max_body_size: Largest request body accepted on a metered path, in bytes.
+        store_timeout: Seconds any one store call may take.
+        cache_ttl: Seconds key records are cached (bounded staleness across instances).
+        disconnect_extra_tokens: Output tokens charged beyond what was streamed when a client
+            disconnects mid-stream.
+        clock: Unix time (a fake clock in tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store | None = None,
+        master_key: str | None = None,
+        max_budget: float | None = None,
+        budget_duration: str | None = None,
+        max_end_user_budget: float | None = None,
+        end_user_budget_duration: str | None = None,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        max_parallel_requests: int | None = None,
+        prices: Mapping[str, PriceSpec] | None = None,
+        fallback_price: PriceSpec | None = None,
+        default_max_tokens: int = 4096,
+        calendar_aligned: bool = False,
+        clamp_max_tokens: bool = False,
+        metered_paths: Iterable[str] | None = None,
+        exempt_paths: Iterable[str] = DEFAULT_EXEMPT_PATHS,
+        access_groups: Mapping[str, Iterable[str]] | None = None,
+        shadow: Collection[str] = (),
+        limits_on_store_error: str = "fail_open",
+        budgets_on_store_error: str = "fail_closed",
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        store_timeout: float = 2.0,
+        cache_ttl: float = 5.0,
+        disconnect_extra_tokens: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        unknown = set(shadow) - _GUARDS
+        if unknown:
+            raise ConfigurationError(f"shadow names unknown guards: {sorted(unknown)}")
+        if master_key is not None and len(master_key) < 8:
+            raise ConfigurationError("master_key must be at least 8 characters long")
+        self.store: Store = store if store is not None else MemoryStore()
+        self.meter = Meter(
+            self.store,
+            prices=PriceBook(overrides=prices, fallback=fallback_price, clock=clock),
+            counter=TokenCounter(),
+            default_max_tokens=default_max_tokens,
+            store_timeout=store_timeout,
+            disconnect_extra_tokens=disconnect_extra_tokens,
+            clock=clock,
+        )
+        self.authenticator = Authenticator(
+            self.store, master_key=master_key, access_groups=access_groups,
+            cache_ttl=cache_ttl, clock=clock,
+        )
+        self.paths = PathRules(
+            None if metered_paths is None else tuple(metered_paths), tuple(exempt_paths)
+        )
+        self.clock = clock
+        self._options = {
+            "max_budget": max_budget,
+            "budget_duration": budget_duration,
+            "max_end_user_budget": max_end_user_budget,
+            "end_user_budget_duration": end_user_budget_duration,
+            "calendar_aligned": calendar_aligned,
+            "clamp_max_tokens": clamp_max_tokens,
+        }
+        self._limits = {
+            "requests": rpm_limit,
+            "tokens": tpm_limit,
+            "parallel_requests": max_parallel_requests,
+        }
+        self._shadow = frozenset(shadow)
+        self._limits_policy = limits_on_store_error
+        self._budgets_policy = budgets_on_store_error
+        self._max_body_size = max_body_size
+        BudgetCheck(**self._options)  # type: ignore[arg-type]  # validate now, not at a request
+
+    def install(self, app: Starlette) -> None:
+        """Add the whole stack to a Starlette or FastAPI app, outermost first:
+
+        KeyAuth → RPM → TPM → Parallel → BudgetGuard → SpendRecorder → the app.
+
+        The three rate limiters defer their checks to the budget guard, which sends every
+        check of a request to the store in one step.
+        """
+        common: dict[str, Any] = {
+            "meter": self.meter, "paths": self.paths, "max_body_size": self._max_body_size,
+        }
+        limits = {"on_store_error": self._limits_policy, "defer": True, **common}
+        # add_middleware puts the last one added outermost, so add them innermost first.
+        app.add_middleware(SpendRecorderMiddleware, **common)
+        app.add_middleware(
+            BudgetGuardMiddleware,
+            on_store_error=self._budgets_policy,
+            shadow="budget" in self._shadow,
+            **self._options,
+            **common,
+        )
+        app.add_middleware(
+            ParallelRequestLimitMiddleware,
+            limit=self._limits["parallel_requests"],
+            shadow="parallel_requests" in self._shadow,
+            **limits,
+        )
+        app.add_middleware(
+            TokenRateLimitMiddleware,
+            limit=self._limits["tokens"],
+            shadow="tokens" in self._shadow,
+            **limits,
+        )
+        app.add_middleware(
+            RequestRateLimitMiddleware,
+            limit=self._limits["requests"],
+            shadow="requests" in self._shadow,
+            **limits,
+        )
+        app.add_middleware(KeyAuthMiddleware, authenticator=self.authenticator, **common)
+
+    # -- keys, users and teams ---------------------------------------------------------------
+
+    async def generate_key(
+        self,
+        *,
+        key: str | None = None,
+        user_id: str | None = None,
+        team_id: str | None = None,
+        key_alias: str | None = None,
+        max_budget: float | None = None,
+        budget_duration: str | None = None,
+        model_max_budget: Mapping[str, float] | None = None,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        max_parallel_requests: int | None = None,
+        models: Iterable[str] = (),
+        duration: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> tuple[str, KeyRecord]:
+        """Create a virtual key; returns the plain key (shown once) and its stored record.
+
+        Args:
+            key: A caller-chosen key for migrations (`sk-` and at least 20 characters);
+                default a new random `sk-` key.
+            duration: Key lifetime (`"30d"`…); `None` never expires.
+
+        Raises:
+            ConfigurationError: A field is invalid, or the key already exists.
+        """
+        now = self.clock()
+        plain = key if key is not None else "sk-" + secrets.token_urlsafe(32)
+        if not plain.startswith("sk-") or len(plain) < _MIN_KEY_LENGTH:
+            raise ConfigurationError("a key must start with 'sk-' and be at least 20 characters")
+        record = KeyRecord(
+            key_hash=hash_key(plain),
+            key_masked=mask_key(plain),
+            user_id=user_id,
+            team_id=team_id,
+            key_alias=key_alias,
+            max_budget=_nano(max_budget),
+            budget_duration=_checked_duration(budget_duration),
+            model_max_budget={m: usd_to_nano(v) for m, v in (model_max_budget or {}).items()},
+            rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit,
+            max_parallel_requests=max_parallel_requests,
+            models=tuple(models),
+            expires=None if duration is None else parse_duration(duration).period_end(now),
+            metadata=dict(metadata or {}),
+            created_at=now,
+        )
+        if not await self.store.create_key(record):
+            raise ConfigurationError("that key already exists")
+        self.authenticator.invalidate_key(record.key_hash)
+        return plain, record
+
+    async def new_user(
+        self,
+        user_id: str,
+        *,
+        team_id: str | None = None,
+        max_budget: float | None = None,
+        budget_duration: str | None = None,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        max_parallel_requests: int | None = None,
+        models: Iterable[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+    ) -> UserRecord:
+        """Create a user whose budget and limits all of its keys share.
+
+        Raises:
+            ConfigurationError: A field is invalid, or the user exists.
+        """
+        record = UserRecord(
+            user_id=user_id, team_id=team_id, max_budget=_nano(max_budget),
+            budget_duration=_checked_duration(budget_duration), rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit, max_parallel_requests=max_parallel_requests,
+            models=tuple(models), metadata=dict(metadata or {}), created_at=self.clock(),
+        )
+        if not await self.store.create_user(record):
+            raise ConfigurationError(f"user {user_id!r} already exists")
+        self.authenticator.invalidate_user(user_id)
+        return record
+
+    async def new_team(
+        self,
+        team_id: str,
+        *,
+        max_budget: float | None = None,
+        budget_duration: str | None = None,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        max_parallel_requests: int | None = None,
+        models: Iterable[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+    ) -> TeamRecord:
+        """Create a team whose budget and limits all of its keys share.
+
+        Raises:
+            ConfigurationError: A field is invalid, or the team exists.
+        """
+        record = TeamRecord(
+            team_id=team_id, max_budget=_nano(max_budget),
+            budget_duration=_checked_duration(budget_duration), rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit, max_parallel_requests=max_parallel_requests,
+            models=tuple(models), metadata=dict(metadata or {}), created_at=self.clock(),
+        )
+        if not await self.store.create_team(record):
+            raise ConfigurationError(f"team {team_id!r} already exists")
+        self.authenticator.invalidate_team(team_id)
+        return record
+
+
+def _nano(usd: float | None) -> int | None:
+    if usd is None:
+        return None
+    nano = usd_to_nano(usd)
+    if nano < 0:
+        raise ConfigurationError("a budget must not be negative")
+    return nano
+
+
+def _checked_duration(value: str | None) -> str | None:
+    if value is not None:
+        parse_duration(value)
+    return value

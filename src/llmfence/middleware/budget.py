@@ -1,0 +1,110 @@
+"""`BudgetGuardMiddleware` and `SpendRecorderMiddleware`: USD budgets and the spend log."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Scope
+
+from .._core.checks import BudgetCheck
+from .._core.meter import Meter, RequestContext
+from ..exceptions import LLMFenceError
+from ..stores import Store
+from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware, PathRules, ensure_stream_usage
+from .limits import _CheckMiddleware
+
+__all__ = ["BudgetGuardMiddleware", "SpendRecorderMiddleware"]
+
+
+class BudgetGuardMiddleware(_CheckMiddleware):
+    """Reserves each request's projected cost at every budget level, or answers 429.
+
+    The projection is prompt tokens × input price + output allowance × output price. Levels:
+    the whole app (`max_budget`), the key's team, user and key (from their records), the key's
+    per-model budgets, and the end user named by the body (`max_end_user_budget`). All levels
+    are reserved or none is; the actual cost replaces the reservation when the response ends.
+
+    Args:
+        app: The ASGI app to protect.
+        store: The store (ignored when `meter` is given).
+        max_budget: Whole-app budget in USD, or `None`.
+        budget_duration: How often the whole-app budget resets (`"30d"`, `"monthly"`…).
+        max_end_user_budget: Budget of each end user in USD, or `None`.
+        end_user_budget_duration: How often end-user budgets reset.
+        calendar_aligned: Align periods to UTC calendar boundaries instead of rolling them.
+        clamp_max_tokens: Lower `max_tokens` to what the tightest budget can still pay for
+            instead of refusing (the response says so in `x-llmfence-max-tokens-clamped`).
+        on_store_error: `"fail_closed"` (default: 503 while the store is down) or `"fail_open"`.
+        shadow: Evaluate and record, but never refuse.
+        defer: Leave the store call to a later llmfence guard.
+        meter: A shared meter (what `Fence` passes).
+        paths: Which paths are metered and which are exempt.
+        max_body_size: Largest request body accepted on a metered path, in bytes.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | None = None,
+        max_budget: float | None = None,
+        budget_duration: str | None = None,
+        max_end_user_budget: float | None = None,
+        end_user_budget_duration: str | None = None,
+        calendar_aligned: bool = False,
+        clamp_max_tokens: bool = False,
+        on_store_error: str = "fail_closed",
+        shadow: bool = False,
+        defer: bool = False,
+        meter: Meter | None = None,
+        paths: PathRules | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    ) -> None:
+        check = BudgetCheck(
+            on_store_error=on_store_error,
+            shadow=shadow,
+            max_budget=max_budget,
+            budget_duration=budget_duration,
+            max_end_user_budget=max_end_user_budget,
+            end_user_budget_duration=end_user_budget_duration,
+            calendar_aligned=calendar_aligned,
+            clamp_max_tokens=clamp_max_tokens,
+        )
+        super().__init__(app, check, store=store, meter=meter, paths=paths,
+                         max_body_size=max_body_size, defer=defer)
+
+    async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
+        ensure_stream_usage(ctx)
+        return await super().check(ctx, scope)
+
+
+class SpendRecorderMiddleware(FenceMiddleware):
+    """Writes one spend record per metered request: success, upstream error or disconnect.
+
+    The record (model, tokens, cost, provenance, status, latency, masked key, user, team, end
+    user) is written with the settlement after the last response byte has been sent, so it
+    never delays the response. Without a budget guard in front, the spend still lands at the
+    key, user, team, end-user and global levels.
+
+    Args:
+        app: The ASGI app to protect.
+        store: The store (ignored when `meter` is given).
+        meter: A shared meter (what `Fence` passes).
+        paths: Which paths are metered and which are exempt.
+        max_body_size: Largest request body accepted on a metered path, in bytes.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | None = None,
+        meter: Meter | None = None,
+        paths: PathRules | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    ) -> None:
+        super().__init__(app, store=store, meter=meter, paths=paths, max_body_size=max_body_size)
+
+    async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
+        if ctx.request is not None:
+            ctx.record_spend = True
+            ensure_stream_usage(ctx)
+        return None

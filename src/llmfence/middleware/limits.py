@@ -1,0 +1,166 @@
+"""The rate limiters: requests per minute, tokens per minute, requests in flight."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Scope
+
+from .._core.checks import Check, ParallelCheck, RateCheck
+from .._core.meter import Meter, RequestContext
+from ..exceptions import LLMFenceError
+from ..stores import Store
+from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware, PathRules, ensure_stream_usage
+
+__all__ = [
+    "ParallelRequestLimitMiddleware",
+    "RequestRateLimitMiddleware",
+    "TokenRateLimitMiddleware",
+]
+
+
+class _CheckMiddleware(FenceMiddleware):
+    """A middleware that adds one check to the request's admission."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        check: Check,
+        *,
+        store: Store | None,
+        meter: Meter | None,
+        paths: PathRules | None,
+        max_body_size: int,
+        defer: bool,
+    ) -> None:
+        super().__init__(app, store=store, meter=meter, paths=paths, max_body_size=max_body_size)
+        self.limit_check = check
+        self.defer = defer
+
+    async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
+        if ctx.request is None:
+            return None
+        try:
+            await self.meter.add(ctx, self.limit_check)
+        except LLMFenceError as error:
+            return error
+        if self.defer:
+            return None
+        return await self.meter.flush(ctx)
+
+
+class RequestRateLimitMiddleware(_CheckMiddleware):
+    """Requests per sliding minute (RPM), per key, user and team.
+
+    Limits come from the key, user and team records (`rpm_limit`); `limit` applies per key
+    when the key's record sets none, and to unauthenticated requests as one shared bucket.
+
+    Args:
+        app: The ASGI app to protect.
+        store: The store (ignored when `meter` is given).
+        limit: The default requests per window, or `None` for records' limits only.
+        window: Window length in seconds.
+        on_store_error: `"fail_open"` (default) or `"fail_closed"` while the store is down.
+        shadow: Evaluate and emit headers, but never refuse.
+        defer: Leave the store call to a later llmfence guard, which sends every check of the
+            request in one step (`Fence.install` sets this).
+        meter: A shared meter (what `Fence` passes).
+        paths: Which paths are metered and which are exempt.
+        max_body_size: Largest request body accepted on a metered path, in bytes.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | None = None,
+        limit: int | None = None,
+        window: float = 60.0,
+        on_store_error: str = "fail_open",
+        shadow: bool = False,
+        defer: bool = False,
+        meter: Meter | None = None,
+        paths: PathRules | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    ) -> None:
+        check = RateCheck(on_store_error, shadow, "requests", limit, window)
+        super().__init__(app, check, store=store, meter=meter, paths=paths,
+                         max_body_size=max_body_size, defer=defer)
+
+
+class TokenRateLimitMiddleware(_CheckMiddleware):
+    """Tokens per sliding minute (TPM), per key, user and team.
+
+    Each request reserves its prompt tokens plus its output allowance (`max_tokens`, or the
+    meter's default); the response's actual usage replaces the reservation.
+
+    Args:
+        app: The ASGI app to protect.
+        store: The store (ignored when `meter` is given).
+        limit: The default tokens per window, or `None` for records' limits only.
+        window: Window length in seconds.
+        on_store_error: `"fail_open"` (default) or `"fail_closed"` while the store is down.
+        shadow: Evaluate and emit headers, but never refuse.
+        defer: Leave the store call to a later llmfence guard (`Fence.install` sets this).
+        meter: A shared meter (what `Fence` passes).
+        paths: Which paths are metered and which are exempt.
+        max_body_size: Largest request body accepted on a metered path, in bytes.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | None = None,
+        limit: int | None = None,
+        window: float = 60.0,
+        on_store_error: str = "fail_open",
+        shadow: bool = False,
+        defer: bool = False,
+        meter: Meter | None = None,
+        paths: PathRules | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    ) -> None:
+        check = RateCheck(on_store_error, shadow, "tokens", limit, window)
+        super().__init__(app, check, store=store, meter=meter, paths=paths,
+                         max_body_size=max_body_size, defer=defer)
+
+    async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
+        ensure_stream_usage(ctx)
+        return await super().check(ctx, scope)
+
+
+class ParallelRequestLimitMiddleware(_CheckMiddleware):
+    """Requests in flight at once, per key, user and team (`max_parallel_requests`).
+
+    A slot is a lease: released when the response ends or the client disconnects, and freed
+    on its own after `lease_ttl` if the worker holding it died.
+
+    Args:
+        app: The ASGI app to protect.
+        store: The store (ignored when `meter` is given).
+        limit: The default requests in flight per key, or `None` for records' limits only.
+        lease_ttl: Seconds after which an unreleased slot frees itself.
+        on_store_error: `"fail_open"` (default) or `"fail_closed"` while the store is down.
+        shadow: Evaluate, but never refuse.
+        defer: Leave the store call to a later llmfence guard (`Fence.install` sets this).
+        meter: A shared meter (what `Fence` passes).
+        paths: Which paths are metered and which are exempt.
+        max_body_size: Largest request body accepted on a metered path, in bytes.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | None = None,
+        limit: int | None = None,
+        lease_ttl: float = 600.0,
+        on_store_error: str = "fail_open",
+        shadow: bool = False,
+        defer: bool = False,
+        meter: Meter | None = None,
+        paths: PathRules | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    ) -> None:
+        check = ParallelCheck(on_store_error, shadow, limit, lease_ttl)
+        super().__init__(app, check, store=store, meter=meter, paths=paths,
+                         max_body_size=max_body_size, defer=defer)

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llmfence import MemoryStore
+from llmfence.testing import FakeClock
+
+from .conftest import CHAT, MODEL, auth, chat_body
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        lambda k: {"authorization": f"Bearer {k}"},
+        lambda k: {"Authorization": f"bearer  {k} "},
+        lambda k: {"x-api-key": k},
+        lambda k: {"api-key": k},
+        lambda k: {"x-goog-api-key": k},
+    ],
+)
+async def test_key_headers(gateway: Any, header: Any) -> None:
+    fence, _, client = gateway()
+    key, _ = await fence.generate_key()
+    async with client as c:
+        response = await c.post(CHAT, json=chat_body(), headers=header(key))
+    assert response.status_code == 200, response.text
+
+
+async def test_master_key_passes(gateway: Any) -> None:
+    _, _, client = gateway()
+    async with client as c:
+        response = await c.post(CHAT, json=chat_body(), headers=auth("sk-master-key"))
+    assert response.status_code == 200
+
+
+async def test_missing_unknown_deleted_and_expired_keys(gateway: Any, clock: FakeClock) -> None:
+    fence, app, client = gateway()
+    key, record = await fence.generate_key(duration="1h")
+    deleted, deleted_record = await fence.generate_key()
+    async with client as c:
+        cases = {
+            "missing": await c.post(CHAT, json=chat_body()),
+            "unknown": await c.post(CHAT, json=chat_body(), headers=auth("sk-" + "x" * 40)),
+            "not bearer": await c.post(CHAT, json=chat_body(), headers={"authorization": key}),
+        }
+        assert (await c.post(CHAT, json=chat_body(), headers=auth(deleted))).status_code == 200
+        await fence.store.delete_key(deleted_record.key_hash)
+        fence.authenticator.invalidate_key(deleted_record.key_hash)
+        cases["deleted"] = await c.post(CHAT, json=chat_body(), headers=auth(deleted))
+        clock.advance(3601)
+        cases["expired"] = await c.post(CHAT, json=chat_body(), headers=auth(key))
+    for name, response in cases.items():
+        assert response.status_code == 401, name
+        error = response.json()["error"]
+        assert error["code"] == "invalid_api_key", name
+        assert error["type"] == "invalid_request_error"
+        for secret in (key, deleted, record.key_hash, deleted_record.key_hash):
+            assert secret not in response.text
+
+
+async def test_key_cache_staleness_is_bounded() -> None:
+    # A key deleted through another instance is refused here within the cache TTL.
+    from llmfence import Fence
+    from llmfence.testing import mock_llm_app
+
+    from .conftest import client_for
+
+    store = MemoryStore()
+    clock = FakeClock(1_000.0)
+    here = Fence(store=store, master_key="sk-master-key", cache_ttl=5.0, clock=clock.now)
+    there = Fence(store=store, master_key="sk-master-key")
+    app = mock_llm_app()
+    here.install(app)
+    key, record = await there.generate_key()
+    async with client_for(app) as c:
+        assert (await c.post(CHAT, json=chat_body(), headers=auth(key))).status_code == 200
+        await store.delete_key(record.key_hash)
+        clock.advance(4)  # still cached here
+        assert (await c.post(CHAT, json=chat_body(), headers=auth(key))).status_code == 200
+        clock.advance(2)
+        assert (await c.post(CHAT, json=chat_body(), headers=auth(key))).status_code == 401
+
+
+async def test_model_allow_lists_and_access_groups(gateway: Any) -> None:
+    fence, app, client = gateway(access_groups={"cheap": ["gpt-3.5-*", "gpt-4o-mini"]})
+    await fence.store.set_access_group("beta-models", ["gpt-4o"])
+    only_cheap, _ = await fence.generate_key(models=["cheap"])
+    only_beta, _ = await fence.generate_key(models=["beta-models"])
+    await fence.new_user("u1", models=["gpt-4o-mini"])
+    user_limited, _ = await fence.generate_key(user_id="u1", models=["cheap"])
+    async with client as c:
+        ok = await c.post(CHAT, json=chat_body(), headers=auth(only_cheap))
+        forbidden = await c.post(CHAT, json={**chat_body(), "model": "gpt-4o"},
+                                 headers=auth(only_cheap))
+        beta = await c.post(CHAT, json={**chat_body(), "model": "gpt-4o"}, headers=auth(only_beta))
+        # The key allows gpt-3.5, but its user only gpt-4o-mini: every level must allow it.
+        user_says_no = await c.post(CHAT, json=chat_body(), headers=auth(user_limited))
+        user_says_yes = await c.post(CHAT, json={**chat_body(), "model": "gpt-4o-mini"},
+                                     headers=auth(user_limited))
+    assert ok.status_code == 200
+    assert beta.status_code == 200, beta.text
+    assert user_says_yes.status_code == 200
+    for response in (forbidden, user_says_no):
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "model_not_allowed"
+        assert response.json()["error"]["type"] == "permission_error"
+    assert MODEL in user_says_no.text
+
+
+async def test_other_paths_get_auth_only_and_exempt_paths_nothing(gateway: Any) -> None:
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    fence, app, client = gateway(rpm_limit=1)
+    seen: list[str] = []
+
+    async def models(request: Any) -> PlainTextResponse:
+        seen.append(request.url.path)
+        return PlainTextResponse("models")
+
+    app.router.routes.append(Route("/v1/models", models))
+    app.router.routes.append(Route("/health", models))
+    key, _ = await fence.generate_key()
+    async with client as c:
+        assert (await c.get("/v1/models")).status_code == 401
+        for _ in range(3):  # not metered: the RPM limit of 1 does not apply
+            assert (await c.get("/v1/models", headers=auth(key))).status_code == 200
+        assert (await c.get("/health")).status_code == 200
+    assert seen == ["/v1/models"] * 3 + ["/health"]
