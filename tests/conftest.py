@@ -50,8 +50,17 @@ def redis_server() -> Iterator[str]:
     workdir = tempfile.mkdtemp(prefix="llmfence-redis-")
     process = subprocess.Popen(
         [
-            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", workdir,
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -80,8 +89,8 @@ def redis_server() -> Iterator[str]:
 
 
 @pytest.fixture
-def redis_url(redis_server: str) -> Iterator[str]:
+def redis_url(redis_server: str) -> str:
     """The session's Redis, flushed before each test."""
     with redis.Redis.from_url(redis_server) as client:
         client.flushall()
-    yield redis_server
+    return redis_server

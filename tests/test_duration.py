@@ -9,7 +9,7 @@ from llmfence.exceptions import ConfigurationError
 
 
 def ts(*args: int) -> float:
-    return datetime(*args, tzinfo=UTC).timestamp()  # type: ignore[misc]
+    return datetime(*args, tzinfo=UTC).timestamp()  # type: ignore[misc, arg-type]
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,9 @@ def test_parse(text: str, count: int, unit: str, seconds: int | None) -> None:
     assert parse_duration(duration) is duration
 
 
-@pytest.mark.parametrize("bad", ["", "30", "d", "30x", "-5d", "0d", "1.5h", "thirty days", "30 days", "1000000d"])
+@pytest.mark.parametrize(
+    "bad", ["", "30", "d", "30x", "-5d", "0d", "1.5h", "thirty days", "30 days", "1000000d"]
+)
 def test_bad_durations_name_the_value(bad: str) -> None:
     with pytest.raises(ConfigurationError, match=repr(bad).replace("(", r"\(")) as info:
         parse_duration(bad)
@@ -61,8 +63,10 @@ def test_rolling_period_ends() -> None:
 
 def test_aligned_period_ends() -> None:
     now = ts(2026, 11, 22, 6, 24, 13)  # a Sunday
-    aligned = {text: parse_duration(text, aligned=True) for text in
-               ("daily", "weekly", "monthly", "yearly", "30m", "2h", "30d", "10s")}
+    aligned = {
+        text: parse_duration(text, aligned=True)
+        for text in ("daily", "weekly", "monthly", "yearly", "30m", "2h", "30d", "10s")
+    }
     assert aligned["daily"].period_end(now) == ts(2026, 11, 23)
     assert aligned["weekly"].period_end(now) == ts(2026, 11, 23)  # next Monday
     assert aligned["weekly"].period_end(ts(2026, 11, 23)) == ts(2026, 11, 30)

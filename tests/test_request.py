@@ -66,7 +66,9 @@ def test_chat_fields() -> None:
     assert [t.get("name") or t["function"]["name"] for t in request.tools] == ["f", "g"]
     assert request.max_output_tokens == 50  # max_completion_tokens wins over the alias
     assert request.n == 2
-    assert request.stream and request.include_usage and request.usage_in_stream
+    assert request.stream
+    assert request.include_usage
+    assert request.usage_in_stream
     assert request.end_user == "alice"
 
 
@@ -174,7 +176,9 @@ def test_azure_deployment_names_the_model() -> None:
         ({**CHAT, "tools": ["f"]}, "tools[0]"),
     ],
 )
-def test_malformed_bodies_raise_typed_errors(body: dict[str, Any] | bytes, param: str | None) -> None:
+def test_malformed_bodies_raise_typed_errors(
+    body: dict[str, Any] | bytes, param: str | None
+) -> None:
     with pytest.raises(InvalidRequestError) as info:
         parse(body)
     error = info.value

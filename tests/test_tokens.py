@@ -12,15 +12,17 @@ import tiktoken_ext.openai_public as openai_public
 
 from llmfence._request import LLMRequest
 from llmfence._tokens import (
-    TokenCounter,
     _PATTERNS,
     _SPECIAL_TOKENS,
+    TokenCounter,
     encoding_name_for_model,
     get_encoding,
 )
 
 
-def chat(model: str, *messages: dict[str, Any], tools: tuple[dict[str, Any], ...] = ()) -> LLMRequest:
+def chat(
+    model: str, *messages: dict[str, Any], tools: tuple[dict[str, Any], ...] = ()
+) -> LLMRequest:
     return LLMRequest(endpoint="chat", model=model, messages=messages, tools=tools)
 
 
@@ -119,13 +121,14 @@ def test_chat_overhead_per_message_name_and_priming() -> None:
 def test_multipart_content_and_images() -> None:
     counter = TokenCounter()
     text = chat("gpt-4o", {"role": "user", "content": "hello world"})
-    parts = chat(
-        "gpt-4o", {"role": "user", "content": [{"type": "text", "text": "hello world"}]}
-    )
+    parts = chat("gpt-4o", {"role": "user", "content": [{"type": "text", "text": "hello world"}]})
     assert counter.count(parts) == counter.count(text)
     low = chat(
         "gpt-4o",
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "detail": "low"}}]},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "x", "detail": "low"}}],
+        },
     )
     high = chat(
         "gpt-4o", {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
@@ -136,20 +139,18 @@ def test_multipart_content_and_images() -> None:
 
 def test_tools_follow_the_cookbook_formula() -> None:
     enc = get_encoding("o200k_base")
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Get the weather.",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "city": {"type": "string", "description": "The city."},
-                    "unit": {"type": "string", "description": "Unit", "enum": ["c", "f"]},
-                },
+    weather: dict[str, Any] = {
+        "name": "get_weather",
+        "description": "Get the weather.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "The city."},
+                "unit": {"type": "string", "description": "Unit", "enum": ["c", "f"]},
             },
         },
     }
+    tool = {"type": "function", "function": weather}
     message = {"role": "user", "content": "hi"}
     counter = TokenCounter()
     base = counter.count(chat("gpt-4o", message))
@@ -157,21 +158,32 @@ def test_tools_follow_the_cookbook_formula() -> None:
         7  # function init
         + len(enc.encode("get_weather:Get the weather"))
         + 3  # properties init
-        + 3 + len(enc.encode("city:string:The city"))
-        + 3 - 3 + 3 + len(enc.encode("c")) + 3 + len(enc.encode("f"))
+        + 3
+        + len(enc.encode("city:string:The city"))
+        + 3
+        - 3
+        + 3
+        + len(enc.encode("c"))
+        + 3
+        + len(enc.encode("f"))
         + len(enc.encode("unit:string:Unit"))
         + 12  # end
     )
     assert counter.count(chat("gpt-4o", message, tools=(tool,))) == base + expected
     # Anthropic's tool shape counts the same way.
-    anthropic = {"name": "get_weather", "description": "Get the weather.",
-                 "input_schema": tool["function"]["parameters"]}  # type: ignore[index]
+    anthropic = {
+        "name": "get_weather",
+        "description": "Get the weather.",
+        "input_schema": weather["parameters"],
+    }
     assert counter.count(chat("gpt-4o", message, tools=(anthropic,))) == base + expected
 
 
 def test_texts_and_token_ids() -> None:
     request = LLMRequest(
-        endpoint="embeddings", model="text-embedding-3-small", texts=("hello world", "hi"),
+        endpoint="embeddings",
+        model="text-embedding-3-small",
+        texts=("hello world", "hi"),
         prompt_token_ids=5,
     )
     assert TokenCounter().count(request) == 2 + 1 + 5

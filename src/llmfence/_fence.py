@@ -123,21 +123,27 @@ class Fence:
             clock=clock,
         )
         self.authenticator = Authenticator(
-            self.store, master_key=master_key, access_groups=access_groups,
-            cache_ttl=cache_ttl, clock=clock,
+            self.store,
+            master_key=master_key,
+            access_groups=access_groups,
+            cache_ttl=cache_ttl,
+            clock=clock,
         )
         self.paths = PathRules(
             None if metered_paths is None else tuple(metered_paths), tuple(exempt_paths)
         )
         self.clock = clock
-        self._options = {
-            "max_budget": max_budget,
-            "budget_duration": budget_duration,
-            "max_end_user_budget": max_end_user_budget,
-            "end_user_budget_duration": end_user_budget_duration,
-            "calendar_aligned": calendar_aligned,
-            "clamp_max_tokens": clamp_max_tokens,
-        }
+        # Validated now, not at the first request.
+        self._budget = BudgetCheck(
+            on_store_error=budgets_on_store_error,
+            shadow="budget" in shadow,
+            max_budget=max_budget,
+            budget_duration=budget_duration,
+            max_end_user_budget=max_end_user_budget,
+            end_user_budget_duration=end_user_budget_duration,
+            calendar_aligned=calendar_aligned,
+            clamp_max_tokens=clamp_max_tokens,
+        )
         self._limits = {
             "requests": rpm_limit,
             "tokens": tpm_limit,
@@ -145,9 +151,7 @@ class Fence:
         }
         self._shadow = frozenset(shadow)
         self._limits_policy = limits_on_store_error
-        self._budgets_policy = budgets_on_store_error
         self._max_body_size = max_body_size
-        BudgetCheck(**self._options)  # type: ignore[arg-type]  # validate now, not at a request
 
     def install(self, app: Starlette) -> None:
         """Add the whole stack to a Starlette or FastAPI app, outermost first:
@@ -158,16 +162,24 @@ class Fence:
         check of a request to the store in one step.
         """
         common: dict[str, Any] = {
-            "meter": self.meter, "paths": self.paths, "max_body_size": self._max_body_size,
+            "meter": self.meter,
+            "paths": self.paths,
+            "max_body_size": self._max_body_size,
         }
         limits = {"on_store_error": self._limits_policy, "defer": True, **common}
         # add_middleware puts the last one added outermost, so add them innermost first.
         app.add_middleware(SpendRecorderMiddleware, **common)
+        budget = self._budget
         app.add_middleware(
             BudgetGuardMiddleware,
-            on_store_error=self._budgets_policy,
-            shadow="budget" in self._shadow,
-            **self._options,
+            max_budget=budget.max_budget,
+            budget_duration=budget.budget_duration,
+            max_end_user_budget=budget.max_end_user_budget,
+            end_user_budget_duration=budget.end_user_budget_duration,
+            calendar_aligned=budget.calendar_aligned,
+            clamp_max_tokens=budget.clamp_max_tokens,
+            on_store_error=budget.on_store_error,
+            shadow=budget.shadow,
             **common,
         )
         app.add_middleware(
@@ -264,10 +276,16 @@ class Fence:
             ConfigurationError: A field is invalid, or the user exists.
         """
         record = UserRecord(
-            user_id=user_id, team_id=team_id, max_budget=_nano(max_budget),
-            budget_duration=_checked_duration(budget_duration), rpm_limit=rpm_limit,
-            tpm_limit=tpm_limit, max_parallel_requests=max_parallel_requests,
-            models=tuple(models), metadata=dict(metadata or {}), created_at=self.clock(),
+            user_id=user_id,
+            team_id=team_id,
+            max_budget=_nano(max_budget),
+            budget_duration=_checked_duration(budget_duration),
+            rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit,
+            max_parallel_requests=max_parallel_requests,
+            models=tuple(models),
+            metadata=dict(metadata or {}),
+            created_at=self.clock(),
         )
         if not await self.store.create_user(record):
             raise ConfigurationError(f"user {user_id!r} already exists")
@@ -292,10 +310,15 @@ class Fence:
             ConfigurationError: A field is invalid, or the team exists.
         """
         record = TeamRecord(
-            team_id=team_id, max_budget=_nano(max_budget),
-            budget_duration=_checked_duration(budget_duration), rpm_limit=rpm_limit,
-            tpm_limit=tpm_limit, max_parallel_requests=max_parallel_requests,
-            models=tuple(models), metadata=dict(metadata or {}), created_at=self.clock(),
+            team_id=team_id,
+            max_budget=_nano(max_budget),
+            budget_duration=_checked_duration(budget_duration),
+            rpm_limit=rpm_limit,
+            tpm_limit=tpm_limit,
+            max_parallel_requests=max_parallel_requests,
+            models=tuple(models),
+            metadata=dict(metadata or {}),
+            created_at=self.clock(),
         )
         if not await self.store.create_team(record):
             raise ConfigurationError(f"team {team_id!r} already exists")

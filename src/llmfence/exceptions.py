@@ -170,8 +170,7 @@ class BudgetExceededError(LLMFenceError):
     ) -> None:
         if message is None:
             message = (
-                f"Budget has been exceeded! Current cost: {current_cost}, "
-                f"Max budget: {max_budget}"
+                f"Budget has been exceeded! Current cost: {current_cost}, Max budget: {max_budget}"
             )
         super().__init__(message)
         self.current_cost = current_cost

@@ -111,7 +111,9 @@ def _split(tokens: list[int], chunks: int, enc: Encoding) -> list[str]:
     return [enc.decode(tokens[i : i + size]) for i in range(0, len(tokens), size)] or [""]
 
 
-def _json_body(endpoint: str | None, model: str, text: str, prompt: int, output: int) -> dict[str, Any]:
+def _json_body(
+    endpoint: str | None, model: str, text: str, prompt: int, output: int
+) -> dict[str, Any]:
     if endpoint == "embeddings":
         return {
             "object": "list",
@@ -121,27 +123,50 @@ def _json_body(endpoint: str | None, model: str, text: str, prompt: int, output:
         }
     if endpoint == "messages":
         return {
-            "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+            "id": "msg_mock",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
             "usage": {"input_tokens": prompt, "output_tokens": output},
         }
     if endpoint == "responses":
         return {
-            "id": "resp_mock", "object": "response", "model": model, "status": "completed",
-            "output": [{"type": "message", "role": "assistant",
-                        "content": [{"type": "output_text", "text": text}]}],
-            "usage": {"input_tokens": prompt, "output_tokens": output,
-                      "total_tokens": prompt + output},
+            "id": "resp_mock",
+            "object": "response",
+            "model": model,
+            "status": "completed",
+            "output": [
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text}],
+                }
+            ],
+            "usage": {
+                "input_tokens": prompt,
+                "output_tokens": output,
+                "total_tokens": prompt + output,
+            },
         }
-    usage = {"prompt_tokens": prompt, "completion_tokens": output,
-             "total_tokens": prompt + output}
+    usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
     if endpoint == "completions":
-        return {"id": "cmpl-mock", "object": "text_completion", "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "usage": usage}
+        return {
+            "id": "cmpl-mock",
+            "object": "text_completion",
+            "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+            "usage": usage,
+        }
     return {
-        "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": "stop"}],
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ],
         "usage": usage,
     }
 
@@ -157,40 +182,91 @@ def _stream_events(
 ) -> list[bytes]:
     model = request.model
     if endpoint == "messages":
-        start = {"type": "message_start", "message": {
-            "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-            "content": [], "usage": {"input_tokens": prompt, "output_tokens": 1}}}
-        events = [_sse(start, "message_start"),
-                  _sse({"type": "content_block_start", "index": 0,
-                        "content_block": {"type": "text", "text": ""}}, "content_block_start")]
-        events += [_sse({"type": "content_block_delta", "index": 0,
-                         "delta": {"type": "text_delta", "text": p}}, "content_block_delta")
-                   for p in pieces]
-        events += [_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-                   _sse({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
-                         "usage": {"output_tokens": output}}, "message_delta"),
-                   _sse({"type": "message_stop"}, "message_stop")]
+        start = {
+            "type": "message_start",
+            "message": {
+                "id": "msg_mock",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+                "usage": {"input_tokens": prompt, "output_tokens": 1},
+            },
+        }
+        events = [
+            _sse(start, "message_start"),
+            _sse(
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+                "content_block_start",
+            ),
+        ]
+        events += [
+            _sse(
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": p},
+                },
+                "content_block_delta",
+            )
+            for p in pieces
+        ]
+        events += [
+            _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+            _sse(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn"},
+                    "usage": {"output_tokens": output},
+                },
+                "message_delta",
+            ),
+            _sse({"type": "message_stop"}, "message_stop"),
+        ]
         return events
     if endpoint == "responses":
-        events = [_sse({"type": "response.output_text.delta", "delta": p},
-                       "response.output_text.delta") for p in pieces]
-        done = {"type": "response.completed", "response": {
-            "id": "resp_mock", "model": model, "status": "completed",
-            "usage": {"input_tokens": prompt, "output_tokens": output,
-                      "total_tokens": prompt + output}}}
+        events = [
+            _sse({"type": "response.output_text.delta", "delta": p}, "response.output_text.delta")
+            for p in pieces
+        ]
+        done = {
+            "type": "response.completed",
+            "response": {
+                "id": "resp_mock",
+                "model": model,
+                "status": "completed",
+                "usage": {
+                    "input_tokens": prompt,
+                    "output_tokens": output,
+                    "total_tokens": prompt + output,
+                },
+            },
+        }
         return [*events, _sse(done, "response.completed")]
-    chunk: dict[str, Any] = {"id": "chatcmpl-mock", "object": "chat.completion.chunk",
-                             "created": 0, "model": model}
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-mock",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+    }
     events = []
     for piece in pieces:
         choice: dict[str, Any] = (
-            {"index": 0, "text": piece} if endpoint == "completions"
+            {"index": 0, "text": piece}
+            if endpoint == "completions"
             else {"index": 0, "delta": {"content": piece}}
         )
         events.append(_sse({**chunk, "choices": [choice], "usage": None}))
     if request.include_usage:
-        usage = {"prompt_tokens": prompt, "completion_tokens": output,
-                 "total_tokens": prompt + output}
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": output,
+            "total_tokens": prompt + output,
+        }
         events.append(_sse({**chunk, "choices": [], "usage": usage}))
     events.append(_sse("[DONE]"))
     return events

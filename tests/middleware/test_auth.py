@@ -38,7 +38,7 @@ async def test_master_key_passes(gateway: Any) -> None:
 
 
 async def test_missing_unknown_deleted_and_expired_keys(gateway: Any, clock: FakeClock) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     key, record = await fence.generate_key(duration="1h")
     deleted, deleted_record = await fence.generate_key()
     async with client as c:
@@ -86,7 +86,7 @@ async def test_key_cache_staleness_is_bounded() -> None:
 
 
 async def test_model_allow_lists_and_access_groups(gateway: Any) -> None:
-    fence, app, client = gateway(access_groups={"cheap": ["gpt-3.5-*", "gpt-4o-mini"]})
+    fence, _app, client = gateway(access_groups={"cheap": ["gpt-3.5-*", "gpt-4o-mini"]})
     await fence.store.set_access_group("beta-models", ["gpt-4o"])
     only_cheap, _ = await fence.generate_key(models=["cheap"])
     only_beta, _ = await fence.generate_key(models=["beta-models"])
@@ -94,13 +94,15 @@ async def test_model_allow_lists_and_access_groups(gateway: Any) -> None:
     user_limited, _ = await fence.generate_key(user_id="u1", models=["cheap"])
     async with client as c:
         ok = await c.post(CHAT, json=chat_body(), headers=auth(only_cheap))
-        forbidden = await c.post(CHAT, json={**chat_body(), "model": "gpt-4o"},
-                                 headers=auth(only_cheap))
+        forbidden = await c.post(
+            CHAT, json={**chat_body(), "model": "gpt-4o"}, headers=auth(only_cheap)
+        )
         beta = await c.post(CHAT, json={**chat_body(), "model": "gpt-4o"}, headers=auth(only_beta))
         # The key allows gpt-3.5, but its user only gpt-4o-mini: every level must allow it.
         user_says_no = await c.post(CHAT, json=chat_body(), headers=auth(user_limited))
-        user_says_yes = await c.post(CHAT, json={**chat_body(), "model": "gpt-4o-mini"},
-                                     headers=auth(user_limited))
+        user_says_yes = await c.post(
+            CHAT, json={**chat_body(), "model": "gpt-4o-mini"}, headers=auth(user_limited)
+        )
     assert ok.status_code == 200
     assert beta.status_code == 200, beta.text
     assert user_says_yes.status_code == 200

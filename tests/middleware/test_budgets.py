@@ -30,23 +30,26 @@ async def spent(store: Store, key: str) -> int:
 async def test_every_budget_level_refuses(gateway: Any, clock: FakeClock) -> None:
     # Each call projects 14 prompt + 100 allowance = $0.000221.
     per_call = cost(14, 100)
-    fence, app, client = gateway(max_end_user_budget=per_call / 1e9 * 1.5)
+    fence, _app, client = gateway(max_end_user_budget=per_call / 1e9 * 1.5)
     await fence.new_team("t", max_budget=per_call / 1e9 * 10)
     await fence.new_user("u", team_id="t", max_budget=per_call / 1e9 * 10)
-    key, record = await fence.generate_key(user_id="u", max_budget=per_call / 1e9 * 10)
+    key, _record = await fence.generate_key(user_id="u", max_budget=per_call / 1e9 * 10)
     model_key, _ = await fence.generate_key(model_max_budget={MODEL: per_call / 1e9 * 1.5})
     body = chat_body(max_tokens=100)
     async with client as c:
-        end_user = [await c.post(CHAT, json={**body, "user": "eve"}, headers=auth(key))
-                    for _ in range(3)]
+        end_user = [
+            await c.post(CHAT, json={**body, "user": "eve"}, headers=auth(key)) for _ in range(3)
+        ]
         per_model = [await c.post(CHAT, json=body, headers=auth(model_key)) for _ in range(3)]
     # Budgets of 1.5 projected calls: the first call costs far less than projected (a short
     # reply), so a second fits; the third cannot.
     assert [r.status_code for r in end_user] == [200, 200, 429]
     assert [r.status_code for r in per_model] == [200, 200, 429]
     assert end_user[-1].json()["error"]["message"].startswith("Budget exceeded for end_user eve:")
-    assert per_model[-1].json()["error"]["message"].startswith(
-        f"Budget exceeded for model {MODEL} on sk-..."
+    assert (
+        per_model[-1]
+        .json()["error"]["message"]
+        .startswith(f"Budget exceeded for model {MODEL} on sk-...")
     )
     for refused in (end_user[-1], per_model[-1]):
         assert refused.status_code == 429
@@ -58,13 +61,15 @@ async def test_every_budget_level_refuses(gateway: Any, clock: FakeClock) -> Non
 async def test_key_user_team_and_global_levels(gateway: Any) -> None:
     per_call = cost(14, 100)
     for level in ("global", "team", "user", "key"):
-        fence, app, client = gateway(max_budget=per_call * 2 / 1e9 if level == "global" else None)
+        fence, _app, client = gateway(max_budget=per_call * 2 / 1e9 if level == "global" else None)
         limit = per_call * 2 / 1e9
         await fence.new_team(f"t-{level}", max_budget=limit if level == "team" else None)
-        await fence.new_user(f"u-{level}", team_id=f"t-{level}",
-                             max_budget=limit if level == "user" else None)
-        key, _ = await fence.generate_key(user_id=f"u-{level}",
-                                          max_budget=limit if level == "key" else None)
+        await fence.new_user(
+            f"u-{level}", team_id=f"t-{level}", max_budget=limit if level == "user" else None
+        )
+        key, _ = await fence.generate_key(
+            user_id=f"u-{level}", max_budget=limit if level == "key" else None
+        )
         async with client as c:
             responses = [
                 await c.post(CHAT, json=chat_body(max_tokens=100), headers=auth(key))
@@ -76,8 +81,9 @@ async def test_key_user_team_and_global_levels(gateway: Any) -> None:
         assert statuses[-1] == 429, level
         message = responses[-1].json()["error"]["message"]
         assert message.startswith(
-            "Budget exceeded for this service" if level == "global" else
-            f"Budget exceeded for {level} "
+            "Budget exceeded for this service"
+            if level == "global"
+            else f"Budget exceeded for {level} "
         ), (level, message)
         # A fresh global period for the next level.
         await fence.store.reset_budget("global", None, 0)
@@ -85,10 +91,12 @@ async def test_key_user_team_and_global_levels(gateway: Any) -> None:
 
 async def test_budget_resets_with_its_period(gateway: Any, clock: FakeClock) -> None:
     per_call = cost(14, 100)
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     key, _ = await fence.generate_key(max_budget=per_call / 1e9, budget_duration="30s")
     async with client as c:
-        assert (await c.post(CHAT, json=chat_body(max_tokens=100), headers=auth(key))).status_code == 200
+        assert (
+            await c.post(CHAT, json=chat_body(max_tokens=100), headers=auth(key))
+        ).status_code == 200
         refused = await c.post(CHAT, json=chat_body(max_tokens=100), headers=auth(key))
         assert refused.status_code == 429
         assert int(refused.headers["retry-after"]) == 30
@@ -96,26 +104,38 @@ async def test_budget_resets_with_its_period(gateway: Any, clock: FakeClock) -> 
         assert refused.headers["x-llmfence-budget-reset"] == reset
         assert reset in refused.json()["error"]["message"]
         clock.advance(30)
-        assert (await c.post(CHAT, json=chat_body(max_tokens=100), headers=auth(key))).status_code == 200
+        assert (
+            await c.post(CHAT, json=chat_body(max_tokens=100), headers=auth(key))
+        ).status_code == 200
 
 
 async def test_calendar_aligned_budget(store: Store) -> None:
     clock = FakeClock(datetime(2026, 11, 22, 23, 59, tzinfo=UTC).timestamp())
     app = mock_llm_app()
-    fence = Fence(store=store, max_budget=cost(14, 100) / 1e9, budget_duration="daily",
-                  calendar_aligned=True, clock=clock.now, master_key="sk-master-key")
+    fence = Fence(
+        store=store,
+        max_budget=cost(14, 100) / 1e9,
+        budget_duration="daily",
+        calendar_aligned=True,
+        clock=clock.now,
+        master_key="sk-master-key",
+    )
     fence.install(app)
     async with client_for(app) as c:
         headers = auth("sk-master-key")
-        assert (await c.post(CHAT, json=chat_body(max_tokens=100), headers=headers)).status_code == 200
+        assert (
+            await c.post(CHAT, json=chat_body(max_tokens=100), headers=headers)
+        ).status_code == 200
         refused = await c.post(CHAT, json=chat_body(max_tokens=100), headers=headers)
         assert refused.headers["x-llmfence-budget-reset"] == "2026-11-23T00:00:00Z"
         clock.advance(60)
-        assert (await c.post(CHAT, json=chat_body(max_tokens=100), headers=headers)).status_code == 200
+        assert (
+            await c.post(CHAT, json=chat_body(max_tokens=100), headers=headers)
+        ).status_code == 200
 
 
 async def test_spend_is_the_actual_cost(gateway: Any) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     key, record = await fence.generate_key()
     async with client as c:
         response = await c.post(CHAT, json=chat_body(max_tokens=500), headers=auth(key))
@@ -132,7 +152,7 @@ async def test_spend_is_the_actual_cost(gateway: Any) -> None:
 
 
 async def test_concurrent_requests_never_overspend_a_key_budget(gateway: Any) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     budget_nano = cost(14, 100) * 7 + 1234
     key, record = await fence.generate_key(max_budget=budget_nano / 1e9)
     statuses: list[int] = []
@@ -153,7 +173,7 @@ async def test_concurrent_requests_never_overspend_a_key_budget(gateway: Any) ->
 
 
 async def test_clamp_max_tokens(gateway: Any) -> None:
-    fence, app, client = gateway(clamp_max_tokens=True)
+    fence, _app, client = gateway(clamp_max_tokens=True)
     # Room for 14 prompt tokens and 10 output tokens, nothing more.
     key, _ = await fence.generate_key(max_budget=cost(14, 10) / 1e9)
     async with client as c:
@@ -166,19 +186,23 @@ async def test_clamp_max_tokens(gateway: Any) -> None:
 
 
 async def test_unknown_models_are_refused_or_priced_by_the_fallback(gateway: Any) -> None:
-    fence, app, client = gateway()
+    fence, _, client = gateway()
     async with client as c:
-        response = await c.post(CHAT, json={**chat_body(), "model": "my-llama"},
-                                headers=auth("sk-master-key"))
+        response = await c.post(
+            CHAT, json={**chat_body(), "model": "my-llama"}, headers=auth("sk-master-key")
+        )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "model_not_found"
-    fence, app, client = gateway(prices={"my-llama": {"input": 0.2, "output": 0.6}})
+    fence, _app, client = gateway(prices={"my-llama": {"input": 0.2, "output": 0.6}})
     async with client as c:
-        ok = await c.post(CHAT, json={**chat_body(), "model": "my-llama"},
-                          headers=auth("sk-master-key"))
+        ok = await c.post(
+            CHAT, json={**chat_body(), "model": "my-llama"}, headers=auth("sk-master-key")
+        )
     assert ok.status_code == 200
     [record] = [r for r in await fence.store.spend_records() if r.model == "my-llama"]
     assert record.price_source == "override"
     usage = ok.json()["usage"]
-    assert record.cost == -(-(usage["prompt_tokens"] * 200_000_000
-                              + usage["completion_tokens"] * 600_000_000) // 1_000_000)
+    assert record.cost == -(
+        -(usage["prompt_tokens"] * 200_000_000 + usage["completion_tokens"] * 600_000_000)
+        // 1_000_000
+    )

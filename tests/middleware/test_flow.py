@@ -58,7 +58,7 @@ async def test_each_middleware_works_alone(
     if framework == "fastapi":
         app: Any = FastAPI()
 
-        @app.post(CHAT)
+        @app.post(CHAT)  # type: ignore[untyped-decorator]
         async def chat(request: Request) -> dict[str, Any]:
             received.append(await request.body())
             return {"choices": [], "usage": USAGE}
@@ -79,8 +79,8 @@ async def test_each_middleware_works_alone(
 
 
 async def test_lifespan_passes_through() -> None:
-    from contextlib import asynccontextmanager
     from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
 
     events: list[str] = []
 
@@ -144,7 +144,7 @@ async def test_app_still_gets_http_disconnect() -> None:
 
     guarded = RequestRateLimitMiddleware(app, store=MemoryStore(), limit=5)
     body = json.dumps(chat_body()).encode()
-    incoming = [
+    incoming: list[Message] = [
         {"type": "http.request", "body": body[:10], "more_body": True},
         {"type": "http.request", "body": body[10:], "more_body": False},
         {"type": "http.disconnect"},

@@ -5,7 +5,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_rpm_per_key_with_headers(gateway: Any, clock: FakeClock) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     key, _ = await fence.generate_key(rpm_limit=3)
     async with client as c:
         responses = [await c.post(CHAT, json=chat_body(), headers=auth(key)) for _ in range(4)]
@@ -43,13 +42,15 @@ async def test_rpm_per_key_with_headers(gateway: Any, clock: FakeClock) -> None:
 
 
 async def test_rpm_levels_user_team_and_fence_default(gateway: Any) -> None:
-    fence, app, client = gateway(rpm_limit=2)
+    fence, _app, client = gateway(rpm_limit=2)
     await fence.new_team("core", rpm_limit=3)
     await fence.new_user("alice", team_id="core", rpm_limit=10)
     default_key, _ = await fence.generate_key()
     team_keys = [(await fence.generate_key(user_id="alice", rpm_limit=100))[0] for _ in range(2)]
     async with client as c:
-        defaults = [await c.post(CHAT, json=chat_body(), headers=auth(default_key)) for _ in range(3)]
+        defaults = [
+            await c.post(CHAT, json=chat_body(), headers=auth(default_key)) for _ in range(3)
+        ]
         shared = [
             await c.post(CHAT, json=chat_body(), headers=auth(team_keys[i % 2])) for i in range(4)
         ]
@@ -64,7 +65,7 @@ async def test_rpm_levels_user_team_and_fence_default(gateway: Any) -> None:
 
 
 async def test_raising_a_limit_keeps_the_usage(gateway: Any) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     key, record = await fence.generate_key(rpm_limit=2)
     async with client as c:
         for _ in range(2):
@@ -76,7 +77,7 @@ async def test_raising_a_limit_keeps_the_usage(gateway: Any) -> None:
 
 
 async def test_window_slides_with_the_clock(gateway: Any, clock: FakeClock) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     key, _ = await fence.generate_key(rpm_limit=1)
     async with client as c:
         assert (await c.post(CHAT, json=chat_body(), headers=auth(key))).status_code == 200
@@ -86,7 +87,7 @@ async def test_window_slides_with_the_clock(gateway: Any, clock: FakeClock) -> N
 
 
 async def test_tpm_reserves_prompt_plus_allowance_and_settles(gateway: Any) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     key, _ = await fence.generate_key(tpm_limit=100)
     async with client as c:
         # 14 prompt + 60 allowance = 74 reserved; settled to the reported total.
@@ -104,7 +105,7 @@ async def test_tpm_reserves_prompt_plus_allowance_and_settles(gateway: Any) -> N
 
 
 async def test_request_larger_than_the_whole_limit_is_not_retryable(gateway: Any) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     key, _ = await fence.generate_key(tpm_limit=50)
     async with client as c:
         response = await c.post(CHAT, json=chat_body(max_tokens=500), headers=auth(key))
@@ -121,7 +122,7 @@ async def test_refused_requests_never_reach_the_app_nor_get_charged(
     app = Starlette(routes=[Mount("/", app=upstream)])
     fence = Fence(store=store, master_key="sk-master-key", max_budget=1.0, clock=clock.now)
     fence.install(app)
-    key, record = await fence.generate_key(rpm_limit=1, tpm_limit=10_000)
+    key, _record = await fence.generate_key(rpm_limit=1, tpm_limit=10_000)
     async with client_for(app) as c:
         ok = await c.post(CHAT, json=chat_body(), headers=auth(key))
         assert ok.status_code == 200
@@ -137,7 +138,7 @@ async def test_refused_requests_never_reach_the_app_nor_get_charged(
 
 
 async def test_parallel_limit_and_release(gateway: Any) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     key, _ = await fence.generate_key(max_parallel_requests=2)
     slow = {**auth(key), "x-mock-delay": "0.05", "x-mock-chunks": "4"}
     statuses: list[int] = []
@@ -187,10 +188,11 @@ async def test_rpm_exact_across_two_fences_sharing_redis(redis_url: str) -> None
 
 
 async def test_model_name_in_error_messages_never_the_key(gateway: Any) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     key, record = await fence.generate_key(tpm_limit=10)
     async with client as c:
         response = await c.post(CHAT, json=chat_body(), headers=auth(key))
     assert response.status_code == 429
-    assert key not in response.text and record.key_hash not in response.text
+    assert key not in response.text
+    assert record.key_hash not in response.text
     assert MODEL not in response.headers.get("retry-after", "")

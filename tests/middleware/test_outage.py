@@ -15,8 +15,8 @@ import redis
 
 from llmfence import Fence, RedisStore
 from llmfence.testing import mock_llm_app
+from tests.conftest import _free_port, _redis_server_binary
 
-from ..conftest import _free_port, _redis_server_binary
 from .conftest import CHAT, auth, chat_body, client_for
 
 pytestmark = pytest.mark.anyio
@@ -39,9 +39,21 @@ class RedisProcess:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 20
         while True:
@@ -111,8 +123,9 @@ async def test_limits_fail_open(redis_process: RedisProcess) -> None:
 
 
 async def test_limits_fail_closed_when_asked(redis_process: RedisProcess) -> None:
-    fence, app = gateway(redis_process.url, limits_on_store_error="fail_closed",
-                         budgets_on_store_error="fail_open")
+    fence, app = gateway(
+        redis_process.url, limits_on_store_error="fail_closed", budgets_on_store_error="fail_open"
+    )
     async with client_for(app) as c:
         response = await c.post(CHAT, json=chat_body(), headers=auth("sk-master-key"))
     # The master key has no per-key limits; the whole-app budget check is open: passes.
@@ -136,7 +149,7 @@ async def test_every_store_call_has_a_timeout() -> None:
 
 
 async def test_shadow_mode_reports_but_never_refuses(gateway: Any) -> None:
-    fence, app, client = gateway(shadow={"requests", "budget"}, max_budget=0.0003)
+    fence, _app, client = gateway(shadow={"requests", "budget"}, max_budget=0.0003)
     key, _ = await fence.generate_key(rpm_limit=1)
     body = chat_body(max_tokens=100)
     async with client as c:

@@ -29,8 +29,8 @@ def sse_payloads(text: str) -> list[Any]:
 
 
 async def test_stream_usage_is_requested_then_hidden(gateway: Any) -> None:
-    fence, app, client = gateway()
-    key, record = await fence.generate_key()
+    fence, _app, client = gateway()
+    key, _record = await fence.generate_key()
     async with client as c:
         response = await c.post(CHAT, json=chat_body(stream=True), headers=auth(key))
     payloads = sse_payloads(response.text)
@@ -46,7 +46,7 @@ async def test_stream_usage_is_requested_then_hidden(gateway: Any) -> None:
 
 
 async def test_client_that_asked_for_usage_gets_it(gateway: Any) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     body = chat_body(stream=True, stream_options={"include_usage": True})
     async with client as c:
         response = await c.post(CHAT, json=body, headers=auth("sk-master-key"))
@@ -59,15 +59,29 @@ async def test_client_that_asked_for_usage_gets_it(gateway: Any) -> None:
 @pytest.mark.parametrize(
     ("path", "body"),
     [
-        ("/v1/messages", {"model": "claude-3-5-haiku-latest", "max_tokens": 50, "stream": True,
-                          "messages": [{"role": "user", "content": "hi"}]}),
+        (
+            "/v1/messages",
+            {
+                "model": "claude-3-5-haiku-latest",
+                "max_tokens": 50,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        ),
         ("/v1/responses", {"model": "gpt-4.1-mini", "input": "hi", "stream": True}),
-        ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": True,
-                             "stream_options": {"include_usage": True}}),
+        (
+            "/v1/completions",
+            {
+                "model": MODEL,
+                "prompt": "hi",
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ),
     ],
 )
 async def test_other_apis_stream_usage(gateway: Any, path: str, body: dict[str, Any]) -> None:
-    fence, app, client = gateway()
+    fence, _app, client = gateway()
     async with client as c:
         response = await c.post(path, json=body, headers=auth("sk-master-key"))
     assert response.status_code == 200, response.text
@@ -85,10 +99,12 @@ async def test_stream_without_usage_is_counted_from_the_deltas(store: Store) -> 
         async def strip(message: Message) -> None:
             if message["type"] == "http.response.body":
                 events = message["body"].split(b"\n\n")
-                message = {**message, "body": b"\n\n".join(
-                    e for e in events if b'"usage": {' not in e
-                )}
+                message = {
+                    **message,
+                    "body": b"\n\n".join(e for e in events if b'"usage": {' not in e),
+                }
             await send(message)
+
         await upstream(scope, receive, strip)
 
     app = Starlette(routes=[Mount("/", app=no_usage)])
@@ -105,8 +121,9 @@ async def test_stream_without_usage_is_counted_from_the_deltas(store: Store) -> 
     assert log.input_tokens == 14
 
 
-async def call_and_disconnect(app: Any, body: dict[str, Any], headers: dict[str, str],
-                              after_chunks: int) -> list[Message]:
+async def call_and_disconnect(
+    app: Any, body: dict[str, Any], headers: dict[str, str], after_chunks: int
+) -> list[Message]:
     """Drive the app directly over ASGI, and disconnect after some body chunks."""
     sent: list[Message] = []
     gone = anyio.Event()
@@ -128,11 +145,21 @@ async def call_and_disconnect(app: Any, body: dict[str, Any], headers: dict[str,
             gone.set()
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"",
-        "root_path": "", "server": ("test", 80), "client": ("127.0.0.1", 5000),
-        "headers": [(k.lower().encode(), v.encode()) for k, v in
-                    {**headers, "content-type": "application/json"}.items()],
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": CHAT,
+        "raw_path": CHAT.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "server": ("test", 80),
+        "client": ("127.0.0.1", 5000),
+        "headers": [
+            (k.lower().encode(), v.encode())
+            for k, v in {**headers, "content-type": "application/json"}.items()
+        ],
     }
     await app(scope, receive, send)
     return sent
@@ -142,10 +169,11 @@ async def test_disconnect_mid_stream_settles_what_was_streamed(
     store: Store, clock: FakeClock
 ) -> None:
     app = mock_llm_app()
-    fence = Fence(store=store, master_key="sk-master-key", clock=clock.now,
-                  disconnect_extra_tokens=5)
+    fence = Fence(
+        store=store, master_key="sk-master-key", clock=clock.now, disconnect_extra_tokens=5
+    )
     fence.install(app)
-    key, record = await fence.generate_key(max_parallel_requests=1)
+    key, _record = await fence.generate_key(max_parallel_requests=1)
     headers = {**auth(key), "x-mock-chunks": "10", "x-mock-delay": "0.01"}
     sent = await call_and_disconnect(app, chat_body(stream=True), headers, after_chunks=3)
     streamed = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -184,8 +212,9 @@ async def test_in_flight_never_above_the_limit_with_disconnects(store: Store) ->
                 in_flight += 1
                 peak = max(peak, in_flight)
 
-        sent = await call_and_disconnect(app, chat_body(stream=True), headers,
-                                         after_chunks=2 if i % 2 else 100)
+        sent = await call_and_disconnect(
+            app, chat_body(stream=True), headers, after_chunks=2 if i % 2 else 100
+        )
         for message in sent:
             await count(message)
         if started:
@@ -205,9 +234,11 @@ async def test_one_record_per_request_success_error_disconnect(gateway: Any) -> 
     async with client as c:
         ok = await c.post(CHAT, json=chat_body(), headers=auth(key))
         failed = await c.post(CHAT, json=chat_body(), headers={**auth(key), "x-mock-status": "500"})
-    await call_and_disconnect(app, chat_body(stream=True),
-                              {**auth(key), "x-mock-chunks": "6", "x-mock-delay": "0.01"}, 2)
-    assert ok.status_code == 200 and failed.status_code == 500
+    await call_and_disconnect(
+        app, chat_body(stream=True), {**auth(key), "x-mock-chunks": "6", "x-mock-delay": "0.01"}, 2
+    )
+    assert ok.status_code == 200
+    assert failed.status_code == 500
     records = await fence.store.spend_records(key_hash=record.key_hash)
     assert [r.status for r in records] == [499, 500, 200]
     assert records[1].cost == 0  # providers do not bill failed calls

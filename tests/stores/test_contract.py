@@ -191,7 +191,8 @@ async def test_retry_after_is_when_it_fits(store: Store, clock: FakeClock) -> No
     for _ in range(4):
         await store.admit(Admission(rid(), clock.now(), rates=(rpm(4),)))
     refused = await store.admit(Admission(rid(), clock.now(), rates=(rpm(4),)))
-    assert refused.refusal is not None and refused.refusal.retry_after is not None
+    assert refused.refusal is not None
+    assert refused.refusal.retry_after is not None
     clock.advance(refused.refusal.retry_after)
     assert (await store.admit(Admission(rid(), clock.now(), rates=(rpm(4),)))).admitted
 
@@ -236,7 +237,9 @@ async def test_tpm_settles_to_actual_tokens(store: Store, clock: FakeClock) -> N
 async def test_separate_scopes_do_not_share_windows(store: Store, clock: FakeClock) -> None:
     assert (await store.admit(Admission(rid(), clock.now(), rates=(rpm(1, "rpm:a"),)))).admitted
     assert (await store.admit(Admission(rid(), clock.now(), rates=(rpm(1, "rpm:b"),)))).admitted
-    result = await store.admit(Admission(rid(), clock.now(), rates=(rpm(1, "rpm:a"), rpm(5, "rpm:c"))))
+    result = await store.admit(
+        Admission(rid(), clock.now(), rates=(rpm(1, "rpm:a"), rpm(5, "rpm:c")))
+    )
     assert result.refusal is not None
     # All or nothing: rpm:c was not hit.
     check = await store.admit(Admission(rid(), clock.now(), rates=(rpm(5, "rpm:c"),)))
@@ -276,7 +279,10 @@ async def test_budget_exactly_full_is_allowed(store: Store, clock: FakeClock) ->
 
 async def test_rolling_period_rolls_on_first_touch(store: Store, clock: FakeClock) -> None:
     thirty = parse_duration("30s")
-    scope = lambda: (budget("key:h", 100, thirty.period_end(clock.now())),)  # noqa: E731
+
+    def scope() -> tuple[BudgetScope, ...]:
+        return (budget("key:h", 100, thirty.period_end(clock.now())),)
+
     assert (await store.admit(Admission(rid(), clock.now(), budgets=scope(), cost=90))).admitted
     clock.advance(29)
     refused = await store.admit(Admission(rid(), clock.now(), budgets=scope(), cost=20))
@@ -294,7 +300,10 @@ async def test_rolling_period_rolls_on_first_touch(store: Store, clock: FakeCloc
 async def test_calendar_period_rolls_at_utc_midnight(store: Store) -> None:
     daily = parse_duration("daily", aligned=True)
     clock = FakeClock(datetime(2026, 11, 22, 23, 59, 0, tzinfo=UTC).timestamp())
-    scope = lambda: (budget("user:u", 100, daily.period_end(clock.now())),)  # noqa: E731
+
+    def scope() -> tuple[BudgetScope, ...]:
+        return (budget("user:u", 100, daily.period_end(clock.now())),)
+
     result = await store.admit(Admission(rid(), clock.now(), budgets=scope(), cost=100))
     assert result.budgets[0].resets_at == datetime(2026, 11, 23, tzinfo=UTC).timestamp()
     assert not (await store.admit(Admission(rid(), clock.now(), budgets=scope(), cost=1))).admitted
@@ -343,7 +352,10 @@ async def test_settle_refunds_tops_up_and_is_idempotent(store: Store, clock: Fak
 
 async def test_settle_after_the_period_rolled(store: Store, clock: FakeClock) -> None:
     ten = parse_duration("10s")
-    scope = lambda: (budget("key:h", 1000, ten.period_end(clock.now())),)  # noqa: E731
+
+    def scope() -> tuple[BudgetScope, ...]:
+        return (budget("key:h", 1000, ten.period_end(clock.now())),)
+
     slow = rid()
     assert (await store.admit(Admission(slow, clock.now(), budgets=scope(), cost=500))).admitted
     clock.advance(11)
@@ -411,10 +423,17 @@ async def test_zero_parallel_limit_never_admits(store: Store, clock: FakeClock) 
 
 async def test_refusal_order_and_nothing_taken(store: Store, clock: FakeClock) -> None:
     scopes = (budget("user:u", 10),)
-    admission = lambda: Admission(  # noqa: E731
-        rid(), clock.now(), rates=(rpm(5), tpm(1000, 10)), slots=(slot(5),), budgets=scopes,
-        cost=20,
-    )
+
+    def admission() -> Admission:
+        return Admission(
+            rid(),
+            clock.now(),
+            rates=(rpm(5), tpm(1000, 10)),
+            slots=(slot(5),),
+            budgets=scopes,
+            cost=20,
+        )
+
     result = await store.admit(admission())
     assert result.refusal is not None
     assert result.refusal.reason == "budget"
@@ -436,17 +455,31 @@ async def test_refusal_order_and_nothing_taken(store: Store, clock: FakeClock) -
 
 def record(i: int, *, model: str = "gpt-4o", user: str = "alice", ts: float = T0) -> SpendRecord:
     return SpendRecord(
-        request_id=f"r{i}", timestamp=ts + i, model=model, cost=1000 + i, input_tokens=10,
-        output_tokens=5, key_hash="h1" if i % 2 else "h2", key_masked="sk-...h1",
-        user_id=user, team_id="core", end_user="eu", provenance="provider-reported",
-        price_source="genai-prices", status=200, latency_ms=12.5, path="/v1/chat/completions",
+        request_id=f"r{i}",
+        timestamp=ts + i,
+        model=model,
+        cost=1000 + i,
+        input_tokens=10,
+        output_tokens=5,
+        key_hash="h1" if i % 2 else "h2",
+        key_masked="sk-...h1",
+        user_id=user,
+        team_id="core",
+        end_user="eu",
+        provenance="provider-reported",
+        price_source="genai-prices",
+        status=200,
+        latency_ms=12.5,
+        path="/v1/chat/completions",
     )
 
 
 async def test_spend_records_and_totals(store: Store, clock: FakeClock) -> None:
     for i in range(10):
         await store.settle(
-            Settlement(f"r{i}", clock.now(), cost=0, record=record(i, model="m" if i < 3 else "gpt-4o"))
+            Settlement(
+                f"r{i}", clock.now(), cost=0, record=record(i, model="m" if i < 3 else "gpt-4o")
+            )
         )
     records = await store.spend_records()
     assert [r.request_id for r in records] == [f"r{i}" for i in reversed(range(10))]
@@ -481,7 +514,9 @@ async def test_spend_log_is_bounded_but_totals_are_not(store: Store, clock: Fake
     assert (await store.spend_totals("global")).requests == 80
 
 
-async def test_settle_appends_the_record_with_the_settlement(store: Store, clock: FakeClock) -> None:
+async def test_settle_appends_the_record_with_the_settlement(
+    store: Store, clock: FakeClock
+) -> None:
     request_id = rid()
     scopes = (budget("user:alice", 10_000),)
     await store.admit(Admission(request_id, clock.now(), budgets=scopes, cost=5000))

@@ -16,8 +16,8 @@ from typing import TypeVar
 
 from cachetools import TTLCache
 
-from ..exceptions import LLMFenceError
-from ..stores import KeyRecord, Store, TeamRecord, UserRecord, hash_key, mask_key
+from llmfence.exceptions import LLMFenceError
+from llmfence.stores import KeyRecord, Store, TeamRecord, UserRecord, hash_key, mask_key
 
 __all__ = ["AuthError", "Authenticator", "Principal", "api_key_from_headers"]
 
@@ -95,9 +95,7 @@ def api_key_from_headers(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def model_allowed(
-    model: str, allowed: Sequence[str], groups: Mapping[str, Sequence[str]]
-) -> bool:
+def model_allowed(model: str, allowed: Sequence[str], groups: Mapping[str, Sequence[str]]) -> bool:
     """Whether `model` is in an allow-list of names, access groups and `fnmatch` patterns."""
     if not allowed:
         return True
@@ -143,7 +141,9 @@ class Authenticator:
         self._keys: TTLCache[str, KeyRecord | None] = TTLCache(cache_size, cache_ttl, timer=clock)
         self._users: TTLCache[str, UserRecord | None] = TTLCache(cache_size, cache_ttl, timer=clock)
         self._teams: TTLCache[str, TeamRecord | None] = TTLCache(cache_size, cache_ttl, timer=clock)
-        self._groups: TTLCache[str, dict[str, tuple[str, ...]]] = TTLCache(1, cache_ttl, timer=clock)
+        self._groups: TTLCache[str, dict[str, tuple[str, ...]]] = TTLCache(
+            1, cache_ttl, timer=clock
+        )
 
     def is_master(self, api_key: str) -> bool:
         """Whether `api_key` is the master key (constant-time)."""

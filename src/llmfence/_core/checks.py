@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .._duration import Duration, parse_duration
-from .._money import usd_to_nano
-from ..exceptions import ConfigurationError
-from ..stores import BudgetScope, RateHit, SlotRequest
+from llmfence._duration import Duration, parse_duration
+from llmfence._money import usd_to_nano
+from llmfence.exceptions import ConfigurationError
+from llmfence.stores import BudgetScope, RateHit, SlotRequest
+from llmfence.stores._types import RateKind
+
 from .auth import Principal
 
 __all__ = ["BudgetCheck", "Check", "ParallelCheck", "RateCheck"]
@@ -23,7 +25,9 @@ OutagePolicy = str  # "fail_open" | "fail_closed"
 
 def _policy(value: str) -> str:
     if value not in ("fail_open", "fail_closed"):
-        raise ConfigurationError(f"on_store_error must be 'fail_open' or 'fail_closed', not {value!r}")
+        raise ConfigurationError(
+            f"on_store_error must be 'fail_open' or 'fail_closed', not {value!r}"
+        )
     return value
 
 
@@ -49,15 +53,31 @@ def _principal_levels(principal: Principal | None, attr: str, default: int | Non
     if principal.key is not None and principal.key_hash is not None:
         own = getattr(principal.key, attr)
         levels.append(
-            _Level("key", principal.key_hash, principal.key_masked or "key",
-                   own if own is not None else default)
+            _Level(
+                "key",
+                principal.key_hash,
+                principal.key_masked or "key",
+                own if own is not None else default,
+            )
         )
     if principal.user is not None:
-        levels.append(_Level("user", principal.user.user_id, principal.user.user_id,
-                             getattr(principal.user, attr)))
+        levels.append(
+            _Level(
+                "user",
+                principal.user.user_id,
+                principal.user.user_id,
+                getattr(principal.user, attr),
+            )
+        )
     if principal.team is not None:
-        levels.append(_Level("team", principal.team.team_id, principal.team.team_id,
-                             getattr(principal.team, attr)))
+        levels.append(
+            _Level(
+                "team",
+                principal.team.team_id,
+                principal.team.team_id,
+                getattr(principal.team, attr),
+            )
+        )
     return levels
 
 
@@ -89,7 +109,7 @@ class RateCheck(Check):
         window: Window length in seconds.
     """
 
-    kind: str = "requests"
+    kind: RateKind = "requests"
     default_limit: int | None = None
     window: float = 60.0
 
@@ -109,8 +129,15 @@ class RateCheck(Check):
         if principal is None and self.default_limit is not None:
             levels = [_Level("anonymous", "all", "unauthenticated", self.default_limit)]
         return [
-            RateHit(f"{prefix}:{lv.level}:{lv.ident}", self.kind, lv.level, lv.label,  # type: ignore[arg-type]
-                    lv.limit, cost, self.window)
+            RateHit(
+                f"{prefix}:{lv.level}:{lv.ident}",
+                self.kind,
+                lv.level,
+                lv.label,
+                lv.limit,
+                cost,
+                self.window,
+            )
             for lv in levels
             if lv.limit is not None
         ]
@@ -138,8 +165,9 @@ class ParallelCheck(Check):
         if principal is None and self.default_limit is not None:
             levels = [_Level("anonymous", "all", "unauthenticated", self.default_limit)]
         return [
-            SlotRequest(f"parallel:{lv.level}:{lv.ident}", lv.level, lv.label, lv.limit,
-                        self.lease_ttl)
+            SlotRequest(
+                f"parallel:{lv.level}:{lv.ident}", lv.level, lv.label, lv.limit, self.lease_ttl
+            )
             for lv in levels
             if lv.limit is not None
         ]
@@ -191,29 +219,64 @@ class BudgetCheck(Check):
         nano: Callable[[float | int | None], int | None] = lambda usd: (  # noqa: E731
             None if usd is None else usd_to_nano(usd)
         )
-        scopes = [BudgetScope("global", "global", "global", nano(self.max_budget),
-                              end(self.budget_duration))]
+        scopes = [
+            BudgetScope(
+                "global", "global", "global", nano(self.max_budget), end(self.budget_duration)
+            )
+        ]
         if principal is not None and not principal.is_master:
             if principal.team is not None:
                 team = principal.team
-                scopes.append(BudgetScope(f"team:{team.team_id}", "team", team.team_id,
-                                          team.max_budget, end(team.budget_duration)))
+                scopes.append(
+                    BudgetScope(
+                        f"team:{team.team_id}",
+                        "team",
+                        team.team_id,
+                        team.max_budget,
+                        end(team.budget_duration),
+                    )
+                )
             if principal.user is not None:
                 user = principal.user
-                scopes.append(BudgetScope(f"user:{user.user_id}", "user", user.user_id,
-                                          user.max_budget, end(user.budget_duration)))
+                scopes.append(
+                    BudgetScope(
+                        f"user:{user.user_id}",
+                        "user",
+                        user.user_id,
+                        user.max_budget,
+                        end(user.budget_duration),
+                    )
+                )
             key = principal.key
             if key is not None and principal.key_hash is not None:
                 label = principal.key_masked or "key"
-                scopes.append(BudgetScope(f"key:{principal.key_hash}", "key", label,
-                                          key.max_budget, end(key.budget_duration)))
+                scopes.append(
+                    BudgetScope(
+                        f"key:{principal.key_hash}",
+                        "key",
+                        label,
+                        key.max_budget,
+                        end(key.budget_duration),
+                    )
+                )
                 if model is not None and model in key.model_max_budget:
-                    scopes.append(BudgetScope(
-                        f"key_model:{principal.key_hash}:{model}", "model", f"{model} on {label}",
-                        key.model_max_budget[model], end(key.budget_duration),
-                    ))
+                    scopes.append(
+                        BudgetScope(
+                            f"key_model:{principal.key_hash}:{model}",
+                            "model",
+                            f"{model} on {label}",
+                            key.model_max_budget[model],
+                            end(key.budget_duration),
+                        )
+                    )
         if end_user:
-            scopes.append(BudgetScope(f"end_user:{end_user}", "end_user", end_user,
-                                      nano(self.max_end_user_budget),
-                                      end(self.end_user_budget_duration)))
+            scopes.append(
+                BudgetScope(
+                    f"end_user:{end_user}",
+                    "end_user",
+                    end_user,
+                    nano(self.max_end_user_budget),
+                    end(self.end_user_budget_duration),
+                )
+            )
         return scopes

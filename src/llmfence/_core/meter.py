@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 
 import anyio
 
-from .._pricing import ModelPrice, PriceBook
-from .._request import LLMRequest
-from .._tokens import TokenCounter
-from .._usage import StreamUsageScanner, Usage, UsageChunkFilter, usage_from_json
-from ..exceptions import LLMFenceError, StoreError
-from ..stores import (
+from llmfence._pricing import ModelPrice, PriceBook
+from llmfence._request import LLMRequest
+from llmfence._tokens import TokenCounter
+from llmfence._usage import StreamUsageScanner, Usage, UsageChunkFilter, usage_from_json
+from llmfence.exceptions import LLMFenceError, StoreError
+from llmfence.stores import (
     Admission,
     AdmissionResult,
     BudgetScope,
@@ -35,6 +35,7 @@ from ..stores import (
     SpendRecord,
     Store,
 )
+
 from .auth import Principal
 from .checks import BudgetCheck, Check, ParallelCheck, RateCheck
 from .refusals import refusal_error
@@ -234,9 +235,7 @@ class Meter:
         ):
             clamped = await self._clamp(ctx, result.headroom, parts)
             if clamped:
-                retry = await self._call(
-                    self.store.admit(self._admission(ctx, request_id, parts))
-                )
+                retry = await self._call(self.store.admit(self._admission(ctx, request_id, parts)))
                 if retry.refusal is None:
                     ctx.response_headers.append((_CLAMP_HEADER, str(clamped).encode()))
                 return retry
@@ -285,7 +284,9 @@ class Meter:
         self.degraded_count += 1
         logger.warning(
             "llmfence store degraded during %s: %s (cause: %r)",
-            operation, error, error.__cause__,
+            operation,
+            error,
+            error.__cause__,
         )
 
     # -- the response ------------------------------------------------------------------------
@@ -379,14 +380,16 @@ class Meter:
             if scopes is None:
                 scopes = _TRACK_ONLY.scopes(ctx.principal, ctx.end_user, model, ctx.now)
             await self._call(self.store.charge(scopes, cost, self.clock()))
-            await self._call(self.store.settle(
-                Settlement(ctx.request_id, self.clock(), cost, tokens, record)
-            ))
+            await self._call(
+                self.store.settle(Settlement(ctx.request_id, self.clock(), cost, tokens, record))
+            )
             return
         for i, request_id in enumerate(ctx.reservations):
-            await self._call(self.store.settle(
-                Settlement(request_id, self.clock(), cost, tokens, record if i == 0 else None)
-            ))
+            await self._call(
+                self.store.settle(
+                    Settlement(request_id, self.clock(), cost, tokens, record if i == 0 else None)
+                )
+            )
 
     def _cost(self, ctx: RequestContext, usage: Usage) -> tuple[int, str]:
         if ctx.request is None:
@@ -427,7 +430,8 @@ class Meter:
 def amend_body(ctx: RequestContext, **changes: Any) -> bytes:
     """Re-serialize the request body with some fields changed (`max_tokens`, stream options)."""
     request = ctx.request
-    assert request is not None and request.body is not None
+    assert request is not None
+    assert request.body is not None
     body: dict[str, Any] = dict(request.body)
     if "max_tokens" in changes:
         value = changes.pop("max_tokens")
@@ -466,7 +470,8 @@ def _unrelax(states: tuple[RateState, ...], parts: list[_Part]) -> tuple[RateSta
     limits = {hit.key: hit.limit for part in parts for hit in part.rates}
     return tuple(
         replace(s, limit=limits[s.key], remaining=max(0, limits[s.key] - (s.limit - s.remaining)))
-        if s.limit == _RELAXED else s
+        if s.limit == _RELAXED
+        else s
         for s in states
     )
 

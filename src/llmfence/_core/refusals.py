@@ -10,9 +10,9 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from .._money import nano_to_decimal, nano_to_usd
-from ..exceptions import BudgetExceededError, LLMFenceError, RateLimitExceededError
-from ..stores import RateState, Refusal
+from llmfence._money import nano_to_decimal, nano_to_usd
+from llmfence.exceptions import BudgetExceededError, LLMFenceError, RateLimitExceededError
+from llmfence.stores import RateState, Refusal
 
 __all__ = ["error_headers", "format_reset", "rate_limit_headers", "refusal_error"]
 
@@ -33,7 +33,8 @@ def refusal_error(refusal: Refusal, window: float = 60.0) -> LLMFenceError:
     who = f"{refusal.level} {refusal.label}" if refusal.level != "global" else "this service"
     if refusal.reason == "budget":
         resets = (
-            f" It resets at {_when(refusal.resets_at)}." if refusal.resets_at is not None
+            f" It resets at {_when(refusal.resets_at)}."
+            if refusal.resets_at is not None
             else " It does not reset."
         )
         return BudgetExceededError(
@@ -97,7 +98,7 @@ def error_headers(error: LLMFenceError, now: float) -> list[tuple[bytes, bytes]]
 
 
 def format_reset(seconds: float) -> str:
-    """A duration the way OpenAI's `x-ratelimit-reset-*` headers write it: `20ms`, `1.5s`, `6m0s`."""
+    """A duration as OpenAI's `x-ratelimit-reset-*` headers write it: `20ms`, `1.5s`, `6m0s`."""
     if seconds < 1:
         return f"{max(0, round(seconds * 1000))}ms"
     minutes, rest = divmod(seconds, 60)

@@ -12,15 +12,14 @@ import fnmatch
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._core.meter import Meter, RequestContext, amend_body
-from .._core.refusals import error_headers, rate_limit_headers
-from .._request import endpoint_for_path, parse_request
-from ..exceptions import LLMFenceError, RequestTooLargeError
-from ..stores import Store
+from llmfence._core.meter import Meter, RequestContext, amend_body
+from llmfence._core.refusals import error_headers, rate_limit_headers
+from llmfence._request import endpoint_for_path, parse_request
+from llmfence.exceptions import LLMFenceError, RequestTooLargeError
+from llmfence.stores import Store
 
 __all__ = ["DEFAULT_EXEMPT_PATHS", "FenceMiddleware", "PathRules"]
 
@@ -80,7 +79,7 @@ class FenceMiddleware:
     ) -> None:
         if meter is None:
             if store is None:
-                from ..stores import MemoryStore
+                from llmfence.stores import MemoryStore
 
                 store = MemoryStore()
             meter = Meter(store)
@@ -115,8 +114,8 @@ class FenceMiddleware:
             try:
                 ctx.body = await read_body(scope, receive, self.max_body_size)
                 ctx.request = parse_request(ctx.body, scope["path"])
-            except LLMFenceError as error:
-                await send_error(send, error, None)
+            except LLMFenceError as bad_request:
+                await send_error(send, bad_request, None)
                 return
         # A per-request copy of the lifespan state: servers and test transports may hand every
         # request the same dict, and one request's context must never leak into the next.

@@ -6,10 +6,11 @@ from collections.abc import Iterable, Mapping
 
 from starlette.types import ASGIApp, Scope
 
-from .._core.auth import Authenticator, api_key_from_headers
-from .._core.meter import Meter, RequestContext
-from ..exceptions import LLMFenceError
-from ..stores import Store
+from llmfence._core.auth import Authenticator, api_key_from_headers
+from llmfence._core.meter import Meter, RequestContext
+from llmfence.exceptions import LLMFenceError
+from llmfence.stores import Store
+
 from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware, PathRules
 
 __all__ = ["KeyAuthMiddleware"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Scope
 
-from .._core.checks import BudgetCheck
-from .._core.meter import Meter, RequestContext
-from ..exceptions import LLMFenceError
-from ..stores import Store
+from llmfence._core.checks import BudgetCheck
+from llmfence._core.meter import Meter, RequestContext
+from llmfence.exceptions import LLMFenceError
+from llmfence.stores import Store
+
 from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware, PathRules, ensure_stream_usage
 from .limits import _CheckMiddleware
 
@@ -68,8 +69,15 @@ class BudgetGuardMiddleware(_CheckMiddleware):
             calendar_aligned=calendar_aligned,
             clamp_max_tokens=clamp_max_tokens,
         )
-        super().__init__(app, check, store=store, meter=meter, paths=paths,
-                         max_body_size=max_body_size, defer=defer)
+        super().__init__(
+            app,
+            check,
+            store=store,
+            meter=meter,
+            paths=paths,
+            max_body_size=max_body_size,
+            defer=defer,
+        )
 
     async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
         ensure_stream_usage(ctx)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Scope
 
-from .._core.checks import Check, ParallelCheck, RateCheck
-from .._core.meter import Meter, RequestContext
-from ..exceptions import LLMFenceError
-from ..stores import Store
+from llmfence._core.checks import Check, ParallelCheck, RateCheck
+from llmfence._core.meter import Meter, RequestContext
+from llmfence.exceptions import LLMFenceError
+from llmfence.stores import Store
+
 from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware, PathRules, ensure_stream_usage
 
 __all__ = [
@@ -82,8 +83,15 @@ class RequestRateLimitMiddleware(_CheckMiddleware):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
         check = RateCheck(on_store_error, shadow, "requests", limit, window)
-        super().__init__(app, check, store=store, meter=meter, paths=paths,
-                         max_body_size=max_body_size, defer=defer)
+        super().__init__(
+            app,
+            check,
+            store=store,
+            meter=meter,
+            paths=paths,
+            max_body_size=max_body_size,
+            defer=defer,
+        )
 
 
 class TokenRateLimitMiddleware(_CheckMiddleware):
@@ -120,8 +128,15 @@ class TokenRateLimitMiddleware(_CheckMiddleware):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
         check = RateCheck(on_store_error, shadow, "tokens", limit, window)
-        super().__init__(app, check, store=store, meter=meter, paths=paths,
-                         max_body_size=max_body_size, defer=defer)
+        super().__init__(
+            app,
+            check,
+            store=store,
+            meter=meter,
+            paths=paths,
+            max_body_size=max_body_size,
+            defer=defer,
+        )
 
     async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
         ensure_stream_usage(ctx)
@@ -162,5 +177,12 @@ class ParallelRequestLimitMiddleware(_CheckMiddleware):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
         check = ParallelCheck(on_store_error, shadow, limit, lease_ttl)
-        super().__init__(app, check, store=store, meter=meter, paths=paths,
-                         max_body_size=max_body_size, defer=defer)
+        super().__init__(
+            app,
+            check,
+            store=store,
+            meter=meter,
+            paths=paths,
+            max_body_size=max_body_size,
+            defer=defer,
+        )

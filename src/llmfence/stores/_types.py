@@ -68,15 +68,15 @@ class _Limits:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
-        data = dataclasses.asdict(self)  # type: ignore[call-overload]
+        data = dataclasses.asdict(self)
         data["models"] = list(self.models)
         data["metadata"] = dict(self.metadata)
-        return data  # type: ignore[no-any-return]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
         """The record from `to_dict`'s output; unknown fields are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
         if "models" in values:
             values["models"] = tuple(values["models"] or ())
@@ -86,7 +86,7 @@ class _Limits:
 
     def replace(self, **changes: Any) -> Self:
         """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

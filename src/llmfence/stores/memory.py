@@ -163,9 +163,7 @@ class MemoryStore:
                 _rate_state(hit, window, now_ms)
                 for hit, window in zip(admission.rates, windows, strict=True)
             ),
-            budgets=tuple(
-                b.state(s) for s, b in zip(admission.budgets, budgets, strict=True)
-            ),
+            budgets=tuple(b.state(s) for s, b in zip(admission.budgets, budgets, strict=True)),
             headroom=headroom,
         )
 
@@ -187,21 +185,35 @@ class MemoryStore:
                     retry = _window.retry_after_ms(*args, hit.limit, hit.cost)
                     used = hit.limit - _window.remaining(*args, hit.limit)
                     return Refusal(
-                        hit.kind, hit.level, hit.label, hit.limit, used, hit.cost,
+                        hit.kind,
+                        hit.level,
+                        hit.label,
+                        hit.limit,
+                        used,
+                        hit.cost,
                         None if retry is None else retry / 1000,
                     )
         for slot in admission.slots:
             leases = self._live_leases(slot.key, admission.now)
             if len(leases) >= slot.limit:
                 return Refusal(
-                    "parallel_requests", slot.level, slot.label, slot.limit, len(leases), 1,
+                    "parallel_requests",
+                    slot.level,
+                    slot.label,
+                    slot.limit,
+                    len(leases),
+                    1,
                     _PARALLEL_RETRY if slot.limit > 0 else None,
                 )
         for scope, budget in zip(admission.budgets, budgets, strict=True):
             if scope.limit is not None and budget.spent + admission.cost > scope.limit:
                 resets_at = budget.end
                 return Refusal(
-                    "budget", scope.level, scope.label, scope.limit, budget.spent,
+                    "budget",
+                    scope.level,
+                    scope.label,
+                    scope.limit,
+                    budget.spent,
                     admission.cost,
                     None if resets_at is None else max(0.0, resets_at - admission.now),
                     resets_at,
@@ -261,7 +273,10 @@ class MemoryStore:
             ended = budget.end is not None and now >= budget.end
             states.append(
                 BudgetState(
-                    scope.key, scope.level, scope.label, scope.limit,
+                    scope.key,
+                    scope.level,
+                    scope.label,
+                    scope.limit,
                     0 if ended else budget.spent,
                     scope.period_end if ended or budget.end is None else budget.end,
                     budget.total,
@@ -445,9 +460,7 @@ def _rate_state(hit: RateHit, window: _Window, now_ms: int) -> RateState:
 
 
 def _headroom(scopes: Sequence[BudgetScope], budgets: Sequence[_Budget]) -> int | None:
-    rooms = [
-        s.limit - b.spent for s, b in zip(scopes, budgets, strict=True) if s.limit is not None
-    ]
+    rooms = [s.limit - b.spent for s, b in zip(scopes, budgets, strict=True) if s.limit is not None]
     return min(rooms) if rooms else None
 
 
