@@ -7,14 +7,14 @@ hold configuration only, never per-request state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from llmfence._duration import Duration, parse_duration
 from llmfence._money import usd_to_nano
 from llmfence.exceptions import ConfigurationError
 from llmfence.stores import BudgetScope, RateHit, SlotRequest
-from llmfence.stores._types import RateKind
+from llmfence.stores._types import RateKind, _Limits
 
 from .auth import Principal
 
@@ -173,10 +173,6 @@ class ParallelCheck(Check):
         ]
 
 
-def _duration(value: str | None, aligned: bool) -> Duration | None:
-    return None if value is None else parse_duration(value, aligned=aligned)
-
-
 @dataclass(frozen=True, slots=True)
 class BudgetCheck(Check):
     """USD budgets at every level: global, team, user, key, end user and per model on a key.
@@ -205,78 +201,80 @@ class BudgetCheck(Check):
             value = getattr(self, name)
             if value is not None and usd_to_nano(value) < 0:
                 raise ConfigurationError(f"{name} must not be negative")
-        _duration(self.budget_duration, self.calendar_aligned)
-        _duration(self.end_user_budget_duration, self.calendar_aligned)
+        for duration in (self.budget_duration, self.end_user_budget_duration):
+            if duration is not None:
+                parse_duration(duration)
 
     def scopes(
         self, principal: Principal | None, end_user: str | None, model: str | None, now: float
     ) -> list[BudgetScope]:
         """Every budget level this request is charged to, limited or not (spend is tracked)."""
-        aligned = self.calendar_aligned
-        end: Callable[[str | None], float | None] = lambda d: (  # noqa: E731
-            None if d is None else parse_duration(d, aligned=aligned).period_end(now)
-        )
-        nano: Callable[[float | int | None], int | None] = lambda usd: (  # noqa: E731
-            None if usd is None else usd_to_nano(usd)
-        )
+
+        def period_end(duration: str | None) -> float | None:
+            if duration is None:
+                return None
+            return _cached_duration(duration, self.calendar_aligned).period_end(now)
+
         scopes = [
             BudgetScope(
-                "global", "global", "global", nano(self.max_budget), end(self.budget_duration)
+                "global",
+                "global",
+                "global",
+                _nano(self.max_budget),
+                period_end(self.budget_duration),
             )
         ]
         if principal is not None and not principal.is_master:
+            records: list[tuple[str, str, str, _Limits]] = []
             if principal.team is not None:
-                team = principal.team
-                scopes.append(
-                    BudgetScope(
-                        f"team:{team.team_id}",
-                        "team",
-                        team.team_id,
-                        team.max_budget,
-                        end(team.budget_duration),
-                    )
-                )
+                team_id = principal.team.team_id
+                records.append(("team", team_id, team_id, principal.team))
             if principal.user is not None:
-                user = principal.user
-                scopes.append(
-                    BudgetScope(
-                        f"user:{user.user_id}",
-                        "user",
-                        user.user_id,
-                        user.max_budget,
-                        end(user.budget_duration),
-                    )
-                )
+                user_id = principal.user.user_id
+                records.append(("user", user_id, user_id, principal.user))
             key = principal.key
             if key is not None and principal.key_hash is not None:
                 label = principal.key_masked or "key"
+                records.append(("key", principal.key_hash, label, key))
+            for level, ident, label, record in records:
                 scopes.append(
                     BudgetScope(
-                        f"key:{principal.key_hash}",
-                        "key",
+                        f"{level}:{ident}",
+                        level,
                         label,
-                        key.max_budget,
-                        end(key.budget_duration),
+                        record.max_budget,
+                        period_end(record.budget_duration),
                     )
                 )
-                if model is not None and model in key.model_max_budget:
-                    scopes.append(
-                        BudgetScope(
-                            f"key_model:{principal.key_hash}:{model}",
-                            "model",
-                            f"{model} on {label}",
-                            key.model_max_budget[model],
-                            end(key.budget_duration),
-                        )
+            if key is not None and model is not None and model in key.model_max_budget:
+                scopes.append(
+                    BudgetScope(
+                        f"key_model:{principal.key_hash}:{model}",
+                        "model",
+                        f"{model} on {principal.key_masked}",
+                        key.model_max_budget[model],
+                        period_end(key.budget_duration),
                     )
+                )
         if end_user:
             scopes.append(
                 BudgetScope(
                     f"end_user:{end_user}",
                     "end_user",
                     end_user,
-                    nano(self.max_end_user_budget),
-                    end(self.end_user_budget_duration),
+                    _nano(self.max_end_user_budget),
+                    period_end(self.end_user_budget_duration),
                 )
             )
         return scopes
+
+
+@lru_cache(maxsize=1024)
+def _cached_duration(duration: str, aligned: bool) -> Duration:
+    # Records name their durations as strings: parsing each distinct one once keeps the
+    # regular expression off the hot path.
+    return parse_duration(duration, aligned=aligned)
+
+
+def _nano(usd: float | None) -> int | None:
+    return None if usd is None else usd_to_nano(usd)
