@@ -214,9 +214,14 @@ def test_malformed_bodies_per_endpoint(body: dict[str, Any], path: str, param: s
     assert info.value.param == param
 
 
-def test_not_an_llm_path() -> None:
-    with pytest.raises(InvalidRequestError):
-        parse(CHAT, "/v1/models")
+def test_custom_paths_infer_the_api_from_the_body() -> None:
+    assert parse(CHAT, "/api/generate").endpoint == "chat"
+    assert parse({**CHAT, "system": "s"}, "/api/generate").endpoint == "messages"
+    assert parse({"model": "m", "prompt": "p"}, "/x").endpoint == "completions"
+    assert parse({"model": "text-embedding-3-small", "input": "p"}, "/x").endpoint == "embeddings"
+    assert parse({"model": "gpt-4.1", "input": "p"}, "/x").endpoint == "responses"
+    with pytest.raises(InvalidRequestError, match="cannot meter"):
+        parse({"model": "m"}, "/v1/models")
 
 
 def test_utf8_with_bom_and_unicode() -> None:

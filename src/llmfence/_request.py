@@ -235,24 +235,43 @@ def _azure_deployment(path: str) -> str | None:
         return None
 
 
+def _infer_endpoint(data: Mapping[str, Any]) -> Endpoint | None:
+    """The API of a body sent to a path with no standard suffix (a custom metered path)."""
+    if "messages" in data:
+        # Anthropic puts the system prompt beside the messages; OpenAI puts it among them.
+        return "messages" if "system" in data else "chat"
+    if "prompt" in data:
+        return "completions"
+    if "input" in data:
+        model = data.get("model")
+        return "embeddings" if isinstance(model, str) and "embed" in model else "responses"
+    return None
+
+
 def parse_request(body: bytes, path: str) -> LLMRequest:
     """Parse the raw body of an LLM request.
 
     Args:
         body: The request body, exactly as received.
-        path: The request path; it decides which API the body belongs to.
+        path: The request path; its suffix (`/chat/completions`, `/messages`…) decides which
+            API the body belongs to. On other paths the body's fields decide: `messages` is a
+            chat (Anthropic's if `system` is beside it), `prompt` a completion, `input` an
+            embedding (for a model named `*embed*`) or a Responses API call.
 
     Returns:
         The typed request.
 
     Raises:
-        InvalidRequestError: The path is not an LLM endpoint, or the body is not UTF-8 JSON,
-            not an object, or has fields of the wrong type or out of range.
+        InvalidRequestError: The body is not UTF-8 JSON, not an object, not an LLM request,
+            or has fields of the wrong type or out of range.
     """
-    endpoint = endpoint_for_path(path)
-    if endpoint is None:
-        _fail(f"{path!r} is not an LLM endpoint llmfence can meter.")
     data = _load(body)
+    endpoint = endpoint_for_path(path) or _infer_endpoint(data)
+    if endpoint is None:
+        _fail(
+            "The request body has none of 'messages', 'prompt' or 'input'; llmfence cannot "
+            "meter it."
+        )
 
     model = _str(data, "model", max_length=MAX_MODEL_LENGTH) or _azure_deployment(path)
     if not model:

@@ -190,3 +190,65 @@ async def test_parse_is_shared_through_the_scope() -> None:
     async with client_for(app) as client:
         await client.post(CHAT, json=chat_body(), headers=auth("sk-master-key"))
     assert seen == [MODEL]
+
+
+async def test_settlement_never_delays_the_response_bytes() -> None:
+    events: list[str] = []
+
+    class SlowSettle(MemoryStore):
+        async def settle(self, settlement: Any) -> bool:
+            events.append("settle")
+            return await super().settle(settlement)
+
+    app = echo_app([])
+    Fence(store=SlowSettle(), master_key="sk-master-key").install(app)
+    body = json.dumps(chat_body()).encode()
+    requested = False
+
+    async def receive() -> Message:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            events.append("last body byte sent")
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": CHAT,
+        "query_string": b"",
+        "headers": [(b"authorization", b"Bearer sk-master-key")],
+    }
+    await app(scope, receive, send)
+    # The settlement (and the spend record) come after the client has every byte.
+    assert events == ["last body byte sent", "settle"]
+
+
+async def test_metered_paths_are_configurable() -> None:
+    received: list[bytes] = []
+
+    async def generate(request: Request) -> JSONResponse:
+        received.append(await request.body())
+        return JSONResponse({"usage": USAGE})
+
+    app = Starlette(
+        routes=[
+            Route("/api/generate", generate, methods=["POST"]),
+            Route(CHAT, generate, methods=["POST"]),
+        ]
+    )
+    store = MemoryStore()
+    Fence(store=store, master_key="sk-master-key", metered_paths=["/api/*"]).install(app)
+    async with client_for(app) as client:
+        bad = await client.post("/api/generate", content=b"nope", headers=auth("sk-master-key"))
+        ok = await client.post("/api/generate", json=chat_body(), headers=auth("sk-master-key"))
+        other = await client.post(CHAT, content=b"not metered", headers=auth("sk-master-key"))
+    assert bad.status_code == 400
+    assert ok.status_code == 200
+    assert other.status_code == 200  # no longer metered: auth only, body untouched
+    assert received[-1] == b"not metered"
+    assert (await store.spend_totals("global")).requests == 1
