@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
+from decimal import Decimal
 from typing import Any
 
 from starlette.applications import Starlette
@@ -134,7 +135,7 @@ class Fence:
         )
         self.clock = clock
         # Validated now, not at the first request.
-        self._budget = BudgetCheck(
+        self.budget_check = BudgetCheck(
             on_store_error=budgets_on_store_error,
             shadow="budget" in shadow,
             max_budget=max_budget,
@@ -153,13 +154,18 @@ class Fence:
         self._limits_policy = limits_on_store_error
         self._max_body_size = max_body_size
 
-    def install(self, app: Starlette) -> None:
+    def install(self, app: Starlette, *, admin: bool = False) -> None:
         """Add the whole stack to a Starlette or FastAPI app, outermost first:
 
         KeyAuth → RPM → TPM → Parallel → BudgetGuard → SpendRecorder → the app.
 
         The three rate limiters defer their checks to the budget guard, which sends every
         check of a request to the store in one step.
+
+        Args:
+            app: The app to protect.
+            admin: Also add the admin API routes (`/key/generate`, `/user/new`, …; see
+                `llmfence.admin`), which need the master key.
         """
         common: dict[str, Any] = {
             "meter": self.meter,
@@ -169,7 +175,11 @@ class Fence:
         limits = {"on_store_error": self._limits_policy, "defer": True, **common}
         # add_middleware puts the last one added outermost, so add them innermost first.
         app.add_middleware(SpendRecorderMiddleware, **common)
-        budget = self._budget
+        budget = self.budget_check
+        if admin:
+            from .admin import admin_routes
+
+            app.router.routes.extend(admin_routes(self))
         app.add_middleware(
             BudgetGuardMiddleware,
             max_budget=budget.max_budget,
@@ -211,9 +221,9 @@ class Fence:
         user_id: str | None = None,
         team_id: str | None = None,
         key_alias: str | None = None,
-        max_budget: float | None = None,
+        max_budget: float | Decimal | None = None,
         budget_duration: str | None = None,
-        model_max_budget: Mapping[str, float] | None = None,
+        model_max_budget: Mapping[str, float | Decimal] | None = None,
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
         max_parallel_requests: int | None = None,
@@ -326,7 +336,7 @@ class Fence:
         return record
 
 
-def _nano(usd: float | None) -> int | None:
+def _nano(usd: float | Decimal | None) -> int | None:
     if usd is None:
         return None
     nano = usd_to_nano(usd)
