@@ -24,10 +24,10 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fastapi_gateway import create_app  # noqa: E402
+from fastapi_gateway import create_app
 
-from llmfence import MemoryStore, TokenCounter  # noqa: E402
-from llmfence.testing import mock_llm_app  # noqa: E402
+from llmfence import MemoryStore, TokenCounter
+from llmfence.testing import mock_llm_app
 
 MASTER = "sk-demo-master-key"
 REPLY = (
@@ -48,6 +48,17 @@ def line(label: str, value: object) -> None:
 def error_of(response: httpx.Response) -> str:
     error = response.json()["error"]
     return f"{response.status_code} {error['code']} ({error['type']}): {error['message']}"
+
+
+async def until_refused(
+    client: httpx.AsyncClient, headers: dict[str, str], body: dict[str, Any]
+) -> tuple[int, httpx.Response]:
+    """Call until a refusal; the number of admitted calls and the refusal."""
+    for admitted in range(100):
+        response = await client.post("/v1/chat/completions", headers=headers, json=body)
+        if response.status_code != 200:
+            return admitted, response
+    raise AssertionError("never refused")
 
 
 def free_port() -> int:
@@ -167,28 +178,17 @@ async def walkthrough(client: httpx.AsyncClient) -> None:
 
     title("6. A key budget running out ($0.0004)")
     small = {"authorization": f"Bearer {small_key}"}
-    for i in range(1, 20):
-        response = await client.post(
-            "/v1/chat/completions", headers=small, json=chat("Tell me more.", max_tokens=200)
-        )
-        if response.status_code != 200:
-            break
-    line(f"calls 1–{i - 1}", "200 (each reserves up to $0.00012, keeps its actual cost)")
-    line(f"call {i}", error_of(response))
+    admitted, response = await until_refused(client, small, chat("Tell me more.", max_tokens=200))
+    line(f"calls 1–{admitted}", "200 (each reserves up to $0.00012, keeps its actual cost)")
+    line(f"call {admitted + 1}", error_of(response))
     line("  x-should-retry", response.headers.get("x-should-retry"))
     info = (await client.get("/key/info", headers=admin, params={"key": small_key})).json()
     line("  key spend / budget", f"${info['info']['spend']:.9f} / ${info['info']['max_budget']}")
 
     title("7. An end user's budget ($0.0003 each, the body's `user` field)")
-    for i in range(1, 20):
-        response = await client.post(
-            "/v1/chat/completions",
-            headers=ada,
-            json=chat("Again!", max_tokens=100, user="customer-42"),
-        )
-        if response.status_code != 200:
-            break
-    line(f"customer-42, call {i}", error_of(response))
+    body = chat("Again!", max_tokens=100, user="customer-42")
+    admitted, response = await until_refused(client, ada, body)
+    line(f"customer-42, call {admitted + 1}", error_of(response))
     other = await client.post(
         "/v1/chat/completions", headers=ada, json=chat("Hello", max_tokens=100, user="customer-7")
     )
@@ -227,7 +227,7 @@ async def main() -> None:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
         await asyncio.sleep(0.01)
     print(f"llmfence demo: gateway on http://127.0.0.1:{port}, mock OpenAI upstream in-process")
     try:
