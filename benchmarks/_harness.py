@@ -179,8 +179,10 @@ def verdict(measured: float, target: float) -> str:
     return "PASS" if measured <= target else "MISS"
 
 
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Print a markdown-style table: the first column left-aligned, the others right."""
+def print_table(
+    title: str, header: Sequence[str], rows: Sequence[Sequence[str]], *, left: int = 1
+) -> None:
+    """Print a markdown-style table: the first `left` columns left-aligned, the others right."""
     widths = [
         max(len(header[i]), *(len(row[i]) for row in rows)) if rows else len(header[i])
         for i in range(len(header))
@@ -188,7 +190,7 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
 
     def line(cells: Sequence[str]) -> str:
         parts = [
-            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+            cell.ljust(widths[i]) if i < left else cell.rjust(widths[i])
             for i, cell in enumerate(cells)
         ]
         return "| " + " | ".join(parts) + " |"
@@ -202,7 +204,7 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
 
 # -- workloads -------------------------------------------------------------------------------
 
-_WORDS = (
+_VOCABULARY = (
     "the a of to and in is it that for on with as be this are by an at from or can will we "
     "model request token budget limit user key team stream usage price cost window lease "
     "reservation settle admit store redis memory middleware starlette gateway proxy provider "
@@ -211,7 +213,8 @@ _WORDS = (
     "please explain how why what when which could would should summary example detail result "
     "python async await scope receive send body bytes encode decode count cache hit miss "
     "deployment region quota invoice account dashboard report metric alert incident review"
-).split()
+)
+_WORDS = _VOCABULARY.split()
 
 
 def text(rng: random.Random, words: int) -> str:
@@ -237,7 +240,9 @@ def history(turns: int = 20, *, tag: str = "", seed: int = 0) -> list[dict[str, 
         seed: Seed of the text.
     """
     rng = random.Random(seed)
-    messages = [{"role": "system", "content": tag + "You are a helpful assistant. " + text(rng, 40)}]
+    messages = [
+        {"role": "system", "content": tag + "You are a helpful assistant. " + text(rng, 40)}
+    ]
     for _ in range(turns):
         messages.append({"role": "user", "content": tag + text(rng, 35)})
         messages.append({"role": "assistant", "content": tag + text(rng, 120)})

@@ -78,7 +78,7 @@ async def test_auth_matrix(admin: tuple[Fence, httpx.AsyncClient, FakeClock]) ->
 
 
 async def test_key_lifecycle(admin: tuple[Fence, httpx.AsyncClient, FakeClock]) -> None:
-    fence, client, clock = admin
+    _fence, client, _clock = admin
     created = await client.post(
         "/key/generate",
         json={
@@ -98,10 +98,12 @@ async def test_key_lifecycle(admin: tuple[Fence, httpx.AsyncClient, FakeClock]) 
     assert created.status_code == 200, created.text
     data = created.json()
     key = data["key"]
-    assert key.startswith("sk-") and len(key) >= 35
+    assert key.startswith("sk-")
+    assert len(key) >= 35
     assert data["expires"] == "2026-11-18T12:06:40Z"  # T0 + 1h
     assert (data["user_id"], data["team_id"], data["max_budget"]) == ("u1", "core-infra", 10.0)
-    assert data["rpm_limit"] == 4 and data["models"] == ["gpt-3.5-turbo-0613"]
+    assert data["rpm_limit"] == 4
+    assert data["models"] == ["gpt-3.5-turbo-0613"]
 
     # The key works, and its info shows spend but never the key again.
     call = await client.post(CHAT, json=chat_body(), headers=auth(key))
@@ -145,7 +147,7 @@ async def test_caller_chosen_key_for_migrations(
 
 
 async def test_user_and_team_routes(admin: tuple[Fence, httpx.AsyncClient, FakeClock]) -> None:
-    fence, client, _ = admin
+    _fence, client, _ = admin
     team = await client.post(
         "/team/new", json={"team_id": "core-infra", "max_budget": 10, "rpm_limit": 100}
     )
@@ -233,7 +235,7 @@ async def test_bad_json_body(admin: tuple[Fence, httpx.AsyncClient, FakeClock]) 
 async def test_spend_logs_and_global_spend(
     admin: tuple[Fence, httpx.AsyncClient, FakeClock],
 ) -> None:
-    fence, client, clock = admin
+    _fence, client, clock = admin
     key = (await client.post("/key/generate", json={"user_id": "alice", "team_id": "t1"})).json()[
         "key"
     ]

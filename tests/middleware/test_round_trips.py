@@ -6,8 +6,8 @@ import pytest
 
 from llmfence import Fence, RedisStore
 from llmfence.testing import FakeClock, mock_llm_app
+from tests.stores.test_redis_store import client_commands
 
-from ..stores.test_redis_store import client_commands
 from .conftest import CHAT, auth, chat_body, client_for
 
 pytestmark = pytest.mark.anyio
