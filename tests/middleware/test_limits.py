@@ -196,3 +196,24 @@ async def test_model_name_in_error_messages_never_the_key(gateway: Any) -> None:
     assert key not in response.text
     assert record.key_hash not in response.text
     assert MODEL not in response.headers.get("retry-after", "")
+
+
+async def test_rates_in_the_limits_notation() -> None:
+    from starlette.applications import Starlette
+
+    from llmfence import MemoryStore, RequestRateLimitMiddleware, TokenRateLimitMiddleware
+    from llmfence._core.checks import parse_rate
+    from llmfence.exceptions import ConfigurationError
+
+    assert parse_rate("100/minute") == (100, 60.0)
+    assert parse_rate("20000 per 2 minutes") == (20_000, 120.0)
+    assert parse_rate("5/second") == (5, 1.0)
+    with pytest.raises(ConfigurationError, match="nonsense"):
+        parse_rate("nonsense")
+    app = mock_llm_app()
+    app.add_middleware(RequestRateLimitMiddleware, store=MemoryStore(), rate="2/minute")
+    async with client_for(app) as c:
+        statuses = [(await c.post(CHAT, json=chat_body())).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    guarded = TokenRateLimitMiddleware(Starlette(), rate="1000/hour")
+    assert (guarded.limit_check.default_limit, guarded.limit_check.window) == (1000, 3600.0)  # type: ignore[attr-defined]

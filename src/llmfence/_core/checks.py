@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import limits
+
 from llmfence._duration import Duration, parse_duration
 from llmfence._money import usd_to_nano
 from llmfence.exceptions import ConfigurationError
@@ -18,9 +20,23 @@ from llmfence.stores._types import RateKind, _Limits
 
 from .auth import Principal
 
-__all__ = ["BudgetCheck", "Check", "ParallelCheck", "RateCheck"]
+__all__ = ["BudgetCheck", "Check", "ParallelCheck", "RateCheck", "parse_rate"]
 
 OutagePolicy = str  # "fail_open" | "fail_closed"
+
+
+def parse_rate(rate: str) -> tuple[int, float]:
+    """A rate in the `limits` notation (`"100/minute"`, `"20000 per 2 minutes"`) as
+    `(amount, window seconds)`.
+
+    Raises:
+        ConfigurationError: The string is not a rate `limits` understands.
+    """
+    try:
+        item = limits.parse(rate)
+    except ValueError as error:
+        raise ConfigurationError(f"Invalid rate {rate!r}: {error}") from error
+    return item.amount, float(item.get_expiry())
 
 
 def _policy(value: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Scope
 
-from llmfence._core.checks import Check, ParallelCheck, RateCheck
+from llmfence._core.checks import Check, ParallelCheck, RateCheck, parse_rate
 from llmfence._core.meter import Meter, RequestContext
 from llmfence.exceptions import LLMFenceError
 from llmfence.stores import Store
@@ -59,6 +59,7 @@ class RequestRateLimitMiddleware(_CheckMiddleware):
         store: The store (ignored when `meter` is given).
         limit: The default requests per window, or `None` for records' limits only.
         window: Window length in seconds.
+        rate: `limit` and `window` at once, in the `limits` notation: `"100/minute"`.
         on_store_error: `"fail_open"` (default) or `"fail_closed"` while the store is down.
         shadow: Evaluate and emit headers, but never refuse.
         defer: Leave the store call to a later llmfence guard, which sends every check of the
@@ -75,6 +76,7 @@ class RequestRateLimitMiddleware(_CheckMiddleware):
         store: Store | None = None,
         limit: int | None = None,
         window: float = 60.0,
+        rate: str | None = None,
         on_store_error: str = "fail_open",
         shadow: bool = False,
         defer: bool = False,
@@ -82,6 +84,8 @@ class RequestRateLimitMiddleware(_CheckMiddleware):
         paths: PathRules | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
+        if rate is not None:
+            limit, window = parse_rate(rate)
         check = RateCheck(on_store_error, shadow, "requests", limit, window)
         super().__init__(
             app,
@@ -105,6 +109,7 @@ class TokenRateLimitMiddleware(_CheckMiddleware):
         store: The store (ignored when `meter` is given).
         limit: The default tokens per window, or `None` for records' limits only.
         window: Window length in seconds.
+        rate: `limit` and `window` at once, in the `limits` notation: `"20000/minute"`.
         on_store_error: `"fail_open"` (default) or `"fail_closed"` while the store is down.
         shadow: Evaluate and emit headers, but never refuse.
         defer: Leave the store call to a later llmfence guard (`Fence.install` sets this).
@@ -120,6 +125,7 @@ class TokenRateLimitMiddleware(_CheckMiddleware):
         store: Store | None = None,
         limit: int | None = None,
         window: float = 60.0,
+        rate: str | None = None,
         on_store_error: str = "fail_open",
         shadow: bool = False,
         defer: bool = False,
@@ -127,6 +133,8 @@ class TokenRateLimitMiddleware(_CheckMiddleware):
         paths: PathRules | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
+        if rate is not None:
+            limit, window = parse_rate(rate)
         check = RateCheck(on_store_error, shadow, "tokens", limit, window)
         super().__init__(
             app,
