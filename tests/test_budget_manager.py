@@ -630,7 +630,10 @@ def test_store_keeps_spend_in_counters_not_in_the_document(completion: FakeCompl
         assert budget_manager.get_current_cost("a") == 0  # no counter shared with "a:model:b"
     with BudgetManager("p", store=store) as again:
         assert again.get_current_cost("a:model:b") == CALL
-        again.save_data()  # nothing to do: every change is already stored
+        assert again.save_data() == {"status": "success"}  # every change is already stored
+    # A closed manager starts a new event loop if it is used again.
+    assert budget_manager.get_users() == ["a:model:b", "a"]
+    budget_manager.close()
 
     async def document() -> dict[str, Any] | None:
         return await store.get_project("bm:p")

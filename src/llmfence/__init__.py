@@ -10,6 +10,7 @@ from ._pricing import ModelPrice, PriceBook, PriceOverride
 from ._request import LLMRequest, parse_request
 from ._tokens import TokenCounter
 from ._usage import StreamUsageScanner, Usage, UsageChunkFilter, usage_from_json
+from .budget_manager import BudgetManager, UnknownUserError
 from .exceptions import (
     BudgetExceededError,
     ConfigurationError,
@@ -37,6 +38,7 @@ __version__ = _version("llmfence")
 __all__ = [
     "BudgetExceededError",
     "BudgetGuardMiddleware",
+    "BudgetManager",
     "ConfigurationError",
     "Duration",
     "Fence",
@@ -61,6 +63,7 @@ __all__ = [
     "TokenCounter",
     "TokenRateLimitMiddleware",
     "UnknownModelError",
+    "UnknownUserError",
     "Usage",
     "UsageChunkFilter",
     "parse_duration",

@@ -453,7 +453,8 @@ class _Hosted:
     def read(self) -> dict[str, Any]:
         answer = self._post("/get_budget", {"project_name": self._project})
         # {"status": "error"} means the project was never saved: no users yet.
-        data = answer.get("data") if answer.get("status") == "success" else None
+        success = isinstance(answer, dict) and answer.get("status") == "success"
+        data = answer.get("data") if success else None
         return data if isinstance(data, dict) else {}
 
     def write(self, user_dict: dict[str, Any]) -> dict[str, Any]:

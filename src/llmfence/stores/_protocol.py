@@ -27,6 +27,11 @@ Windows
 Leases
     A concurrency lease expires on its own after its TTL, so a worker that died cannot leak
     slots; `settle` (or `release`) frees it at once.
+
+Time bounds
+    A store whose class sets `bounds_call_time = True` promises that every call ends (or raises
+    `StoreError`) within its own timeout; llmfence then adds no timeout of its own. Any other
+    store's calls are bounded by the caller.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ in `__init__`, so a store can be built at import time.
 from __future__ import annotations
 
 import copy
+import heapq
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
@@ -78,6 +79,31 @@ class _Window:
 
 
 @dataclass(slots=True)
+class _Leases:
+    """Leases held on one key: who holds one until when, and a heap to find the expired."""
+
+    held: dict[str, float] = field(default_factory=dict)
+    heap: list[tuple[float, str]] = field(default_factory=list)
+
+    def add(self, lease_id: str, expires: float) -> None:
+        self.held[lease_id] = expires
+        heapq.heappush(self.heap, (expires, lease_id))
+
+    def expire(self, now: float) -> None:
+        # Only leases due by now are looked at, so a key with many requests in flight does not
+        # pay for all of them on every admission.
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            expires, lease_id = heapq.heappop(heap)
+            if self.held.get(lease_id) == expires:
+                del self.held[lease_id]
+        if len(heap) > 2 * len(self.held) + 64:
+            # Released leases leave stale heap entries; rebuild before they pile up.
+            self.heap = [(e, lid) for lid, e in self.held.items()]
+            heapq.heapify(self.heap)
+
+
+@dataclass(slots=True)
 class _Reservation:
     expires: float
     cost: int
@@ -113,10 +139,12 @@ class MemoryStore:
             running totals count every record ever appended.
     """
 
+    bounds_call_time = True  # nothing here ever waits
+
     def __init__(self, *, max_spend_records: int = 100_000) -> None:
         self._budgets: dict[str, _Budget] = {}
         self._windows: dict[str, _Window] = {}
-        self._leases: dict[str, dict[str, float]] = {}
+        self._leases: dict[str, _Leases] = {}
         self._reservations: OrderedDict[str, _Reservation] = OrderedDict()
         self._records = _Records()
         self._log: deque[SpendRecord] = deque(maxlen=max_spend_records)
@@ -143,7 +171,7 @@ class MemoryStore:
             for hit, window in zip(admission.rates, windows, strict=True):
                 window.cur += hit.cost
             for slot in admission.slots:
-                self._live_leases(slot.key, now)[admission.request_id] = now + slot.ttl
+                self._live_leases(slot.key, now).add(admission.request_id, now + slot.ttl)
             for budget in budgets:
                 budget.spent += admission.cost
             self._reservations[admission.request_id] = _Reservation(
@@ -195,13 +223,13 @@ class MemoryStore:
                     )
         for slot in admission.slots:
             leases = self._live_leases(slot.key, admission.now)
-            if len(leases) >= slot.limit:
+            if len(leases.held) >= slot.limit:
                 return Refusal(
                     "parallel_requests",
                     slot.level,
                     slot.label,
                     slot.limit,
-                    len(leases),
+                    len(leases.held),
                     1,
                     _PARALLEL_RETRY if slot.limit > 0 else None,
                 )
@@ -247,13 +275,13 @@ class MemoryStore:
                 elif index == window.index - 1:
                     window.prev = max(0, window.prev + delta)
         for key in reservation.slots:
-            self._leases.get(key, {}).pop(settlement.request_id, None)
+            self._release(key, settlement.request_id)
         return True
 
     async def release(self, request_id: str, slot_keys: Sequence[str]) -> None:
         """Free a request's leases without settling anything."""
         for key in slot_keys:
-            self._leases.get(key, {}).pop(request_id, None)
+            self._release(key, request_id)
 
     # -- budgets outside a request -----------------------------------------------------------
 
@@ -422,11 +450,17 @@ class MemoryStore:
         window.advance(now_ms // int(hit.window * 1000))
         return window
 
-    def _live_leases(self, key: str, now: float) -> dict[str, float]:
-        leases = self._leases.setdefault(key, {})
-        for lease_id in [lid for lid, expiry in leases.items() if expiry <= now]:
-            del leases[lease_id]
+    def _live_leases(self, key: str, now: float) -> _Leases:
+        leases = self._leases.get(key)
+        if leases is None:
+            leases = self._leases[key] = _Leases()
+        leases.expire(now)
         return leases
+
+    def _release(self, key: str, request_id: str) -> None:
+        leases = self._leases.get(key)
+        if leases is not None:
+            leases.held.pop(request_id, None)
 
     def _sweep(self, now: float) -> None:
         # Idle windows and lease sets hold nothing the next request could see; dropping them
@@ -440,7 +474,7 @@ class MemoryStore:
         stale = [k for k, w in self._windows.items() if w.index * 1000 < now_ms - 3_600_000]
         for key in stale:
             del self._windows[key]
-        for key in [k for k, leases in self._leases.items() if not self._live_leases(k, now)]:
+        for key in [k for k in self._leases if not self._live_leases(k, now).held]:
             del self._leases[key]
 
 

@@ -147,6 +147,8 @@ class RedisStore:
         ConfigurationError: When an option is not valid.
     """
 
+    bounds_call_time = True  # every call runs under `timeout`
+
     def __init__(
         self,
         client: Redis,

@@ -1,0 +1,651 @@
+"""Per-route guards: rate limits and USD budgets on single routes of apps that are not gateways.
+
+The middlewares meter the LLM endpoints a gateway serves. An app with a few routes that *call*
+an LLM guards each route as a whole instead, and the route reports what its calls cost:
+
+```python
+@app.post("/summarize")
+@fence.limit(rpm=10, per="user")
+@fence.budget(max_usd=5.0, duration="monthly", estimate_usd=0.01)
+async def summarize(doc: Doc, request: Request) -> Summary:
+    reply = await client.chat.completions.create(model="gpt-4o-mini", messages=...)
+    await fence.charge(request, reply)           # settles the reservation with the real cost
+    ...
+
+@app.post("/chat")                               # the dependency form
+async def chat(permit: Annotated[Permit, Depends(fence.guard(rpm=10, max_usd=1.0))]) -> ...:
+    permit.charge(reply)
+
+async with fence.guard(rpm=10, max_usd=1.0, name="batch").hold("alice") as permit:
+    permit.charge(model="gpt-4o", usage=reply.usage)      # plain Python, no HTTP
+```
+
+Every check of one guarded call goes to the store in one admission (stacked decorators are
+merged into one), which reserves `estimate_usd` and `tokens_estimate`; the end of the call
+settles the reservation with the sum of what was charged, or with the estimates.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
+
+import anyio
+from starlette._utils import is_async_callable
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from llmfence._core.auth import Principal, api_key_from_headers
+from llmfence._core.meter import RequestContext
+from llmfence._core.refusals import error_headers, rate_limit_headers, refusal_error
+from llmfence._duration import Duration, parse_duration
+from llmfence._money import usd_to_nano
+from llmfence._usage import Usage, usage_from_json
+from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError, StoreError
+from llmfence.middleware._base import STATE_KEY
+from llmfence.stores import (
+    Admission,
+    BudgetScope,
+    RateHit,
+    RateState,
+    Settlement,
+    SpendRecord,
+    hash_key,
+    mask_key,
+)
+
+if TYPE_CHECKING:
+    from llmfence._fence import Fence
+
+__all__ = ["Per", "Permit", "RouteGuard"]
+
+logger = logging.getLogger("llmfence")
+
+Per = Literal["key", "user", "team", "end_user", "ip"] | Callable[[Request], str | Awaitable[str]]
+_PERS = ("key", "user", "team", "end_user", "ip")
+_F = TypeVar("_F", bound=Callable[..., Any])
+# The request's ledger lives in the ASGI scope itself: `scope["state"]` may be the lifespan state
+# that every request shares when the llmfence middlewares did not run.
+_SCOPE_KEY = "llmfence.route"
+_HIDDEN = "llmfence_request_"
+_DEGRADED = ("x-llmfence-degraded", "store-unavailable")
+_KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
+_POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_Who = tuple[str, str, str]  # (level, counter id, what messages show)
+
+
+@dataclass(slots=True, eq=False)
+class _Ledger:
+    """What one request's LLM calls cost, as the route reported it; shared by all its guards."""
+
+    cost: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    model: str = ""
+    source: str = ""
+    provenance: str | None = None  # None until something is charged
+    holds: int = 0  # guards holding a reservation right now
+    principal: Principal | None = None
+    end_user: str | None = None
+    rate_states: list[RateState] = field(default_factory=list)
+
+    def add(self, cost: int, usage: Usage, model: str, source: str) -> None:
+        self.cost += cost
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.cached_tokens += usage.cached_input_tokens
+        self.model, self.source = self.model or model, self.source or source
+        if usage.estimated or self.provenance == "estimated":
+            self.provenance = "estimated"
+        else:
+            self.provenance = "provider-reported"
+
+
+class Permit:
+    """The pass of one admitted call: report through it what the call's LLM requests cost.
+
+    Attributes:
+        identity: Who the call is counted against, as messages show it (a masked key, an id).
+    """
+
+    def __init__(self, fence: Fence, ledger: _Ledger, identity: str) -> None:
+        self._fence = fence
+        self._ledger = ledger
+        self.identity = identity
+
+    @property
+    def charged(self) -> int:
+        """What has been charged so far, in nano-USD."""
+        return self._ledger.cost
+
+    def charge(
+        self,
+        response: Any = None,
+        *,
+        model: str | None = None,
+        usage: Usage | Mapping[str, Any] | None = None,
+    ) -> int:
+        """Report the cost of one LLM call; several calls add up. See `Fence.charge`."""
+        priced = _price(self._fence, response, model, usage)
+        if priced is None:
+            return 0
+        self._ledger.add(*priced)
+        return priced[0]
+
+
+@dataclass(slots=True, eq=False)
+class _Hold:
+    """One admitted reservation, settled once when the guarded call ends."""
+
+    fence: Fence
+    ledger: _Ledger
+    request_id: str | None  # None: let through while the store was down (fail open)
+    budgets: tuple[BudgetScope, ...]
+    estimate: int
+    tokens_estimate: int | None
+    path: str
+    now: float
+    started: float = field(default_factory=time.perf_counter)
+    settled: bool = False
+
+    def headers(self) -> list[tuple[str, str]]:
+        pairs = [(k.decode(), v.decode()) for k, v in rate_limit_headers(self.ledger.rate_states)]
+        return pairs if self.request_id is not None else [*pairs, _DEGRADED]
+
+    async def settle(self, status: int) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        ledger, meter, store = self.ledger, self.fence.meter, self.fence.store
+        ledger.holds -= 1
+        charged = ledger.provenance is not None
+        cost = ledger.cost if charged else self.estimate
+        tokens = ledger.input_tokens + ledger.output_tokens if charged else self.tokens_estimate
+        record = None
+        if charged or self.budgets:  # a limits-only call that charged nothing spent nothing
+            record = _record(self, ledger, cost, status)
+        # A client disconnect cancels the request's task: the reservation must settle anyway.
+        with anyio.CancelScope(shield=True):
+            try:
+                now = self.fence.clock()
+                if self.request_id is not None:
+                    settlement = Settlement(self.request_id, now, cost, tokens, record)
+                    await meter._call(store.settle(settlement))
+                    return
+                # Nothing was reserved: the spend still lands, if the store is back.
+                if self.budgets:
+                    await meter._call(store.charge(self.budgets, cost, now))
+                if record is not None:
+                    settlement = Settlement(record.request_id, now, cost, tokens, record)
+                    await meter._call(store.settle(settlement))
+            except StoreError as error:
+                meter._degraded("settle", error)
+
+
+class RouteGuard:
+    """Rate limits and a USD budget on one route, made by `Fence.limit`, `budget` or `guard`.
+
+    A guard is used in one of three ways:
+
+    - as a decorator on a Starlette or FastAPI endpoint, sync or async (`@fence.limit(...)`;
+      stacked guards are admitted together). A refusal is answered with the middlewares'
+      OpenAI-shaped response and never reaches the endpoint. `x-ratelimit-*` headers are added
+      when the endpoint returns a Starlette `Response`; FastAPI endpoints that return plain
+      values get none. A `StreamingResponse` settles when its stream ends.
+    - as a FastAPI dependency, `Depends(guard)`, which yields a `Permit`. Refusals are raised
+      as `LLMFenceError`s, which `Fence.install` (or `add_exception_handlers`) renders.
+    - in plain Python: `async with guard.hold(identity) as permit`, which raises
+      `RateLimitExceededError`, `BudgetExceededError` or `StoreError`.
+
+    Counters are named `route:{name}:{rpm|tpm|budget}:{identity}`: two routes share them only
+    when given the same `name`. Merged guards reserve the largest of their estimates.
+    """
+
+    __signature__: inspect.Signature
+
+    def __init__(
+        self,
+        fence: Fence,
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        window: float = 60.0,
+        tokens_estimate: int = 0,
+        max_usd: float | None = None,
+        duration: str | None = None,
+        estimate_usd: float = 0.0,
+        per: Per = "key",
+        name: str | None = None,
+    ) -> None:
+        if not callable(per) and per not in _PERS:
+            raise ConfigurationError(f"per must be one of {_PERS} or a callable, not {per!r}")
+        for option, value in (("rpm", rpm), ("tpm", tpm), ("tokens_estimate", tokens_estimate)):
+            if value is not None and (type(value) is not int or value < 0):
+                raise ConfigurationError(f"{option} must be a non-negative int, not {value!r}")
+        if window <= 0:
+            raise ConfigurationError("window must be positive")
+        if rpm is None and tpm is None and max_usd is None:
+            raise ConfigurationError("a route guard needs rpm, tpm or max_usd")
+        self.max_budget = None if max_usd is None else usd_to_nano(max_usd)
+        self.estimate = usd_to_nano(estimate_usd)
+        if (self.max_budget or 0) < 0 or self.estimate < 0:
+            raise ConfigurationError("max_usd and estimate_usd must not be negative")
+        aligned = fence.budget_check.calendar_aligned
+        self.duration: Duration | None = (
+            None if duration is None else parse_duration(duration, aligned=aligned)
+        )
+        self.rpm, self.tpm, self.window, self.tokens_estimate = rpm, tpm, window, tokens_estimate
+        self.per, self.name = per, name
+        self._fence = fence
+        # One object is both a decorator and a FastAPI dependency, and both are calls. FastAPI
+        # picks how to call a dependency from `obj.__call__` (an attribute lookup, which finds
+        # this instance attribute first) and `obj.__signature__`; calling the guard itself goes
+        # through the class's `__call__`, which tells the two uses apart.
+        vars(self)["__call__"] = self._dependency
+        self.__signature__ = inspect.Signature(
+            [inspect.Parameter("request", _POSITIONAL_OR_KEYWORD, annotation=Request)]
+        )
+
+    @overload
+    def __call__(self, endpoint: _F, /) -> _F: ...
+    @overload
+    def __call__(self, *, request: Request) -> AsyncIterator[Permit]: ...
+    def __call__(self, endpoint: Any = None, /, *, request: Request | None = None) -> Any:
+        """Decorate an endpoint, or (called by FastAPI with the request) be its dependency."""
+        if request is not None or isinstance(endpoint, Request):
+            return self._dependency(request if request is not None else endpoint)
+        if not callable(endpoint):
+            raise TypeError("a route guard decorates an endpoint, or is used as Depends(guard)")
+        return self._decorate(endpoint)
+
+    @asynccontextmanager
+    async def hold(self, identity: str) -> AsyncIterator[Permit]:
+        """Guard a block of plain Python code, counted against `identity`.
+
+        `identity` is what the guard's `per` names: a user id for `"user"`, a plain API key
+        for `"key"` (only its hash is stored), anything for a callable `per`. A guard without a
+        `name` keeps its counters under the name `"default"`.
+
+        Raises:
+            RateLimitExceededError: A rate limit refused the call.
+            BudgetExceededError: The budget refused the call.
+            StoreError: The store is down and the guard fails closed.
+        """
+        kind = self.per if isinstance(self.per, str) else "caller"
+        if kind == "key":
+            who = ("key", f"key:{hash_key(identity)}", mask_key(identity))
+        else:
+            who = (kind, f"{kind}:{identity}", identity)
+        ledger = _Ledger()
+        held = await _admit(self._fence, [(self, self.name or "default", who)], ledger, "")
+        status = 500
+        try:
+            yield Permit(self._fence, ledger, who[2])
+            status = 200
+        finally:
+            await held.settle(status)
+
+    async def _dependency(self, request: Request) -> AsyncIterator[Permit]:
+        ledger = _ledger(request)
+        endpoint = request.scope.get("endpoint")
+        name = self.name or (_qualified(endpoint) if endpoint else request.url.path)
+        who = await _who(self._fence, self.per, request, ledger)
+        held = await _admit(self._fence, [(self, name, who)], ledger, request.url.path)
+        status = 500
+        try:
+            yield Permit(self._fence, ledger, who[2])
+            status = 200
+        finally:
+            await held.settle(status)
+
+    def _decorate(self, endpoint: _F) -> _F:
+        marker = getattr(endpoint, "__llmfence__", None)
+        if isinstance(marker, _Guarded) and marker.wrapper is endpoint:
+            inner, guards = marker.endpoint, (self, *marker.guards)  # stacked: merge
+        else:
+            inner, guards = endpoint, (self,)
+        if any(g._fence is not self._fence for g in guards):
+            raise ConfigurationError("stacked route guards must come from the same Fence")
+        fence, default = self._fence, _qualified(inner)
+        named = [(g, g.name or default) for g in guards]
+        try:  # as FastAPI reads it, so what it sees does not change
+            signature = inspect.signature(inner, eval_str=True)
+        except NameError:
+            signature = inspect.signature(inner)
+        params = list(signature.parameters.values())
+        hidden = not any(_is_request(p.annotation) for p in params)
+        call_async = is_async_callable(inner)
+
+        @functools.wraps(inner)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            request = kwargs.pop(_HIDDEN, None) if hidden else None
+            if not isinstance(request, Request):
+                given = (*args, *kwargs.values())
+                request = next((a for a in given if isinstance(a, Request)), None)
+            if request is None:
+                raise ConfigurationError(f"{default} is guarded: it must be called with a Request")
+            ledger = _ledger(request)
+            try:
+                entries = [(g, n, await _who(fence, g.per, request, ledger)) for g, n in named]
+                held = await _admit(fence, entries, ledger, request.url.path)
+            except LLMFenceError as error:
+                return _error_response(error, ledger.rate_states, fence.clock())
+            status, streaming = 499, False  # 499 unless the endpoint returns or raises
+            try:
+                if call_async:
+                    result = await inner(*args, **kwargs)
+                else:  # as FastAPI and Starlette run sync endpoints
+                    result = await run_in_threadpool(inner, *args, **kwargs)
+                if isinstance(result, Response):
+                    status = result.status_code
+                    for header, value in held.headers():
+                        result.headers.append(header, value)
+                    if isinstance(result, StreamingResponse):
+                        # The route may charge while it streams: settle when the stream ends.
+                        result.body_iterator = _settling(result.body_iterator, held, status)
+                        streaming = True
+                else:
+                    status = 200
+                return result
+            except Exception as error:
+                status = getattr(error, "status_code", 500)
+                raise
+            finally:
+                if not streaming:
+                    await held.settle(status)
+
+        if hidden:
+            # FastAPI injects the Request through this keyword (Request parameters never show
+            # in the OpenAPI schema); the wrapper takes it out before calling the endpoint.
+            at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+            params.insert(at, inspect.Parameter(_HIDDEN, _KEYWORD_ONLY, annotation=Request))
+            cast(Any, wrapper).__signature__ = signature.replace(parameters=params)
+        cast(Any, wrapper).__llmfence__ = _Guarded(wrapper, inner, guards)
+        return cast(_F, wrapper)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Guarded:
+    """Marks a guard's wrapper, so that a guard stacked on it merges instead of nesting."""
+
+    wrapper: Callable[..., Any]
+    endpoint: Callable[..., Any]
+    guards: tuple[RouteGuard, ...]
+
+
+async def _admit(
+    fence: Fence, guards: Sequence[tuple[RouteGuard, str, _Who]], ledger: _Ledger, path: str
+) -> _Hold:
+    """Send every check of one guarded call to the store in one admission."""
+    now = fence.clock()
+    rates: list[RateHit] = []
+    budgets: list[BudgetScope] = []
+    for guard, name, (level, ident, label) in guards:
+        tag = f"{label} on route {name}"
+        if guard.rpm is not None:
+            key = f"route:{name}:rpm:{ident}"
+            rates.append(RateHit(key, "requests", level, tag, guard.rpm, 1, guard.window))
+        if guard.tpm is not None:
+            # At least one token: a call may start only while the window has room left.
+            cost = max(1, guard.tokens_estimate)
+            key = f"route:{name}:tpm:{ident}"
+            rates.append(RateHit(key, "tokens", level, tag, guard.tpm, cost, guard.window))
+        if guard.max_budget is not None:
+            end = guard.duration.period_end(now) if guard.duration is not None else None
+            key = f"route:{name}:budget:{ident}"
+            budgets.append(BudgetScope(key, level, tag, guard.max_budget, end))
+    estimate = max((g.estimate for g, _, _ in guards if g.max_budget is not None), default=0)
+    token_estimates = {g.tokens_estimate for g, _, _ in guards if g.tpm is not None}
+    held = _Hold(
+        fence,
+        ledger,
+        f"route.{uuid.uuid4().hex}",
+        tuple(budgets),
+        estimate,
+        token_estimates.pop() if len(token_estimates) == 1 else None,
+        path,
+        now,
+    )
+    # At least one nano-USD, so a budget already used up refuses even a call estimated free.
+    reserve = max(1, estimate) if budgets else 0
+    admission = Admission(held.request_id or "", now, tuple(rates), (), held.budgets, reserve)
+    try:
+        result = await fence.meter._call(fence.store.admit(admission))
+    except StoreError as error:
+        fence.meter._degraded("admit", error)
+        limits_closed = rates and fence._limits_policy == "fail_closed"
+        if (budgets and fence.budget_check.on_store_error == "fail_closed") or limits_closed:
+            raise
+        held.request_id = None
+    else:
+        ledger.rate_states = list(result.rates)
+        refusal = result.refusal
+        if refusal is not None:
+            owner = (h for h in rates if (h.kind, h.label) == (refusal.reason, refusal.label))
+            window = next((h.window for h in owner), 60.0)
+            raise refusal_error(refusal, window)
+    ledger.holds += 1
+    return held
+
+
+async def _who(fence: Fence, per: Per, request: Request, ledger: _Ledger) -> _Who:
+    """Whom a request is counted against: (level, counter id, label). Never a plain key."""
+    if callable(per):
+        value = per(request)
+        name = await value if inspect.isawaitable(value) else value
+        return "caller", f"caller:{name}", name
+    if per == "ip":
+        address = _client_ip(request, fence.trusted_proxies)
+        return "ip", f"ip:{address}", address
+    if per == "end_user":
+        end_user = ledger.end_user = await _end_user(request)
+        if not end_user:
+            raise InvalidRequestError(
+                "This route counts end users: name one in a `user` query parameter or the "
+                "JSON body's `user` field.",
+                param="user",
+            )
+        return "end_user", f"end_user:{end_user}", end_user
+    principal = ledger.principal
+    if principal is None:
+        ctx = _context(request)
+        principal = ctx.principal if ctx is not None else None
+        if principal is None:  # the middlewares did not run: authenticate here (401 if bad)
+            api_key = api_key_from_headers(request.headers)
+            principal = await fence.authenticator.authenticate(api_key)
+        ledger.principal = principal
+    # "team" falls back to the user, and both to the key, so every caller has a counter.
+    if per == "team" and principal.team_id:
+        return "team", f"team:{principal.team_id}", principal.team_id
+    if per in ("team", "user") and principal.user_id:
+        return "user", f"user:{principal.user_id}", principal.user_id
+    if principal.key_hash is None:
+        return "key", "key:master", "master key"
+    return "key", f"key:{principal.key_hash}", principal.key_masked or "key"
+
+
+def _client_ip(request: Request, trusted_proxies: int) -> str:
+    """The client's address: the N-th from the right of X-Forwarded-For behind N proxies."""
+    if trusted_proxies:
+        hops = [
+            hop.strip()
+            for value in request.headers.getlist("x-forwarded-for")
+            for hop in value.split(",")
+            if hop.strip()
+        ]
+        if hops:
+            # Entries left of the trusted ones are whatever the client chose to send.
+            return hops[-trusted_proxies] if len(hops) >= trusted_proxies else hops[0]
+    return request.client.host if request.client is not None else "unknown"
+
+
+async def _end_user(request: Request) -> str | None:
+    """The end user: a `user` query parameter, else the JSON body's `user` field."""
+    name = request.query_params.get("user")
+    if name:
+        return name
+    ctx = _context(request)
+    if ctx is not None and ctx.end_user:
+        return ctx.end_user
+    try:
+        body = json.loads(await request.body())  # Starlette caches it for the endpoint
+    except ValueError:
+        return None
+    user = body.get("user") if isinstance(body, dict) else None
+    return user if isinstance(user, str) and user else None
+
+
+def _context(request: Request) -> RequestContext | None:
+    ctx = (request.scope.get("state") or {}).get(STATE_KEY)
+    return ctx if isinstance(ctx, RequestContext) else None
+
+
+def _ledger(request: Request) -> _Ledger:
+    ledger = request.scope.get(_SCOPE_KEY)
+    if not isinstance(ledger, _Ledger):
+        ledger = request.scope[_SCOPE_KEY] = _Ledger()
+    return ledger
+
+
+def _qualified(endpoint: Any) -> str:
+    return f"{endpoint.__module__}.{endpoint.__qualname__}"
+
+
+def _is_request(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Request)
+
+
+async def _settling(body: AsyncIterable[Any], held: _Hold, status: int) -> AsyncIterator[Any]:
+    done = False
+    try:
+        async for chunk in body:
+            yield chunk
+        done = True
+    finally:
+        await held.settle(status if done else 499)
+
+
+def _record(held: _Hold, ledger: _Ledger, cost: int, status: int) -> SpendRecord:
+    principal = ledger.principal
+    return SpendRecord(
+        request_id=held.request_id or f"route.{uuid.uuid4().hex}",
+        timestamp=held.now,
+        model=ledger.model,
+        cost=cost,
+        input_tokens=ledger.input_tokens,
+        output_tokens=ledger.output_tokens,
+        cached_tokens=ledger.cached_tokens,
+        key_hash=principal.key_hash if principal else None,
+        key_masked=principal.key_masked if principal else None,
+        user_id=principal.user_id if principal else None,
+        team_id=principal.team_id if principal else None,
+        end_user=ledger.end_user,
+        provenance=cast(Any, ledger.provenance or "reservation-only"),
+        price_source=ledger.source,
+        status=status,
+        latency_ms=round((time.perf_counter() - held.started) * 1000, 3),
+        path=held.path,
+    )
+
+
+def _price(
+    fence: Fence, response: Any, model: str | None, usage: Usage | Mapping[str, Any] | None
+) -> tuple[int, Usage, str, str] | None:
+    """(cost in nano-USD, usage, model, price source) of one call, or None without usage."""
+    if response is not None:
+        data = response.model_dump() if hasattr(response, "model_dump") else response
+        if not isinstance(data, Mapping):
+            raise ConfigurationError("charge() takes an OpenAI or Anthropic response, or a dict")
+        found = usage_from_json(data)
+        model = model or data.get("model")
+    elif isinstance(usage, Usage):
+        found = usage
+    elif usage is not None:
+        # A dict of OpenAI usage fields, or an SDK's usage object.
+        fields = cast(Any, usage).model_dump() if hasattr(usage, "model_dump") else usage
+        found = usage_from_json({"usage": fields})
+    else:
+        raise ConfigurationError("charge() needs a response, or model= and usage=")
+    if found is None:
+        # The call happened but says nothing of its usage: the reservation's estimate stands.
+        logger.warning("llmfence charge(): the response reports no usage; keeping the estimate")
+        return None
+    if not isinstance(model, str) or not model:
+        raise ConfigurationError("charge() needs the model (model=, or the response's `model`)")
+    price = fence.meter.prices.price_for(model)
+    return price.cost(found), found, model, price.source
+
+
+async def charge_request(
+    fence: Fence,
+    request: Request,
+    response: Any = None,
+    *,
+    model: str | None = None,
+    usage: Usage | Mapping[str, Any] | None = None,
+) -> int:
+    """`Fence.charge`: into the request's guard reservation, or at once without one."""
+    priced = _price(fence, response, model, usage)
+    if priced is None:
+        return 0
+    ledger = request.scope.get(_SCOPE_KEY)
+    if isinstance(ledger, _Ledger) and ledger.holds > 0:
+        ledger.add(*priced)
+        return priced[0]
+    cost, found, name, _source = priced
+    ctx = _context(request)
+    principal = ctx.principal if ctx is not None else None
+    if principal is None and isinstance(ledger, _Ledger):
+        principal = ledger.principal
+    api_key = api_key_from_headers(request.headers)
+    if principal is None and api_key:
+        try:
+            principal = await fence.authenticator.authenticate(api_key)
+        except LLMFenceError:  # the call was made: its spend lands at the global level at least
+            principal = None
+    once = _Ledger(principal=principal, end_user=ctx.end_user if ctx is not None else None)
+    once.add(*priced)
+    now = fence.clock()
+    held = _Hold(fence, once, None, (), cost, None, request.url.path, now)
+    # Spend that needed no reservation lands at every level of the caller (limits untouched).
+    scopes = fence.budget_check.scopes(principal, once.end_user, name, now)
+    record = _record(held, once, cost, 200)
+    tokens = found.input_tokens + found.output_tokens
+    try:
+        await fence.meter._call(fence.store.charge(scopes, cost, now))
+        settlement = Settlement(record.request_id, now, cost, tokens, record)
+        await fence.meter._call(fence.store.settle(settlement))
+    except StoreError as error:
+        fence.meter._degraded("charge", error)
+    return cost
+
+
+def _error_response(error: LLMFenceError, states: Sequence[RateState], now: float) -> Response:
+    """The middlewares' answer to a refusal: OpenAI-shaped body, retry and rate-limit headers."""
+    response = JSONResponse(error.to_openai(), status_code=error.status_code)
+    for header, value in [*error_headers(error, now), *rate_limit_headers(states)]:
+        response.headers.append(header.decode(), value.decode())
+    return response
+
+
+def exception_handler(fence: Fence) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """A Starlette exception handler rendering `LLMFenceError`s raised by guard dependencies."""
+
+    async def handle(request: Request, error: Exception) -> Response:
+        if not isinstance(error, LLMFenceError):  # pragma: no cover - registered for it only
+            raise error
+        ledger = request.scope.get(_SCOPE_KEY)
+        states = ledger.rate_states if isinstance(ledger, _Ledger) else []
+        return _error_response(error, states, fence.clock())
+
+    return handle
