@@ -133,3 +133,32 @@ async def test_other_paths_get_auth_only_and_exempt_paths_nothing(gateway: Any) 
             assert (await c.get("/v1/models", headers=auth(key))).status_code == 200
         assert (await c.get("/health")).status_code == 200
     assert seen == ["/v1/models"] * 3 + ["/health"]
+
+
+async def test_a_flood_of_unknown_keys_does_not_evict_known_ones() -> None:
+    from llmfence._core.auth import Authenticator
+
+    reads = 0
+    store = MemoryStore()
+
+    class Counting(MemoryStore):
+        async def get_key(self, key_hash: str) -> Any:
+            nonlocal reads
+            reads += 1
+            return await store.get_key(key_hash)
+
+    from llmfence import Fence
+
+    fence = Fence(store=store)
+    key, _ = await fence.generate_key()
+    authenticator = Authenticator(Counting(), cache_size=10)
+    await authenticator.authenticate(key)
+    for i in range(100):
+        with pytest.raises(Exception, match="Incorrect API key"):
+            await authenticator.authenticate(f"sk-unknown-{i:040d}")
+    reads_before = reads
+    await authenticator.authenticate(key)
+    assert reads == reads_before  # still cached
+    with pytest.raises(Exception, match="Incorrect API key"):
+        await authenticator.authenticate(f"sk-unknown-{99:040d}")
+    assert reads == reads_before  # a known-unknown key is not read again either

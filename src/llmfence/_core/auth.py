@@ -139,6 +139,9 @@ class Authenticator:
         self._static_groups = {k: tuple(v) for k, v in (access_groups or {}).items()}
         self._clock = clock
         self._keys: TTLCache[str, KeyRecord | None] = TTLCache(cache_size, cache_ttl, timer=clock)
+        # Unknown keys are remembered apart, so a flood of made-up keys cannot evict the
+        # records of the keys in use.
+        self._unknown: TTLCache[str, None] = TTLCache(cache_size, cache_ttl, timer=clock)
         self._users: TTLCache[str, UserRecord | None] = TTLCache(cache_size, cache_ttl, timer=clock)
         self._teams: TTLCache[str, TeamRecord | None] = TTLCache(cache_size, cache_ttl, timer=clock)
         self._groups: TTLCache[str, dict[str, tuple[str, ...]]] = TTLCache(
@@ -164,7 +167,12 @@ class Authenticator:
         if self.is_master(api_key):
             return Principal(key_masked=mask_key(api_key), is_master=True)
         key_hash = hash_key(api_key)
-        record = await self._cached(self._keys, key_hash, self.store.get_key)
+        record = None
+        if key_hash not in self._unknown:
+            record = await self._cached(self._keys, key_hash, self.store.get_key)
+            if record is None:
+                self._keys.pop(key_hash, None)
+                self._unknown[key_hash] = None
         if record is None:
             raise AuthError(f"Incorrect API key provided: {mask_key(api_key)}.")
         if record.expires is not None and record.expires <= self._clock():
@@ -202,6 +210,7 @@ class Authenticator:
     def invalidate_key(self, key_hash: str) -> None:
         """Forget a cached key record (after an admin change)."""
         self._keys.pop(key_hash, None)
+        self._unknown.pop(key_hash, None)
 
     def invalidate_user(self, user_id: str) -> None:
         """Forget a cached user record (after an admin change)."""
