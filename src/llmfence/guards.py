@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 
 import anyio
-from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -47,7 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from llmfence._core.auth import Principal, api_key_from_headers
 from llmfence._core.meter import RequestContext
 from llmfence._core.refusals import error_headers, rate_limit_headers, refusal_error
-from llmfence._duration import Duration, parse_duration
+from llmfence._duration import parse_duration
 from llmfence._money import usd_to_nano
 from llmfence._usage import Usage, usage_from_json
 from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError, StoreError
@@ -149,7 +148,8 @@ class _Hold:
 
     fence: Fence
     ledger: _Ledger
-    request_id: str | None  # None: let through while the store was down (fail open)
+    request_id: str
+    reserved: bool  # False: let through while the store was down, or charged without a guard
     budgets: tuple[BudgetScope, ...]
     estimate: int
     tokens_estimate: int | None
@@ -160,7 +160,7 @@ class _Hold:
 
     def headers(self) -> list[tuple[str, str]]:
         pairs = [(k.decode(), v.decode()) for k, v in rate_limit_headers(self.ledger.rate_states)]
-        return pairs if self.request_id is not None else [*pairs, _DEGRADED]
+        return pairs if self.reserved else [*pairs, _DEGRADED]
 
     async def settle(self, status: int) -> None:
         if self.settled:
@@ -178,15 +178,10 @@ class _Hold:
         with anyio.CancelScope(shield=True):
             try:
                 now = self.fence.clock()
-                if self.request_id is not None:
-                    settlement = Settlement(self.request_id, now, cost, tokens, record)
-                    await meter._call(store.settle(settlement))
-                    return
-                # Nothing was reserved: the spend still lands, if the store is back.
-                if self.budgets:
+                if not self.reserved and self.budgets:  # the spend lands without a reservation
                     await meter._call(store.charge(self.budgets, cost, now))
-                if record is not None:
-                    settlement = Settlement(record.request_id, now, cost, tokens, record)
+                if self.reserved or record is not None:  # (an unknown id: the record only)
+                    settlement = Settlement(self.request_id, now, cost, tokens, record)
                     await meter._call(store.settle(settlement))
             except StoreError as error:
                 meter._degraded("settle", error)
@@ -197,11 +192,12 @@ class RouteGuard:
 
     A guard is used in one of three ways:
 
-    - as a decorator on a Starlette or FastAPI endpoint, sync or async (`@fence.limit(...)`;
-      stacked guards are admitted together). A refusal is answered with the middlewares'
-      OpenAI-shaped response and never reaches the endpoint. `x-ratelimit-*` headers are added
-      when the endpoint returns a Starlette `Response`; FastAPI endpoints that return plain
-      values get none. A `StreamingResponse` settles when its stream ends.
+    - as a decorator on a Starlette or FastAPI endpoint, sync or async, under the route's own
+      decorator (`@app.post(...)` outermost; stacked guards are admitted together). A refusal
+      is answered with the middlewares' OpenAI-shaped response and never reaches the endpoint.
+      `x-ratelimit-*` headers are added when the endpoint returns a Starlette `Response`;
+      FastAPI endpoints that return plain values get none. A `StreamingResponse` settles when
+      its stream ends.
     - as a FastAPI dependency, `Depends(guard)`, which yields a `Permit`. Refusals are raised
       as `LLMFenceError`s, which `Fence.install` (or `add_exception_handlers`) renders.
     - in plain Python: `async with guard.hold(identity) as permit`, which raises
@@ -209,6 +205,18 @@ class RouteGuard:
 
     Counters are named `route:{name}:{rpm|tpm|budget}:{identity}`: two routes share them only
     when given the same `name`. Merged guards reserve the largest of their estimates.
+
+    Args:
+        fence: The Fence whose store, prices, clock and authenticator the guard uses.
+        rpm: Calls per window, or `None`.
+        tpm: Tokens per window, or `None`.
+        window: Window length in seconds.
+        tokens_estimate: Tokens reserved when a call starts.
+        max_usd: The budget of each identity in USD, or `None`.
+        duration: How often the budget resets; `None` never resets.
+        estimate_usd: USD reserved when a call starts, and spent when nothing is charged.
+        per: Whom the guard counts (see `Fence.limit`).
+        name: Names the counters; default the endpoint's module and qualified name.
     """
 
     __signature__: inspect.Signature
@@ -232,18 +240,14 @@ class RouteGuard:
         for option, value in (("rpm", rpm), ("tpm", tpm), ("tokens_estimate", tokens_estimate)):
             if value is not None and (type(value) is not int or value < 0):
                 raise ConfigurationError(f"{option} must be a non-negative int, not {value!r}")
-        if window <= 0:
-            raise ConfigurationError("window must be positive")
-        if rpm is None and tpm is None and max_usd is None:
-            raise ConfigurationError("a route guard needs rpm, tpm or max_usd")
+        if window <= 0 or (rpm is None and tpm is None and max_usd is None):
+            raise ConfigurationError("a route guard needs rpm, tpm or max_usd, and a window > 0")
         self.max_budget = None if max_usd is None else usd_to_nano(max_usd)
         self.estimate = usd_to_nano(estimate_usd)
         if (self.max_budget or 0) < 0 or self.estimate < 0:
             raise ConfigurationError("max_usd and estimate_usd must not be negative")
         aligned = fence.budget_check.calendar_aligned
-        self.duration: Duration | None = (
-            None if duration is None else parse_duration(duration, aligned=aligned)
-        )
+        self.duration = None if duration is None else parse_duration(duration, aligned=aligned)
         self.rpm, self.tpm, self.window, self.tokens_estimate = rpm, tpm, window, tokens_estimate
         self.per, self.name = per, name
         self._fence = fence
@@ -260,13 +264,14 @@ class RouteGuard:
     def __call__(self, endpoint: _F, /) -> _F: ...
     @overload
     def __call__(self, *, request: Request) -> AsyncIterator[Permit]: ...
-    def __call__(self, endpoint: Any = None, /, *, request: Request | None = None) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Decorate an endpoint, or (called by FastAPI with the request) be its dependency."""
-        if request is not None or isinstance(endpoint, Request):
-            return self._dependency(request if request is not None else endpoint)
-        if not callable(endpoint):
+        [target] = [*args, *kwargs.values()]
+        if isinstance(target, Request):
+            return self._dependency(target)
+        if not callable(target):
             raise TypeError("a route guard decorates an endpoint, or is used as Depends(guard)")
-        return self._decorate(endpoint)
+        return self._decorate(target)
 
     @asynccontextmanager
     async def hold(self, identity: str) -> AsyncIterator[Permit]:
@@ -286,27 +291,16 @@ class RouteGuard:
             who = ("key", f"key:{hash_key(identity)}", mask_key(identity))
         else:
             who = (kind, f"{kind}:{identity}", identity)
-        ledger = _Ledger()
-        held = await _admit(self._fence, [(self, self.name or "default", who)], ledger, "")
-        status = 500
-        try:
-            yield Permit(self._fence, ledger, who[2])
-            status = 200
-        finally:
-            await held.settle(status)
+        async with _holding(self, self.name or "default", who, _Ledger(), "") as permit:
+            yield permit
 
     async def _dependency(self, request: Request) -> AsyncIterator[Permit]:
         ledger = _ledger(request)
         endpoint = request.scope.get("endpoint")
         name = self.name or (_qualified(endpoint) if endpoint else request.url.path)
         who = await _who(self._fence, self.per, request, ledger)
-        held = await _admit(self._fence, [(self, name, who)], ledger, request.url.path)
-        status = 500
-        try:
-            yield Permit(self._fence, ledger, who[2])
-            status = 200
-        finally:
-            await held.settle(status)
+        async with _holding(self, name, who, ledger, request.url.path) as permit:
+            yield permit
 
     def _decorate(self, endpoint: _F) -> _F:
         marker = getattr(endpoint, "__llmfence__", None)
@@ -324,7 +318,9 @@ class RouteGuard:
             signature = inspect.signature(inner)
         params = list(signature.parameters.values())
         hidden = not any(_is_request(p.annotation) for p in params)
-        call_async = is_async_callable(inner)
+        call_async = inspect.iscoroutinefunction(inner) or inspect.iscoroutinefunction(
+            getattr(inner, "__call__", None)  # noqa: B004 - an object with an async __call__
+        )
 
         @functools.wraps(inner)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -383,6 +379,19 @@ class _Guarded:
     guards: tuple[RouteGuard, ...]
 
 
+@asynccontextmanager
+async def _holding(
+    guard: RouteGuard, name: str, who: _Who, ledger: _Ledger, path: str
+) -> AsyncIterator[Permit]:
+    held = await _admit(guard._fence, [(guard, name, who)], ledger, path)
+    status = 500
+    try:
+        yield Permit(guard._fence, ledger, who[2])
+        status = 200
+    finally:
+        await held.settle(status)
+
+
 async def _admit(
     fence: Fence, guards: Sequence[tuple[RouteGuard, str, _Who]], ledger: _Ledger, path: str
 ) -> _Hold:
@@ -410,6 +419,7 @@ async def _admit(
         fence,
         ledger,
         f"route.{uuid.uuid4().hex}",
+        True,
         tuple(budgets),
         estimate,
         token_estimates.pop() if len(token_estimates) == 1 else None,
@@ -418,7 +428,7 @@ async def _admit(
     )
     # At least one nano-USD, so a budget already used up refuses even a call estimated free.
     reserve = max(1, estimate) if budgets else 0
-    admission = Admission(held.request_id or "", now, tuple(rates), (), held.budgets, reserve)
+    admission = Admission(held.request_id, now, tuple(rates), (), held.budgets, reserve)
     try:
         result = await fence.meter._call(fence.store.admit(admission))
     except StoreError as error:
@@ -426,7 +436,7 @@ async def _admit(
         limits_closed = rates and fence._limits_policy == "fail_closed"
         if (budgets and fence.budget_check.on_store_error == "fail_closed") or limits_closed:
             raise
-        held.request_id = None
+        held.reserved = False
     else:
         ledger.rate_states = list(result.rates)
         refusal = result.refusal
@@ -538,7 +548,7 @@ async def _settling(body: AsyncIterable[Any], held: _Hold, status: int) -> Async
 def _record(held: _Hold, ledger: _Ledger, cost: int, status: int) -> SpendRecord:
     principal = ledger.principal
     return SpendRecord(
-        request_id=held.request_id or f"route.{uuid.uuid4().hex}",
+        request_id=held.request_id,
         timestamp=held.now,
         model=ledger.model,
         cost=cost,
@@ -602,7 +612,6 @@ async def charge_request(
     if isinstance(ledger, _Ledger) and ledger.holds > 0:
         ledger.add(*priced)
         return priced[0]
-    cost, found, name, _source = priced
     ctx = _context(request)
     principal = ctx.principal if ctx is not None else None
     if principal is None and isinstance(ledger, _Ledger):
@@ -613,21 +622,15 @@ async def charge_request(
             principal = await fence.authenticator.authenticate(api_key)
         except LLMFenceError:  # the call was made: its spend lands at the global level at least
             principal = None
-    once = _Ledger(principal=principal, end_user=ctx.end_user if ctx is not None else None)
+    once = _Ledger(holds=1, principal=principal, end_user=ctx.end_user if ctx else None)
     once.add(*priced)
+    # The spend lands at every level of the caller, limits untouched (`store.charge`), with
+    # the Fence's own periods for the global and end-user levels.
     now = fence.clock()
-    held = _Hold(fence, once, None, (), cost, None, request.url.path, now)
-    # Spend that needed no reservation lands at every level of the caller (limits untouched).
-    scopes = fence.budget_check.scopes(principal, once.end_user, name, now)
-    record = _record(held, once, cost, 200)
-    tokens = found.input_tokens + found.output_tokens
-    try:
-        await fence.meter._call(fence.store.charge(scopes, cost, now))
-        settlement = Settlement(record.request_id, now, cost, tokens, record)
-        await fence.meter._call(fence.store.settle(settlement))
-    except StoreError as error:
-        fence.meter._degraded("charge", error)
-    return cost
+    scopes = tuple(fence.budget_check.scopes(principal, once.end_user, priced[2], now))
+    request_id = f"route.{uuid.uuid4().hex}"
+    await _Hold(fence, once, request_id, False, scopes, 0, None, request.url.path, now).settle(200)
+    return priced[0]
 
 
 def _error_response(error: LLMFenceError, states: Sequence[RateState], now: float) -> Response:
