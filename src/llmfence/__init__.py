@@ -21,6 +21,7 @@ from .exceptions import (
     StoreError,
     UnknownModelError,
 )
+from .guards import Permit, RouteGuard
 from .middleware import (
     BudgetGuardMiddleware,
     KeyAuthMiddleware,
@@ -50,12 +51,14 @@ __all__ = [
     "ModelPrice",
     "ParallelRequestLimitMiddleware",
     "PathRules",
+    "Permit",
     "PriceBook",
     "PriceOverride",
     "RateLimitExceededError",
     "RedisStore",
     "RequestRateLimitMiddleware",
     "RequestTooLargeError",
+    "RouteGuard",
     "SpendRecorderMiddleware",
     "Store",
     "StoreError",

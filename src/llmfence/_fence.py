@@ -155,6 +155,7 @@ class Fence:
             calendar_aligned=calendar_aligned,
             clamp_max_tokens=clamp_max_tokens,
         )
+        self.meter.tracking = self.budget_check
         self._limits = {
             "requests": rpm_limit,
             "tokens": tpm_limit,

@@ -52,7 +52,6 @@ _RELAXED = 1 << 62
 _CLAMP_HEADER = b"x-llmfence-max-tokens-clamped"
 _SHADOW_HEADER = b"x-llmfence-shadow-refusal"
 _DEGRADED_HEADER = b"x-llmfence-degraded"
-_TRACK_ONLY = BudgetCheck()  # every level, no limits: where spend lands without a reservation
 
 
 @dataclass(slots=True, eq=False)
@@ -143,6 +142,9 @@ class Meter:
         # A store that bounds its own calls (RedisStore's timeout; MemoryStore never waits)
         # spares every call a second cancel scope, a tenth of the stack's overhead.
         self._store_bounds_calls = bool(getattr(store, "bounds_call_time", False))
+        self.tracking = BudgetCheck()
+        """Where spend lands when nothing was reserved (every level; `Fence` sets its own, so
+        the whole-app and end-user periods are its)."""
         self.degraded_count = 0
         """How many store calls failed (each logged); exposed for metrics."""
 
@@ -383,7 +385,7 @@ class Meter:
             model = ctx.request.model if ctx.request is not None else None
             scopes = ctx.budget_scopes
             if scopes is None:
-                scopes = _TRACK_ONLY.scopes(ctx.principal, ctx.end_user, model, ctx.now)
+                scopes = self.tracking.scopes(ctx.principal, ctx.end_user, model, ctx.now)
             await self._call(self.store.charge(scopes, cost, self.clock()))
             await self._call(
                 self.store.settle(Settlement(ctx.request_id, self.clock(), cost, tokens, record))
