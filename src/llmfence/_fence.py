@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from ._core.auth import Authenticator
-from ._core.checks import BudgetCheck
+from ._core.checks import BudgetCheck, checked_limit
 from ._core.meter import Meter
 from ._duration import parse_duration
 from ._money import usd_to_nano
@@ -266,16 +266,17 @@ class Fence:
             user_id=user_id,
             team_id=team_id,
             key_alias=key_alias,
-            max_budget=_nano(max_budget),
-            budget_duration=_checked_duration(budget_duration),
             model_max_budget={m: usd_to_nano(v) for m, v in (model_max_budget or {}).items()},
-            rpm_limit=rpm_limit,
-            tpm_limit=tpm_limit,
-            max_parallel_requests=max_parallel_requests,
-            models=tuple(models),
             expires=None if duration is None else parse_duration(duration).period_end(now),
-            metadata=dict(metadata or {}),
-            created_at=now,
+            **self._limit_fields(
+                max_budget,
+                budget_duration,
+                rpm_limit,
+                tpm_limit,
+                max_parallel_requests,
+                models,
+                metadata,
+            ),
         )
         if not await self.store.create_key(record):
             raise ConfigurationError("that key already exists")
@@ -303,14 +304,15 @@ class Fence:
         record = UserRecord(
             user_id=user_id,
             team_id=team_id,
-            max_budget=_nano(max_budget),
-            budget_duration=_checked_duration(budget_duration),
-            rpm_limit=rpm_limit,
-            tpm_limit=tpm_limit,
-            max_parallel_requests=max_parallel_requests,
-            models=tuple(models),
-            metadata=dict(metadata or {}),
-            created_at=self.clock(),
+            **self._limit_fields(
+                max_budget,
+                budget_duration,
+                rpm_limit,
+                tpm_limit,
+                max_parallel_requests,
+                models,
+                metadata,
+            ),
         )
         if not await self.store.create_user(record):
             raise ConfigurationError(f"user {user_id!r} already exists")
@@ -336,19 +338,42 @@ class Fence:
         """
         record = TeamRecord(
             team_id=team_id,
-            max_budget=_nano(max_budget),
-            budget_duration=_checked_duration(budget_duration),
-            rpm_limit=rpm_limit,
-            tpm_limit=tpm_limit,
-            max_parallel_requests=max_parallel_requests,
-            models=tuple(models),
-            metadata=dict(metadata or {}),
-            created_at=self.clock(),
+            **self._limit_fields(
+                max_budget,
+                budget_duration,
+                rpm_limit,
+                tpm_limit,
+                max_parallel_requests,
+                models,
+                metadata,
+            ),
         )
         if not await self.store.create_team(record):
             raise ConfigurationError(f"team {team_id!r} already exists")
         self.authenticator.invalidate_team(team_id)
         return record
+
+    def _limit_fields(
+        self,
+        max_budget: float | Decimal | None,
+        budget_duration: str | None,
+        rpm_limit: int | None,
+        tpm_limit: int | None,
+        max_parallel_requests: int | None,
+        models: Iterable[str],
+        metadata: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The fields keys, users and teams share, checked and in storage form."""
+        return {
+            "max_budget": _nano(max_budget),
+            "budget_duration": _checked_duration(budget_duration),
+            "rpm_limit": checked_limit("rpm_limit", rpm_limit),
+            "tpm_limit": checked_limit("tpm_limit", tpm_limit),
+            "max_parallel_requests": checked_limit("max_parallel_requests", max_parallel_requests),
+            "models": tuple(models),
+            "metadata": dict(metadata or {}),
+            "created_at": self.clock(),
+        }
 
     # -- per-route guards (see `llmfence.guards`) --------------------------------------------
 

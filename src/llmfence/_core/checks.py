@@ -47,7 +47,8 @@ def _policy(value: str) -> str:
     return value
 
 
-def _limit(name: str, value: int | None) -> int | None:
+def checked_limit(name: str, value: int | None) -> int | None:
+    """`value` if it is a valid limit (an int ≥ 0, or None), else a `ConfigurationError`."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ConfigurationError(f"{name} must be a non-negative int or None, not {value!r}")
     return value
@@ -133,7 +134,7 @@ class RateCheck(Check):
         Check.__post_init__(self)
         if self.kind not in ("requests", "tokens"):
             raise ConfigurationError(f"kind must be 'requests' or 'tokens', not {self.kind!r}")
-        _limit("default_limit", self.default_limit)
+        checked_limit("default_limit", self.default_limit)
         if self.window <= 0:
             raise ConfigurationError("window must be positive")
 
@@ -173,7 +174,7 @@ class ParallelCheck(Check):
 
     def __post_init__(self) -> None:
         Check.__post_init__(self)
-        _limit("default_limit", self.default_limit)
+        checked_limit("default_limit", self.default_limit)
 
     def slots(self, principal: Principal | None) -> list[SlotRequest]:
         """The leases this request needs."""

@@ -8,6 +8,7 @@ from llmfence._core.checks import Check, ParallelCheck, RateCheck, parse_rate
 from llmfence._core.meter import Meter, RequestContext
 from llmfence.exceptions import LLMFenceError
 from llmfence.stores import Store
+from llmfence.stores._types import RateKind
 
 from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware, PathRules, ensure_stream_usage
 
@@ -48,7 +49,41 @@ class _CheckMiddleware(FenceMiddleware):
         return await self.meter.flush(ctx)
 
 
-class RequestRateLimitMiddleware(_CheckMiddleware):
+class _RateLimitMiddleware(_CheckMiddleware):
+    """A sliding-window limit in requests or tokens; the subclasses name which."""
+
+    kind: RateKind
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | None = None,
+        limit: int | None = None,
+        window: float = 60.0,
+        rate: str | None = None,
+        on_store_error: str = "fail_open",
+        shadow: bool = False,
+        defer: bool = False,
+        meter: Meter | None = None,
+        paths: PathRules | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    ) -> None:
+        if rate is not None:
+            limit, window = parse_rate(rate)
+        check = RateCheck(on_store_error, shadow, self.kind, limit, window)
+        super().__init__(
+            app,
+            check,
+            store=store,
+            meter=meter,
+            paths=paths,
+            max_body_size=max_body_size,
+            defer=defer,
+        )
+
+
+class RequestRateLimitMiddleware(_RateLimitMiddleware):
     """Requests per sliding minute (RPM), per key, user and team.
 
     Limits come from the key, user and team records (`rpm_limit`); `limit` applies per key
@@ -69,36 +104,10 @@ class RequestRateLimitMiddleware(_CheckMiddleware):
         max_body_size: Largest request body accepted on a metered path, in bytes.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        store: Store | None = None,
-        limit: int | None = None,
-        window: float = 60.0,
-        rate: str | None = None,
-        on_store_error: str = "fail_open",
-        shadow: bool = False,
-        defer: bool = False,
-        meter: Meter | None = None,
-        paths: PathRules | None = None,
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-    ) -> None:
-        if rate is not None:
-            limit, window = parse_rate(rate)
-        check = RateCheck(on_store_error, shadow, "requests", limit, window)
-        super().__init__(
-            app,
-            check,
-            store=store,
-            meter=meter,
-            paths=paths,
-            max_body_size=max_body_size,
-            defer=defer,
-        )
+    kind = "requests"
 
 
-class TokenRateLimitMiddleware(_CheckMiddleware):
+class TokenRateLimitMiddleware(_RateLimitMiddleware):
     """Tokens per sliding minute (TPM), per key, user and team.
 
     Each request reserves its prompt tokens plus its output allowance (`max_tokens`, or the
@@ -118,33 +127,7 @@ class TokenRateLimitMiddleware(_CheckMiddleware):
         max_body_size: Largest request body accepted on a metered path, in bytes.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        store: Store | None = None,
-        limit: int | None = None,
-        window: float = 60.0,
-        rate: str | None = None,
-        on_store_error: str = "fail_open",
-        shadow: bool = False,
-        defer: bool = False,
-        meter: Meter | None = None,
-        paths: PathRules | None = None,
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-    ) -> None:
-        if rate is not None:
-            limit, window = parse_rate(rate)
-        check = RateCheck(on_store_error, shadow, "tokens", limit, window)
-        super().__init__(
-            app,
-            check,
-            store=store,
-            meter=meter,
-            paths=paths,
-            max_body_size=max_body_size,
-            defer=defer,
-        )
+    kind = "tokens"
 
     async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
         ensure_stream_usage(ctx)
