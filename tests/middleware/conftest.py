@@ -11,22 +11,12 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmfence import Fence, MemoryStore, RedisStore, Store
+from llmfence import Fence, Store
 from llmfence.testing import FakeClock, mock_llm_app
 
 T0 = 1_795_000_000.0  # 2026-11-18, a fixed instant for fake clocks
 CHAT = "/v1/chat/completions"
 MODEL = "gpt-3.5-turbo-0613"  # $1.5 / $2 per million tokens
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"))
-    yield redis_store
-    await redis_store.aclose()
 
 
 @pytest.fixture

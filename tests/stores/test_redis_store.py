@@ -294,6 +294,22 @@ async def test_decode_responses_clients_work(redis_url: str) -> None:
         await client.aclose()
 
 
+def test_a_sync_caller_may_use_a_new_event_loop_per_call(redis_url: str) -> None:
+    # What a sync facade does without a loop of its own: anyio.run per call, closing after.
+    store = RedisStore.from_url(redis_url)
+    scope = [BudgetScope("global", "global", "global")]
+
+    async def charge_and_read() -> int:
+        try:
+            await store.charge(scope, 5, T0)
+            [state] = await store.budgets(scope, T0)
+            return state.spent
+        finally:
+            await store.aclose()
+
+    assert [anyio.run(charge_and_read) for _ in range(3)] == [5, 10, 15]
+
+
 def test_construction_does_no_io(closed_port: int) -> None:
     # Outside any event loop and with nothing listening: building a store must still work.
     RedisStore.from_url(f"redis://127.0.0.1:{closed_port}/0")
@@ -340,6 +356,25 @@ async def test_a_silent_server_times_out_as_store_error() -> None:
             await store.admit(busy_admission("r"))
         assert time.monotonic() - started < 1.0
         assert caught.value.__cause__ is not None
+        await store.aclose()
+
+
+async def test_recovers_after_a_timeout(redis_url: str, inspector: redis.asyncio.Redis) -> None:
+    store = RedisStore.from_url(redis_url, timeout=0.2)
+    scope = [BudgetScope("global", "global", "global")]
+    try:
+        await store.charge(scope, 5, T0)
+        await inspector.client_pause(700)  # Redis stops answering for 0.7 s
+        with pytest.raises(StoreError) as caught:
+            await store.charge(scope, 1, T0)
+        assert isinstance(caught.value.__cause__, TimeoutError)
+        await anyio.sleep(0.8)
+        # The cancelled call's connection was dropped, so no late reply is read as the next
+        # call's; the paused charge ran once, when Redis woke (no retry sent it again).
+        [state] = await store.budgets(scope, T0)
+        assert state.spent == 6
+        await store.ping()
+    finally:
         await store.aclose()
 
 

@@ -129,13 +129,18 @@ class RedisStore:
     and `spend:totals:<group>:<name>` hashes of running totals.
 
     Every call is bounded by `timeout`; a Redis error or a timeout raises `StoreError` from
-    the original exception. Use one store from one event loop at a time: a store made by
-    `from_url` opens its own client on first use, and opens a new one if it finds itself on
-    another event loop (a client's connections belong to the loop that opened them).
+    the original exception.
+
+    Use one store from one event loop at a time. A store made by `from_url` opens its own
+    client on first use, and a new one if it finds itself on another event loop (a client's
+    connections belong to the loop that opened them); call `aclose()` before leaving a loop,
+    or the connections left behind stay open until they are garbage-collected.
 
     Args:
         client: A `redis.asyncio.Redis` client. The caller owns it: `aclose()` does not
-            close it. Either `decode_responses` setting works.
+            close it. Either `decode_responses` setting works. Give it no command retries
+            (`retry=Retry(NoBackoff(), 0)`): redis-py's default retries may send a script
+            again after a lost reply, and a second `admit` reserves twice.
         prefix: Namespace of every key (the hash tag); several apps may share one Redis
             with different prefixes. Must not contain `{` or `}`.
         timeout: Seconds any one store call may take before it fails with `StoreError`.
@@ -183,13 +188,25 @@ class RedisStore:
                 connect timeouts of the client.
             max_spend_records: How many spend records the log keeps.
             **redis_kwargs: More connection options, as `redis.asyncio.Redis.from_url` takes
-                them; `max_connections` sizes the pool (default 50).
+                them; `max_connections` sizes the pool (default 50). Commands are not
+                retried unless a `retry` is given.
 
         Returns:
             The store; nothing is connected yet.
         """
         redis = _import_redis()
-        options = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **redis_kwargs}
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        options = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            # No command is sent twice: a script whose reply was lost may have run, and
+            # running `admit` or `settle` again would reserve or record twice. A pooled
+            # connection the server closed is still replaced when it is checked out.
+            "retry": Retry(NoBackoff(), 0),
+            **redis_kwargs,
+        }
         max_connections = options.pop("max_connections", 50)
 
         def open_client() -> Redis:
@@ -591,13 +608,16 @@ class RedisStore:
     async def aclose(self) -> None:
         """Close the client this store opened (`from_url`); a client passed in stays open.
 
-        A `from_url` store opens a new client if it is used again afterwards.
+        A `from_url` store opens a new client if it is used again afterwards, so a sync
+        caller may run each call in its own event loop and close the store at the end of it.
         """
-        connection, self._connection = self._connection, None
         if self._factory is None:
-            # The caller owns the client; keep the registered scripts for later calls.
-            self._connection = connection
-        elif connection is not None:
+            return  # the caller owns the client; the registered scripts stay for later calls
+        connection, self._connection = self._connection, None
+        loop, self._loop = self._loop, None
+        # Connections can only be closed on the loop that opened them; on another one the
+        # old client is just dropped.
+        if connection is not None and loop is asyncio.get_running_loop():
             await connection.client.aclose()
 
 
