@@ -275,7 +275,9 @@ async def test_aclose_closes_only_a_client_the_store_opened(
     await owned.ping()
     assert await named_clients() == 1
     await owned.aclose()
-    assert await named_clients() == 0
+    with anyio.fail_after(2):  # the server notices a closed socket on its own time
+        while await named_clients():
+            await anyio.sleep(0.01)
 
 
 async def test_decode_responses_clients_work(redis_url: str) -> None:
@@ -370,9 +372,10 @@ async def test_recovers_after_a_timeout(redis_url: str, inspector: redis.asyncio
         assert isinstance(caught.value.__cause__, TimeoutError)
         await anyio.sleep(0.8)
         # The cancelled call's connection was dropped, so no late reply is read as the next
-        # call's; the paused charge ran once, when Redis woke (no retry sent it again).
+        # call's. Whether the timed-out charge ran is unknown to the caller; it ran at most
+        # once (no retry sends it again).
         [state] = await store.budgets(scope, T0)
-        assert state.spent == 6
+        assert state.spent in (5, 6)
         await store.ping()
     finally:
         await store.aclose()

@@ -80,6 +80,15 @@ class Principal:
             return self.key.team_id
         return self.user.team_id if self.user is not None else None
 
+    def spend_fields(self) -> dict[str, str | None]:
+        """Who a spend record is charged to: key hash, masked key, user and team."""
+        return {
+            "key_hash": self.key_hash,
+            "key_masked": self.key_masked,
+            "user_id": self.user_id,
+            "team_id": self.team_id,
+        }
+
 
 def api_key_from_headers(headers: Mapping[str, str]) -> str | None:
     """The API key of a request, from any of the headers clients put one in."""

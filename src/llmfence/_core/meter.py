@@ -421,10 +421,7 @@ class Meter:
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cached_tokens=usage.cached_input_tokens,
-            key_hash=principal.key_hash if principal else None,
-            key_masked=principal.key_masked if principal else None,
-            user_id=principal.user_id if principal else None,
-            team_id=principal.team_id if principal else None,
+            **(principal.spend_fields() if principal else {}),
             end_user=ctx.end_user,
             provenance=provenance,  # type: ignore[arg-type]
             price_source=source,
