@@ -66,9 +66,14 @@ class _Budget:
 
 @dataclass(slots=True)
 class _Window:
+    size_ms: int
     index: int = 0
     cur: int = 0
     prev: int = 0
+
+    def idle(self, now_ms: int) -> bool:
+        """Whether neither of its windows is seen any more (both ended a window ago)."""
+        return (self.index + 2) * self.size_ms <= now_ms
 
     def advance(self, index: int) -> None:
         if index == self.index:
@@ -446,7 +451,7 @@ class MemoryStore:
     def _window(self, hit: RateHit, now_ms: int) -> _Window:
         window = self._windows.get(hit.key)
         if window is None:
-            window = self._windows[hit.key] = _Window()
+            window = self._windows[hit.key] = _Window(int(hit.window * 1000))
         window.advance(now_ms // int(hit.window * 1000))
         return window
 
@@ -471,7 +476,7 @@ class MemoryStore:
                 break
             del self._reservations[request_id]
         now_ms = int(now * 1000)
-        stale = [k for k, w in self._windows.items() if w.index * 1000 < now_ms - 3_600_000]
+        stale = [k for k, w in self._windows.items() if w.idle(now_ms)]
         for key in stale:
             del self._windows[key]
         for key in [k for k in self._leases if not self._live_leases(k, now).held]:

@@ -71,10 +71,10 @@ _SCRIPTS: Final = (
 _ROLLS_BUDGETS: Final = frozenset({"admit", "charge"})
 # A lease ends when its request does, which no store can predict: suggest a short retry.
 _PARALLEL_RETRY: Final = 1.0
-# Redis expires keys on the server's clock while the scripts judge expiry by the caller's
-# `now`, which a test's fake clock may hold still. A floor on key TTLs keeps a key alive for
-# as long as any plausible test or request takes, so Redis never forgets state that
-# `MemoryStore` would still see; the scripts' own checks make expiry exact.
+# Redis expires keys on its own clock while the scripts judge expiry by the caller's `now`
+# (a fake clock in tests, a slightly skewed one on another host). Key TTLs only reclaim
+# memory; a floor under them keeps Redis from forgetting state a short window, lease or
+# reservation still holds by the caller's clock, and the scripts' own checks make expiry exact.
 _MIN_KEY_TTL_MS: Final = 60_000
 _TOTAL_FIELDS: Final = ("cost", "input_tokens", "output_tokens", "requests")
 _INSTALL_HINT: Final = 'RedisStore needs the redis package: pip install "llmfence[redis]"'
@@ -115,18 +115,20 @@ class RedisStore:
 
     Every key lives under one hash tag, `{prefix}` (e.g. `{llmfence}:budget:user:alice`), so
     all of them fall in one Redis Cluster slot and a single script can touch every window,
-    lease set and budget level of a request, as `admit` and `settle` do. Each script names
-    the keys it touches in `KEYS`; the two that cannot know them in advance (`settle` reads
-    the keys its reservation names; listing keys reads the records an index names) only
-    reach keys under the same tag.
+    lease set and budget level of a request, as `admit` and `settle` do. (On a cluster, one
+    node therefore holds a store's whole state; give tenants separate prefixes to spread
+    them.) Each script names the keys it touches in `KEYS`; the two that cannot know them in
+    advance (`settle` reads the keys its reservation names; listing keys reads the records an
+    index names) only reach keys under the same tag.
 
     Layout, under `{prefix}:`: `budget:<scope>` hashes (spent, total, period end, epoch),
-    `window:<scope>` hashes (index, cur, prev; expiring after two windows), `lease:<scope>`
-    sorted sets (request id scored by expiry), `reservation:<request id>` (expiring with the
-    admission's TTL), `key:<hash>`, `user:<id>`, `team:<id>` record hashes (one JSON value per
-    field; only a key's hash and masked form are ever stored), `keys`, `keys:by_user`,
-    `keys:by_team` indexes, `access_groups`, `project:<name>`, the bounded `spend:log` list
-    and `spend:totals:<group>:<name>` hashes of running totals.
+    `window:<scope>` hashes (index, cur, prev; expiring after two windows, or a minute if
+    that is longer), `lease:<scope>` sorted sets (request id scored by expiry),
+    `reservation:<request id>` (expiring with the admission's TTL), `key:<hash>`,
+    `user:<id>`, `team:<id>` record hashes (one JSON value per field; only a key's hash and
+    masked form are ever stored), `keys`, `keys:by_user`, `keys:by_team` indexes,
+    `access_groups`, `project:<name>`, the bounded `spend:log` list and
+    `spend:totals:<group>:<name>` hashes of running totals.
 
     Every call is bounded by `timeout`; a Redis error or a timeout raises `StoreError` from
     the original exception.

@@ -1,0 +1,56 @@
+"""What only `MemoryStore` promises: bounded memory, and sweeping never loses live state."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmfence.stores import Admission, MemoryStore, RateHit, Settlement, SlotRequest
+from llmfence.stores.memory import _SWEEP_EVERY
+
+pytestmark = pytest.mark.anyio
+T0 = 1_795_000_000.0
+
+
+def rpm(key: str, limit: int) -> RateHit:
+    return RateHit(key, "requests", "key", key, limit, 1)
+
+
+async def test_sweeps_keep_live_windows_and_drop_idle_ones() -> None:
+    store = MemoryStore()
+    for i in range(5):
+        assert (await store.admit(Admission(f"r{i}", T0, rates=(rpm("rpm:live", 5),)))).admitted
+    # Enough other admissions at the same instant to run a sweep.
+    for i in range(_SWEEP_EVERY + 10):
+        await store.admit(Admission(f"o{i}", T0, rates=(rpm(f"rpm:other{i % 7}", 10**9),)))
+    refused = await store.admit(Admission("x", T0, rates=(rpm("rpm:live", 5),)))
+    assert refused.refusal is not None  # the live window survived the sweep
+    assert len(store._windows) == 8
+    # Two windows later every counter is idle, and the next sweep drops them.
+    later = T0 + 121
+    for i in range(_SWEEP_EVERY):
+        await store.admit(Admission(f"l{i}", later, rates=(rpm("rpm:new", 10**9),)))
+    assert set(store._windows) == {"rpm:new"}
+
+
+async def test_sweeps_drop_expired_reservations_and_empty_lease_sets() -> None:
+    store = MemoryStore()
+    for i in range(10):
+        await store.admit(
+            Admission(f"r{i}", T0, slots=(SlotRequest(f"p{i}", "key", "k", 1, 5),), ttl=10)
+        )
+    for i in range(_SWEEP_EVERY):
+        await store.admit(Admission(f"s{i}", T0 + 60))
+    assert not any(key.startswith("r") for key in store._reservations)
+    assert not any(key.startswith("p") for key in store._leases)
+    assert not await store.settle(Settlement("r1", T0 + 60, cost=0))
+
+
+async def test_spend_log_is_a_ring_buffer() -> None:
+    from llmfence.stores import SpendRecord
+
+    store = MemoryStore(max_spend_records=3)
+    for i in range(5):
+        record = SpendRecord(request_id=f"r{i}", timestamp=T0, model="m", cost=1)
+        await store.settle(Settlement(f"r{i}", T0, 0, record=record))
+    assert [r.request_id for r in await store.spend_records()] == ["r4", "r3", "r2"]
+    assert (await store.spend_totals("global")).requests == 5
