@@ -203,7 +203,8 @@ class RouteGuard:
     - in plain Python: `async with guard.hold(identity) as permit`, which raises
       `RateLimitExceededError`, `BudgetExceededError` or `StoreError`.
 
-    Counters are named `route:{name}:{rpm|tpm|budget}:{identity}`: two routes share them only
+    Counters are named `route:{name}:{rpm|tpm}:{window ms}:{identity}` and
+    `route:{name}:budget:{identity}`: two routes share them only
     when given the same `name`. Merged guards reserve the largest of their estimates.
 
     Args:
@@ -402,12 +403,12 @@ async def _admit(
     for guard, name, (level, ident, label) in guards:
         tag = f"{label} on route {name}"
         if guard.rpm is not None:
-            key = f"route:{name}:rpm:{ident}"
+            key = f"route:{name}:rpm:{round(guard.window * 1000)}:{ident}"
             rates.append(RateHit(key, "requests", level, tag, guard.rpm, 1, guard.window))
         if guard.tpm is not None:
             # At least one token: a call may start only while the window has room left.
             cost = max(1, guard.tokens_estimate)
-            key = f"route:{name}:tpm:{ident}"
+            key = f"route:{name}:tpm:{round(guard.window * 1000)}:{ident}"
             rates.append(RateHit(key, "tokens", level, tag, guard.tpm, cost, guard.window))
         if guard.max_budget is not None:
             end = guard.duration.period_end(now) if guard.duration is not None else None

@@ -217,3 +217,23 @@ async def test_rates_in_the_limits_notation() -> None:
     assert statuses == [200, 200, 429]
     guarded = TokenRateLimitMiddleware(Starlette(), rate="1000/hour")
     assert (guarded.limit_check.default_limit, guarded.limit_check.window) == (1000, 3600.0)  # type: ignore[attr-defined]
+
+
+async def test_two_windows_of_one_kind_are_two_counters() -> None:
+    from llmfence import MemoryStore, RequestRateLimitMiddleware
+    from llmfence.testing import FakeClock
+
+    clock = FakeClock(1_795_000_000.0)
+    store = MemoryStore()
+    app = mock_llm_app()
+    from llmfence._core.meter import Meter
+
+    meter = Meter(store, clock=clock.now)
+    app.add_middleware(RequestRateLimitMiddleware, meter=meter, rate="5/second")
+    app.add_middleware(RequestRateLimitMiddleware, meter=meter, rate="12/hour")
+    statuses = []
+    async with client_for(app) as c:
+        for _ in range(20):
+            statuses.append((await c.post(CHAT, json=chat_body())).status_code)
+            clock.advance(0.5)  # 2 requests a second: the per-second limit never binds
+    assert statuses.count(200) == 12  # the hourly limit does

@@ -605,3 +605,29 @@ async def test_concurrent_acquisitions_hold_exactly_the_limit(
         for _ in range(200):
             tg.start_soon(acquire)
     assert sum(r.admitted for r in results) == 13
+
+
+async def test_a_caller_slightly_behind_never_wipes_a_window(store: Store) -> None:
+    boundary = 1_795_000_020.0  # a multiple of 60 s
+    for _ in range(9):
+        assert (await store.admit(Admission(rid(), boundary - 1, rates=(rpm(10),)))).admitted
+    assert (await store.admit(Admission(rid(), boundary + 0.01, rates=(rpm(10),)))).admitted
+    # Another host, 20 ms behind, is still in the previous window by its clock.
+    behind = await store.admit(Admission(rid(), boundary - 0.01, rates=(rpm(10),)))
+    assert behind.refusal is not None
+    assert behind.rates[0].remaining == 0
+    ahead = await store.admit(Admission(rid(), boundary + 0.02, rates=(rpm(10),)))
+    assert ahead.refusal is not None
+
+
+async def test_tokens_settle_in_the_window_they_were_counted_in_despite_skew(
+    store: Store,
+) -> None:
+    boundary = 1_795_000_020.0
+    assert (await store.admit(Admission(rid(), boundary + 0.01, rates=(tpm(100, 10),)))).admitted
+    late = rid()
+    # Counted in the current window although its clock is behind.
+    assert (await store.admit(Admission(late, boundary - 0.01, rates=(tpm(100, 80),)))).admitted
+    await store.settle(Settlement(late, boundary + 0.02, cost=0, tokens=20))
+    check = await store.admit(Admission(rid(), boundary + 0.03, rates=(tpm(100, 1),)))
+    assert check.rates[0].remaining == 100 - 10 - 20 - 1

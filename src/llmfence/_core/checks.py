@@ -145,9 +145,12 @@ class RateCheck(Check):
         levels = _principal_levels(principal, attr, self.default_limit)
         if principal is None and self.default_limit is not None:
             levels = [_Level("anonymous", "all", "unauthenticated", self.default_limit)]
+        window_ms = round(self.window * 1000)
         return [
             RateHit(
-                f"{prefix}:{lv.level}:{lv.ident}",
+                # The window length is part of the counter's name (two limits of one kind
+                # with different windows are two counters); the limit amount is not.
+                f"{prefix}:{window_ms}:{lv.level}:{lv.ident}",
                 self.kind,
                 lv.level,
                 lv.label,

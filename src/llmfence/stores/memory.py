@@ -76,7 +76,9 @@ class _Window:
         return (self.index + 2) * self.size_ms <= now_ms
 
     def advance(self, index: int) -> None:
-        if index == self.index:
+        # Only ever forward: a caller whose clock is a little behind counts in the current
+        # window instead of wiping it.
+        if index <= self.index:
             return
         self.prev = self.cur if index == self.index + 1 else 0
         self.cur = 0
@@ -212,7 +214,7 @@ class MemoryStore:
                 if hit.kind != kind:
                     continue
                 size = int(hit.window * 1000)
-                elapsed = now_ms - window.index * size
+                elapsed = max(0, now_ms - window.index * size)
                 args = (window.cur, window.prev, elapsed, size)
                 if not _window.fits(*args, hit.limit, hit.cost):
                     retry = _window.retry_after_ms(*args, hit.limit, hit.cost)
@@ -485,7 +487,7 @@ class MemoryStore:
 
 def _rate_state(hit: RateHit, window: _Window, now_ms: int) -> RateState:
     size = int(hit.window * 1000)
-    elapsed = now_ms - window.index * size
+    elapsed = max(0, now_ms - window.index * size)
     args = (window.cur, window.prev, elapsed, size)
     return RateState(
         hit.key,

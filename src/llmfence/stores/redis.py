@@ -307,8 +307,11 @@ class RedisStore:
         verdict, position, held = (_int(value) for value in raw[:3])
         reply = [_text(value) for value in raw[3:]]
         # The script answers with the states before anything was reserved.
-        windows = [(int(reply[2 * i]), int(reply[2 * i + 1])) for i in range(len(admission.rates))]
-        reply = reply[2 * len(admission.rates) :]
+        windows = [
+            (int(reply[3 * i]), int(reply[3 * i + 1]), int(reply[3 * i + 2]))
+            for i in range(len(admission.rates))
+        ]
+        reply = reply[3 * len(admission.rates) :]
         levels = [
             (int(reply[3 * i]), int(reply[3 * i + 1]), _opt_float(reply[3 * i + 2]))
             for i in range(len(admission.budgets))
@@ -623,9 +626,12 @@ class RedisStore:
             await connection.client.aclose()
 
 
-def _window_state(now_ms: int, size: int, cur: int, prev: int) -> tuple[int, int, int, int]:
-    # `_window`'s arguments: counts, milliseconds into the current window, window length.
-    return cur, prev, now_ms % size, size
+def _window_state(
+    now_ms: int, size: int, cur: int, prev: int, index: int
+) -> tuple[int, int, int, int]:
+    # `_window`'s arguments: counts, milliseconds into the stored window (never negative: a
+    # caller a little behind counts in it), window length.
+    return cur, prev, max(0, now_ms - index * size), size
 
 
 def _refusal(
@@ -633,7 +639,7 @@ def _refusal(
     verdict: int,
     index: int,
     held: int,
-    windows: Sequence[tuple[int, int]],
+    windows: Sequence[tuple[int, int, int]],
     levels: Sequence[tuple[int, int, float | None]],
 ) -> Refusal | None:
     """The refusal `admit.lua` reported, worded exactly as `MemoryStore` words it."""
@@ -666,7 +672,7 @@ def _refusal(
 def _admission_result(
     admission: Admission,
     refusal: Refusal | None,
-    windows: Sequence[tuple[int, int]],
+    windows: Sequence[tuple[int, int, int]],
     levels: Sequence[tuple[int, int, float | None]],
 ) -> AdmissionResult:
     """The states after the step: what the script read, plus what an admission took."""
@@ -680,8 +686,8 @@ def _admission_result(
         for scope in admission.budgets:
             reserved[scope.key] = reserved.get(scope.key, 0) + admission.cost
     rates = []
-    for hit, (cur, prev) in zip(admission.rates, windows, strict=True):
-        state = _window_state(now_ms, _size(hit), cur + taken.get(hit.key, 0), prev)
+    for hit, (cur, prev, index) in zip(admission.rates, windows, strict=True):
+        state = _window_state(now_ms, _size(hit), cur + taken.get(hit.key, 0), prev, index)
         rates.append(
             RateState(
                 hit.key,

@@ -17,7 +17,7 @@
 -- Money never passes through a Lua number into a command: it goes in as the caller's text
 -- (HINCRBY) or through string.format('%d'), because Lua 5.1 formats numbers with %.14g.
 --
--- Returns {verdict, position, current, then per window: cur, prev, then per budget: spent,
+-- Returns {verdict, position, current, then per window: cur, prev, index, then per budget: spent,
 -- total, end}, the states after the windows advanced and the budgets rolled and before
 -- anything was reserved. verdict: 0 admitted, 1 a window refused, 2 a lease set refused,
 -- 3 a budget refused; position is the 1-based position of the refusing check in its group;
@@ -52,7 +52,9 @@ for i = 1, nr do
     windows[key] = w
     window_order[#window_order + 1] = key
   end
-  if rate.index ~= w.index then
+  -- Only ever forward: a caller whose clock is a little behind (another host) counts in the
+  -- current window instead of wiping it.
+  if rate.index > w.index then
     w.prev = (rate.index == w.index + 1) and w.cur or 0
     w.cur = 0
     w.index = rate.index
@@ -75,6 +77,7 @@ local function reply(verdict, position, current)
   for i = 1, nr do
     out[#out + 1] = string.format('%d', rates[i].window.cur)
     out[#out + 1] = string.format('%d', rates[i].window.prev)
+    out[#out + 1] = string.format('%d', rates[i].window.index)
   end
   for i = 1, nb do
     out[#out + 1] = string.format('%d', budgets[i].spent)
@@ -90,7 +93,7 @@ for _, kind in ipairs({'requests', 'tokens'}) do
     local r = rates[i]
     if r.kind == kind then
       local w = r.window
-      local elapsed = now_ms - w.index * r.size
+      local elapsed = math.max(0, now_ms - w.index * r.size)
       -- _window.fits, scaled by the window length so the test is exact in integers.
       local used = w.cur * r.size + w.prev * (r.size - elapsed)
       if used + r.cost * r.size > r.limit * r.size then
@@ -126,7 +129,8 @@ for i = 1, nr do
   local r = rates[i]
   r.window.cur = r.window.cur + r.cost
   if r.kind == 'tokens' then
-    tokens[#tokens + 1] = {r.key, r.size_text, r.index_text, r.cost_text, r.ttl}
+    tokens[#tokens + 1] = {r.key, r.size_text, string.format('%d', r.window.index), r.cost_text,
+      r.ttl}
   end
 end
 for i = 1, nr do
