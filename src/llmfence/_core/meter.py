@@ -98,8 +98,15 @@ class RequestContext:
     json_body: bytearray | None = None
     completed: bool = False
     refused: bool = False
+    app_called: bool = False  # the app read the body or began a response
+    app_failed: bool = False
     finished: bool = False
     budget_scopes: list[BudgetScope] | None = None
+    # Admissions whose outcome is unknown (the store timed out or the task was cancelled while
+    # it ran): they may hold a reservation, so the end of the request settles them too.
+    uncertain: list[str] = field(default_factory=list)
+    budget_ids: set[str] = field(default_factory=set)
+    flushes: int = 0
 
     @property
     def end_user(self) -> str | None:
@@ -189,8 +196,15 @@ class Meter:
         elif isinstance(check, BudgetCheck):
             await self.projected_cost(ctx)
             model = ctx.request.model if ctx.request is not None else None
-            part.budgets = check.scopes(principal, ctx.end_user, model, ctx.now)
-            ctx.budget_scopes = part.budgets
+            # A level is charged once per request: when two budget guards name the same level
+            # (both track the whole app, say), the first one's limit applies.
+            seen = {scope.key for scope in ctx.budget_scopes or ()}
+            part.budgets = [
+                scope
+                for scope in check.scopes(principal, ctx.end_user, model, ctx.now)
+                if scope.key not in seen
+            ]
+            ctx.budget_scopes = [*(ctx.budget_scopes or ()), *part.budgets]
         ctx.pending.append(part)
 
     async def flush(self, ctx: RequestContext) -> LLMFenceError | None:
@@ -199,7 +213,11 @@ class Meter:
         ctx.pending = []
         if not parts:
             return None
-        request_id = f"{ctx.request_id}.{len(ctx.reservations)}"
+        request_id = f"{ctx.request_id}.{ctx.flushes}"
+        ctx.flushes += 1
+        if any(p.budgets for p in parts):
+            ctx.budget_ids.add(request_id)
+        ctx.uncertain.append(request_id)
         try:
             result = await self._admit(ctx, request_id, parts)
         except StoreError as error:
@@ -208,6 +226,7 @@ class Meter:
                 return error
             ctx.response_headers.append((_DEGRADED_HEADER, b"store-unavailable"))
             return None
+        ctx.uncertain.remove(request_id)
         if result.refusal is not None:
             ctx.rate_states.extend(result.rates)
             return refusal_error(result.refusal, _window_of(parts, result.refusal))
@@ -345,11 +364,14 @@ class Meter:
             found = usage_from_json(bytes(ctx.json_body))
             if found is not None:
                 return found, "provider-reported"
-        if ctx.status is not None and ctx.status >= 400:
-            # Providers do not bill failed calls.
+        if (ctx.status is not None and ctx.status >= 400) or ctx.app_failed:
+            # Providers do not bill failed calls, and an app that raised made none we know of.
             return Usage(estimated=True), "estimated"
-        if ctx.status is None or not ctx.completed:
+        if ctx.status is None:
+            # The client left before the response began: what the upstream did is unknown.
             return Usage(prompt, self.disconnect_extra_tokens, estimated=True), "estimated"
+        # A response cut short that is not a stream was generated (and billed) in full before
+        # its first byte: charge what was reserved. So is a complete one without usage.
         return Usage(prompt, ctx.allowance, estimated=True), "reservation-only"
 
     async def finish(self, ctx: RequestContext) -> None:
@@ -361,7 +383,7 @@ class Meter:
         if ctx.finished:
             return
         ctx.finished = True
-        if not ctx.reservations and not ctx.record_spend:
+        if not ctx.reservations and not ctx.uncertain and not ctx.record_spend:
             return
         with anyio.CancelScope(shield=True):
             try:
@@ -370,32 +392,35 @@ class Meter:
                 self._degraded("settle", error)
 
     async def _settle(self, ctx: RequestContext) -> None:
-        if ctx.refused:
+        held = [*ctx.reservations, *ctx.uncertain]
+        if ctx.refused or not ctx.app_called:
             # A refused request is never charged: what earlier checks reserved goes back.
-            for request_id in ctx.reservations:
+            for request_id in held:
                 await self._call(self.store.settle(Settlement(request_id, self.clock(), 0, 0)))
             return
+        await self.tokens(ctx)  # a recorder without guards has not counted the prompt yet
         usage, provenance = self.usage(ctx)
         cost, source = self._cost(ctx, usage)
         record = self._record(ctx, usage, provenance, cost, source) if ctx.record_spend else None
         tokens = usage.input_tokens + usage.output_tokens
-        if not ctx.reservations:
-            # Nothing was reserved (a recorder without guards, or a store that was down at
-            # admission): the spend still lands at every level, then the record is written.
+        settled: dict[str, bool] = {}
+        for request_id in held:
+            # The store appends the record with the first settlement, known or not.
+            settled[request_id] = await self._call(
+                self.store.settle(Settlement(request_id, self.clock(), cost, tokens, record))
+            )
+            record = None
+        if not any(settled.get(request_id) for request_id in ctx.budget_ids):
+            # No budget reservation took the cost (a recorder without a budget guard, or a
+            # store that was down at admission): it still lands at every level.
             model = ctx.request.model if ctx.request is not None else None
             scopes = ctx.budget_scopes
             if scopes is None:
                 scopes = self.tracking.scopes(ctx.principal, ctx.end_user, model, ctx.now)
             await self._call(self.store.charge(scopes, cost, self.clock()))
+        if record is not None:
             await self._call(
-                self.store.settle(Settlement(ctx.request_id, self.clock(), cost, tokens, record))
-            )
-            return
-        for i, request_id in enumerate(ctx.reservations):
-            await self._call(
-                self.store.settle(
-                    Settlement(request_id, self.clock(), cost, tokens, record if i == 0 else None)
-                )
+                self.store.settle(Settlement(ctx.request_id, self.clock(), 0, None, record))
             )
 
     def _cost(self, ctx: RequestContext, usage: Usage) -> tuple[int, str]:
@@ -425,10 +450,20 @@ class Meter:
             end_user=ctx.end_user,
             provenance=provenance,  # type: ignore[arg-type]
             price_source=source,
-            status=ctx.status if ctx.completed and ctx.status is not None else 499,
+            status=_status(ctx),
             latency_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
             path=ctx.path,
         )
+
+
+def _status(ctx: RequestContext) -> int:
+    if ctx.completed and ctx.status is not None:
+        return ctx.status
+    return 500 if ctx.app_failed else 499  # 499: the client closed the request
+
+
+# OpenAI's reasoning models refuse `max_tokens` and take `max_completion_tokens`.
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
 
 def amend_body(ctx: RequestContext, **changes: Any) -> bytes:
@@ -442,7 +477,12 @@ def amend_body(ctx: RequestContext, **changes: Any) -> bytes:
         names = ("max_completion_tokens", "max_output_tokens", "max_tokens")
         name = next((n for n in names if n in body), None)
         if name is None:
-            name = "max_output_tokens" if request.endpoint == "responses" else "max_tokens"
+            if request.endpoint == "responses":
+                name = "max_output_tokens"
+            elif request.endpoint == "chat" and request.model.startswith(_REASONING_PREFIXES):
+                name = "max_completion_tokens"
+            else:
+                name = "max_tokens"
         body[name] = value
     body.update(changes)
     request_body: Mapping[str, Any] = body

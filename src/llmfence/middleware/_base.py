@@ -156,7 +156,11 @@ class FenceMiddleware:
             if not metered:
                 await self.app(scope, receive, send)
                 return
-            await self.app(scope, _replay(ctx, receive), out)
+            try:
+                await self.app(scope, _replay(ctx, receive), out)
+            except Exception:
+                ctx.app_failed = True
+                raise
         finally:
             await self.meter.finish(ctx)
 
@@ -190,6 +194,7 @@ def _replay(ctx: RequestContext, receive: Receive) -> Receive:
         nonlocal replayed
         if not replayed:
             replayed = True
+            ctx.app_called = True  # only the app itself reads the body llmfence replays
             return {"type": "http.request", "body": ctx.body, "more_body": False}
         return await receive()
 
@@ -201,6 +206,7 @@ def _scanning_send(meter: Meter, ctx: RequestContext, send: Send) -> Send:
 
     async def scanning(message: Message) -> None:
         if message["type"] == "http.response.start":
+            ctx.app_called = True
             headers = list(message.get("headers", []))
             content_type = next(
                 (v.decode("latin-1") for k, v in headers if k.lower() == b"content-type"), ""
