@@ -179,12 +179,12 @@ class _Hold:
             try:
                 now = self.fence.clock()
                 if not self.reserved and self.budgets:  # the spend lands without a reservation
-                    await meter._call(store.charge(self.budgets, cost, now))
+                    await meter.call(store.charge(self.budgets, cost, now))
                 if self.reserved or record is not None:  # (an unknown id: the record only)
                     settlement = Settlement(self.request_id, now, cost, tokens, record)
-                    await meter._call(store.settle(settlement))
+                    await meter.call(store.settle(settlement))
             except StoreError as error:
-                meter._degraded("settle", error)
+                meter.degraded("settle", error)
 
 
 class RouteGuard:
@@ -431,9 +431,9 @@ async def _admit(
     reserve = max(1, estimate) if budgets else 0
     admission = Admission(held.request_id, now, tuple(rates), (), held.budgets, reserve)
     try:
-        result = await fence.meter._call(fence.store.admit(admission))
+        result = await fence.meter.call(fence.store.admit(admission))
     except StoreError as error:
-        fence.meter._degraded("admit", error)
+        fence.meter.degraded("admit", error)
         limits_closed = rates and fence._limits_policy == "fail_closed"
         if (budgets and fence.budget_check.on_store_error == "fail_closed") or limits_closed:
             raise

@@ -198,3 +198,54 @@ async def test_clamping_a_reasoning_model_uses_max_completion_tokens(store: Stor
     clamped = int(response.headers["x-llmfence-max-tokens-clamped"])
     assert seen[0]["max_completion_tokens"] == clamped
     assert "max_tokens" not in seen[0]
+
+
+async def test_a_request_refused_by_a_later_guard_takes_no_request_slot() -> None:
+    from llmfence import RequestRateLimitMiddleware
+
+    store = MemoryStore()
+    app = mock_llm_app()
+    meter = Meter(store, clock=FakeClock(1e9).now)
+    app.add_middleware(BudgetGuardMiddleware, meter=meter, max_budget=0.000001)
+    app.add_middleware(RequestRateLimitMiddleware, meter=meter, limit=2)
+    async with client_for(app) as client:
+        statuses = [(await client.post(CHAT, json=chat_body())).status_code for _ in range(3)]
+        last = await client.post(CHAT, json=chat_body())
+    # Every call is refused by the budget; none of them used up the RPM limit of 2.
+    assert statuses == [429, 429, 429]
+    assert last.json()["error"]["code"] == "insufficient_quota"
+
+
+async def test_a_compressed_response_is_charged_its_reservation() -> None:
+    import gzip
+
+    store = MemoryStore()
+    body = gzip.compress(
+        json.dumps({"usage": {"prompt_tokens": 14, "completion_tokens": 3}}).encode()
+    )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        headers = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    await call(SpendRecorderMiddleware(app, store=store), chat_body(max_tokens=50))
+    [record] = await store.spend_records()
+    assert record.provenance == "reservation-only"
+    assert (record.input_tokens, record.output_tokens) == (14, 50)
+
+
+async def test_auth_store_failures_are_counted() -> None:
+    from llmfence import RedisStore
+
+    fence = Fence(
+        store=RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.2), master_key="sk-master-key"
+    )
+    app = mock_llm_app()
+    fence.install(app)
+    async with client_for(app) as client:
+        response = await client.post(CHAT, json=chat_body(), headers=auth("sk-" + "k" * 40))
+    assert response.status_code == 503
+    assert fence.meter.degraded_count == 1
+    await fence.store.aclose()

@@ -631,3 +631,19 @@ async def test_tokens_settle_in_the_window_they_were_counted_in_despite_skew(
     await store.settle(Settlement(late, boundary + 0.02, cost=0, tokens=20))
     check = await store.admit(Admission(rid(), boundary + 0.03, rates=(tpm(100, 1),)))
     assert check.rates[0].remaining == 100 - 10 - 20 - 1
+
+
+async def test_refunding_request_hits(store: Store, clock: FakeClock) -> None:
+    refused_later = rid()
+    admission = Admission(refused_later, clock.now(), rates=(rpm(2), tpm(1000, 100)))
+    assert (await store.admit(admission)).admitted
+    assert await store.settle(
+        Settlement(refused_later, clock.now(), cost=0, tokens=0, refund_requests=True)
+    )
+    check = await store.admit(Admission(rid(), clock.now(), rates=(rpm(2), tpm(1000, 1))))
+    assert [r.remaining for r in check.rates] == [1, 999]  # both hits came back
+    # Without the flag a settlement keeps the request hit.
+    kept = rid()
+    await store.admit(Admission(kept, clock.now(), rates=(rpm(2),)))
+    await store.settle(Settlement(kept, clock.now(), cost=0))
+    assert not (await store.admit(Admission(rid(), clock.now(), rates=(rpm(2),)))).admitted

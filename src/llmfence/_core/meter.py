@@ -221,7 +221,7 @@ class Meter:
         try:
             result = await self._admit(ctx, request_id, parts)
         except StoreError as error:
-            self._degraded("admit", error)
+            self.degraded("admit", error)
             if any(p.check.on_store_error == "fail_closed" for p in parts):
                 return error
             ctx.response_headers.append((_DEGRADED_HEADER, b"store-unavailable"))
@@ -237,7 +237,7 @@ class Meter:
     async def _admit(
         self, ctx: RequestContext, request_id: str, parts: list[_Part]
     ) -> AdmissionResult:
-        result = await self._call(self.store.admit(self._admission(ctx, request_id, parts)))
+        result = await self.call(self.store.admit(self._admission(ctx, request_id, parts)))
         refusal = result.refusal
         if refusal is None:
             return result
@@ -248,7 +248,7 @@ class Meter:
             ctx.response_headers.append((_SHADOW_HEADER, refusal.reason.encode()))
             logger.info("llmfence shadow refusal: %s on %s", refusal.reason, refusal.level)
             relaxed = [_relax(p) if p.check.shadow else p for p in parts]
-            again = await self._call(self.store.admit(self._admission(ctx, request_id, relaxed)))
+            again = await self.call(self.store.admit(self._admission(ctx, request_id, relaxed)))
             return replace(again, rates=_unrelax(again.rates, parts))
         if (
             refusal.reason == "budget"
@@ -259,7 +259,7 @@ class Meter:
         ):
             clamped = await self._clamp(ctx, result.headroom, parts)
             if clamped:
-                retry = await self._call(self.store.admit(self._admission(ctx, request_id, parts)))
+                retry = await self.call(self.store.admit(self._admission(ctx, request_id, parts)))
                 if retry.refusal is None:
                     ctx.response_headers.append((_CLAMP_HEADER, str(clamped).encode()))
                 return retry
@@ -293,7 +293,8 @@ class Meter:
             ]
         return per_choice
 
-    async def _call(self, awaitable: Awaitable[_T]) -> _T:
+    async def call(self, awaitable: Awaitable[_T]) -> _T:
+        """Await one store call under the store timeout; any failure becomes `StoreError`."""
         try:
             if self._store_bounds_calls:
                 return await awaitable
@@ -306,7 +307,8 @@ class Meter:
         except Exception as error:  # a store bug or driver error must not become a 500
             raise StoreError("The llmfence store failed.") from error
 
-    def _degraded(self, operation: str, error: BaseException) -> None:
+    def degraded(self, operation: str, error: BaseException) -> None:
+        """Log and count a store failure (the request goes on under its guard's policy)."""
         self.degraded_count += 1
         logger.warning(
             "llmfence store degraded during %s: %s (cause: %r)",
@@ -317,9 +319,14 @@ class Meter:
 
     # -- the response ------------------------------------------------------------------------
 
-    def start_response(self, ctx: RequestContext, status: int, content_type: str) -> None:
+    def start_response(
+        self, ctx: RequestContext, status: int, content_type: str, content_encoding: str = ""
+    ) -> None:
         """Note the response's status and pick how its body will be scanned for usage."""
         ctx.status = status
+        if content_encoding not in ("", "identity"):
+            # A compressed body cannot be read as it passes: the reservation is charged.
+            return
         if content_type.startswith("text/event-stream"):
             ctx.scanner = StreamUsageScanner(self._output_counter(ctx))
             if ctx.hide_usage:
@@ -389,14 +396,18 @@ class Meter:
             try:
                 await self._settle(ctx)
             except StoreError as error:
-                self._degraded("settle", error)
+                self.degraded("settle", error)
 
     async def _settle(self, ctx: RequestContext) -> None:
         held = [*ctx.reservations, *ctx.uncertain]
         if ctx.refused or not ctx.app_called:
             # A refused request is never charged: what earlier checks reserved goes back.
             for request_id in held:
-                await self._call(self.store.settle(Settlement(request_id, self.clock(), 0, 0)))
+                await self.call(
+                    self.store.settle(
+                        Settlement(request_id, self.clock(), 0, 0, refund_requests=True)
+                    )
+                )
             return
         await self.tokens(ctx)  # a recorder without guards has not counted the prompt yet
         usage, provenance = self.usage(ctx)
@@ -406,7 +417,7 @@ class Meter:
         settled: dict[str, bool] = {}
         for request_id in held:
             # The store appends the record with the first settlement, known or not.
-            settled[request_id] = await self._call(
+            settled[request_id] = await self.call(
                 self.store.settle(Settlement(request_id, self.clock(), cost, tokens, record))
             )
             record = None
@@ -417,9 +428,9 @@ class Meter:
             scopes = ctx.budget_scopes
             if scopes is None:
                 scopes = self.tracking.scopes(ctx.principal, ctx.end_user, model, ctx.now)
-            await self._call(self.store.charge(scopes, cost, self.clock()))
+            await self.call(self.store.charge(scopes, cost, self.clock()))
         if record is not None:
-            await self._call(
+            await self.call(
                 self.store.settle(Settlement(ctx.request_id, self.clock(), 0, None, record))
             )
 

@@ -208,10 +208,13 @@ def _scanning_send(meter: Meter, ctx: RequestContext, send: Send) -> Send:
         if message["type"] == "http.response.start":
             ctx.app_called = True
             headers = list(message.get("headers", []))
-            content_type = next(
-                (v.decode("latin-1") for k, v in headers if k.lower() == b"content-type"), ""
+            fields = {k.lower(): v.decode("latin-1").lower() for k, v in headers}
+            meter.start_response(
+                ctx,
+                message["status"],
+                fields.get(b"content-type", ""),
+                fields.get(b"content-encoding", ""),
             )
-            meter.start_response(ctx, message["status"], content_type.lower())
             if ctx.hide_usage:
                 # The body shrinks when the usage chunk is hidden; streams carry no length.
                 headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]

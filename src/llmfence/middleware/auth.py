@@ -8,7 +8,7 @@ from starlette.types import ASGIApp, Scope
 
 from llmfence._core.auth import Authenticator, api_key_from_headers
 from llmfence._core.meter import Meter, RequestContext
-from llmfence.exceptions import LLMFenceError
+from llmfence.exceptions import LLMFenceError, StoreError
 from llmfence.stores import Store
 
 from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware, PathRules
@@ -64,6 +64,9 @@ class KeyAuthMiddleware(FenceMiddleware):
             ctx.principal = await self.authenticator.authenticate(api_key_from_headers(headers))
             if ctx.request is not None and not ctx.principal.is_master:
                 await self.authenticator.check_model(ctx.principal, ctx.request.model)
+        except StoreError as error:
+            self.meter.degraded("auth", error)  # no store, no keys: auth always fails closed
+            return error
         except LLMFenceError as error:
             return error
         return None

@@ -352,6 +352,8 @@ class Settlement:
         cost: Actual cost in nano-USD (the reservation is refunded or topped up to it).
         tokens: Actual tokens for the TPM windows, or `None` to keep the reserved count.
         record: The spend record to append in the same step, if any.
+        refund_requests: Also give back the request-window hits (RPM), for a request that a
+            later check refused: all of a request's reservations stand, or none does.
     """
 
     request_id: str
@@ -359,3 +361,4 @@ class Settlement:
     cost: int
     tokens: int | None = None
     record: SpendRecord | None = None
+    refund_requests: bool = False

@@ -116,6 +116,7 @@ class _Reservation:
     cost: int
     budgets: list[tuple[str, int]]  # (counter key, epoch at reservation)
     tokens: list[tuple[str, int, int, int]]  # (counter key, window ms, index, units)
+    requests: list[tuple[str, int, int, int]]  # the same, for request windows
     slots: list[str]
 
 
@@ -189,6 +190,11 @@ class MemoryStore:
                     (hit.key, int(hit.window * 1000), w.index, hit.cost)
                     for hit, w in zip(admission.rates, windows, strict=True)
                     if hit.kind == "tokens"
+                ],
+                requests=[
+                    (hit.key, int(hit.window * 1000), w.index, hit.cost)
+                    for hit, w in zip(admission.rates, windows, strict=True)
+                    if hit.kind == "requests"
                 ],
                 slots=[slot.key for slot in admission.slots],
             )
@@ -269,18 +275,13 @@ class MemoryStore:
             else:
                 budget.spent += settlement.cost
             budget.total += settlement.cost
+        now_ms = int(settlement.now * 1000)
         if settlement.tokens is not None:
-            now_ms = int(settlement.now * 1000)
             for key, size, index, units in reservation.tokens:
-                window = self._windows.get(key)
-                if window is None:
-                    continue
-                window.advance(max(window.index, now_ms // size))
-                delta = settlement.tokens - units
-                if index == window.index:
-                    window.cur = max(0, window.cur + delta)
-                elif index == window.index - 1:
-                    window.prev = max(0, window.prev + delta)
+                self._adjust(key, size, index, settlement.tokens - units, now_ms)
+        if settlement.refund_requests:
+            for key, size, index, units in reservation.requests:
+                self._adjust(key, size, index, -units, now_ms)
         for key in reservation.slots:
             self._release(key, settlement.request_id)
         return True
@@ -456,6 +457,17 @@ class MemoryStore:
             window = self._windows[hit.key] = _Window(int(hit.window * 1000))
         window.advance(now_ms // int(hit.window * 1000))
         return window
+
+    def _adjust(self, key: str, size: int, index: int, change: int, now_ms: int) -> None:
+        """Move a hit by `change` units in the window it was counted in, if still seen."""
+        window = self._windows.get(key)
+        if window is None:
+            return
+        window.advance(now_ms // size)
+        if index == window.index:
+            window.cur = max(0, window.cur + change)
+        elif index == window.index - 1:
+            window.prev = max(0, window.prev + change)
 
     def _live_leases(self, key: str, now: float) -> _Leases:
         leases = self._leases.get(key)

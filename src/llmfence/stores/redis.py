@@ -336,6 +336,7 @@ class RedisStore:
             0,
             0,
             0,
+            1 if settlement.refund_requests else 0,
         ]
         record = settlement.record
         if record is not None:

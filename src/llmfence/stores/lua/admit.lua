@@ -124,14 +124,12 @@ end
 
 -- Admitted: take everything.
 local out = reply(0, 0, 0)
-local tokens = {}
+local tokens, requests = {}, {}
 for i = 1, nr do
   local r = rates[i]
   r.window.cur = r.window.cur + r.cost
-  if r.kind == 'tokens' then
-    tokens[#tokens + 1] = {r.key, r.size_text, string.format('%d', r.window.index), r.cost_text,
-      r.ttl}
-  end
+  local hits = (r.kind == 'tokens') and tokens or requests
+  hits[#hits + 1] = {r.key, r.size_text, string.format('%d', r.window.index), r.cost_text, r.ttl}
 end
 for i = 1, nr do
   local key = rates[i].key
@@ -165,6 +163,7 @@ end
 
 -- Every value is a string, so cjson's 14-digit number formatting never touches them.
 redis.call('SET', KEYS[1], cjson.encode({
-  expires = ARGV[5], cost = cost_text, budgets = reserved, tokens = tokens, slots = slots,
+  expires = ARGV[5], cost = cost_text, budgets = reserved, tokens = tokens,
+  requests = requests, slots = slots,
 }), 'PX', ARGV[6])
 return out

@@ -9,6 +9,7 @@
 -- ARGV[3] actual cost (nano-USD)   ARGV[4] actual tokens ('' to keep the reserved count)
 -- ARGV[5] request id   ARGV[6] the record as JSON ('' for none)   ARGV[7] records kept
 -- ARGV[8] record cost   ARGV[9] record input tokens   ARGV[10] record output tokens
+-- ARGV[11] '1' to give back the request-window hits too
 --
 -- The budget, window and lease keys to settle are named in the reservation: admit.lua got
 -- them in its KEYS, and they carry the same hash tag, so they live in this cluster slot too.
@@ -58,33 +59,43 @@ for _, entry in ipairs(r.budgets) do
   redis.call('HINCRBY', key, 'total', cost_text)
 end
 
+local now_ms = tonumber(ARGV[2])
+-- Move a window hit by `change` units in the window it was counted in, if still seen.
+local function adjust(entry, change)
+  local key = entry[1]
+  local size, index = tonumber(entry[2]), tonumber(entry[3])
+  local v = redis.call('HMGET', key, 'index', 'cur', 'prev')
+  -- A counter that is gone expired with its windows: nothing left to adjust.
+  if not v[1] then
+    return
+  end
+  local w = {index = tonumber(v[1]), cur = tonumber(v[2] or '0'), prev = tonumber(v[3] or '0')}
+  local target = math.max(w.index, math.floor(now_ms / size))
+  if target ~= w.index then
+    w.prev = (target == w.index + 1) and w.cur or 0
+    w.cur = 0
+    w.index = target
+  end
+  if index == w.index then
+    w.cur = math.max(0, w.cur + change)
+  elseif index == w.index - 1 then
+    w.prev = math.max(0, w.prev + change)
+  end
+  redis.call('HSET', key, 'index', string.format('%d', w.index),
+    'cur', string.format('%d', w.cur), 'prev', string.format('%d', w.prev))
+  redis.call('PEXPIRE', key, entry[5])
+end
+
 if ARGV[4] ~= '' then
   local tokens = tonumber(ARGV[4])
-  local now_ms = tonumber(ARGV[2])
   for _, entry in ipairs(r.tokens) do
-    local key = entry[1]
-    local size, index, units = tonumber(entry[2]), tonumber(entry[3]), tonumber(entry[4])
-    local v = redis.call('HMGET', key, 'index', 'cur', 'prev')
-    -- A counter that is gone expired with its windows: nothing left to adjust.
-    if v[1] then
-      local w = {index = tonumber(v[1]), cur = tonumber(v[2] or '0'), prev = tonumber(v[3] or '0')}
-      local target = math.max(w.index, math.floor(now_ms / size))
-      if target ~= w.index then
-        w.prev = (target == w.index + 1) and w.cur or 0
-        w.cur = 0
-        w.index = target
-      end
-      -- Move the hit to the actual count in the window it was counted in.
-      local change = tokens - units
-      if index == w.index then
-        w.cur = math.max(0, w.cur + change)
-      elseif index == w.index - 1 then
-        w.prev = math.max(0, w.prev + change)
-      end
-      redis.call('HSET', key, 'index', string.format('%d', w.index),
-        'cur', string.format('%d', w.cur), 'prev', string.format('%d', w.prev))
-      redis.call('PEXPIRE', key, entry[5])
-    end
+    adjust(entry, tokens - tonumber(entry[4]))
+  end
+end
+if ARGV[11] == '1' then
+  -- A later check refused the request: its request-window hits go back too.
+  for _, entry in ipairs(r.requests or {}) do
+    adjust(entry, -tonumber(entry[4]))
   end
 end
 
