@@ -16,7 +16,7 @@ from genai_prices import types as gp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmfence import _pricing
+from llmfence import _genai_prices
 from llmfence._money import nano_to_decimal, nano_to_usd
 from llmfence._pricing import ModelPrice, PriceBook, PriceOverride, PriceTier
 from llmfence._usage import Usage
@@ -57,13 +57,13 @@ def genai_nano(model: str, u: Usage, *, provider_id: str | None = None) -> int:
 def count_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every name that reaches genai-prices (i.e. every cache miss)."""
     seen: list[str] = []
-    real = _pricing._find_genai_model
+    real = _genai_prices.find_model
 
     def spy(key: str) -> tuple[gp.Provider, gp.ModelInfo, bool] | None:
         seen.append(key)
         return real(key)
 
-    monkeypatch.setattr(_pricing, "_find_genai_model", spy)
+    monkeypatch.setattr(_genai_prices, "find_model", spy)
     return seen
 
 
@@ -124,7 +124,7 @@ def test_every_token_priced_genai_model_matches_calc_price() -> None:
     checked = 0
     for provider in data_snapshot.get_snapshot().providers:
         for info in provider.models:
-            price, _ = _pricing._price_in_force(info, now, "test")
+            price, _ = _genai_prices.price_in_force(info, now, "test")
             if price is None:
                 continue
             for u in (usage(1_000, 500, cached=400), usage(300_000, 7, write=50_000)):
