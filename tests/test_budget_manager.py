@@ -714,3 +714,56 @@ def test_configuration_errors() -> None:
         BudgetManager("p", client_type="hosted", api_base="http://x", store=MemoryStore())
     with pytest.raises(ConfigurationError):
         BudgetManager("p").create_budget(total_budget=float("nan"), user="u")
+
+
+def test_a_failed_save_changes_nothing(completion: FakeCompletion) -> None:
+    """A save the server refuses leaves the manager as it was: a retry is counted once."""
+    saved: dict[str, Any] = {}
+    failures = [1]
+
+    async def get_budget(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "error"})
+
+    async def set_budget(request: Request) -> JSONResponse:
+        if failures[0]:
+            failures[0] -= 1
+            return JSONResponse({"error": "down"}, status_code=503)
+        saved.update((await request.json())["user_dict"])
+        return JSONResponse({"status": "success"})
+
+    routes = [
+        Route("/get_budget", get_budget, methods=["POST"]),
+        Route("/set_budget", set_budget, methods=["POST"]),
+    ]
+    with serve(Starlette(routes=routes)) as url:
+        budget_manager = BudgetManager("p", client_type="hosted", api_base=url)
+        failures[0] = 0
+        budget_manager.create_budget(total_budget=10, user="u")
+        failures[0] = 1
+        response = completion("gpt-3.5-turbo", [])
+        with pytest.raises(StoreError):
+            budget_manager.update_cost(completion_obj=response, user="u")
+        assert budget_manager.get_current_cost("u") == 0
+        budget_manager.update_cost(completion_obj=response, user="u")  # the caller retries
+        assert budget_manager.get_current_cost("u") == CALL
+        budget_manager.close()
+    assert saved["u"]["current_cost"] == CALL
+
+
+def test_store_mode_spend_survives_a_lost_document_write(completion: FakeCompletion) -> None:
+    """Two processes rewrite the project document at once; the user's spend stays visible."""
+    store = MemoryStore()
+    first = BudgetManager("p", store=store)
+    second = BudgetManager("p", store=store)
+    first.create_budget(total_budget=0.0001, user="alice")
+    stale = second._backend._document()  # type: ignore[union-attr]
+    first.update_cost(completion_obj=completion("gpt-3.5-turbo", []), user="alice")
+    # The second process writes back what it read before (without alice's models).
+    second._backend._document = lambda: stale  # type: ignore[union-attr,method-assign]
+    second.create_budget(total_budget=5, user="bob")
+    assert first.get_current_cost("alice") == CALL
+    first.update_cost(completion_obj=completion("gpt-3.5-turbo", []), user="alice")
+    with pytest.raises(BudgetExceededError):
+        first.check_budget("alice")
+    first.close()
+    second.close()

@@ -126,7 +126,7 @@ async def test_sync_fastapi_endpoint_runs_in_a_thread_and_charges(fence: Fence) 
         reply = await client.post("/sync", json={"text": "a"}, headers=auth(key))
     assert reply.json() == {"cost": USAGE_COST}
     assert threads == [False]
-    assert await spent(fence, "route:sync:budget:user:alice") == USAGE_COST
+    assert await spent(fence, "route:sync:budget:ever:user:alice") == USAGE_COST
 
 
 async def test_starlette_endpoint_gets_rate_limit_headers(fence: Fence) -> None:
@@ -227,7 +227,7 @@ async def test_stacked_guards_are_one_admission(clock: FakeClock) -> None:
     assert [h.key.split(":")[2] for h in first.rates] == ["rpm"]
     assert [b.key.split(":")[2] for b in first.budgets] == ["budget"]
     name = f"{__name__}.test_stacked_guards_are_one_admission.<locals>.chat"
-    assert first.budgets[0].key == f"route:{name}:budget:user:alice"
+    assert first.budgets[0].key == f"route:{name}:budget:ever:user:alice"
 
 
 @pytest.mark.parametrize("per", ["key", "user", "team"])
@@ -354,7 +354,7 @@ async def test_charge_settles_the_reservation(fence: Fence) -> None:
     async def uncharged() -> dict[str, int]:
         return {}
 
-    counter = "route:chat:budget:user:alice"
+    counter = "route:chat:budget:ever:user:alice"
     async with client_for(app) as client:
         reply = await client.post("/charged", headers=auth(key))
         assert reply.json() == {"cost": USAGE_COST + 10 * 1000 + 5 * 2000}
@@ -419,7 +419,7 @@ async def test_streaming_response_settles_when_the_stream_ends(fence: Fence) -> 
     assert reply.text == again.text == "data: 1\n\ndata: [DONE]\n\n"
     # Both calls were settled with their 150 tokens, not their 500-token estimate.
     assert again.headers["x-ratelimit-remaining-tokens"] == str(1000 - 150 - 500)
-    assert await spent(fence, "route:stream:budget:user:alice") == 2 * USAGE_COST
+    assert await spent(fence, "route:stream:budget:ever:user:alice") == 2 * USAGE_COST
 
 
 async def test_a_disconnect_still_settles(fence: Fence) -> None:
@@ -498,7 +498,7 @@ async def test_dependency_form(fence: Fence) -> None:
     key, _ = await fence.generate_key(user_id="alice")
     async with client_for(app) as client:
         first = await client.post("/chat", headers=auth(key))
-        assert await spent(fence, "route:dep:budget:user:alice") == USAGE_COST
+        assert await spent(fence, "route:dep:budget:ever:user:alice") == USAGE_COST
         second = await client.post("/chat", headers=auth(key))
         third = await client.post("/chat", headers=auth(key))
         unknown = await client.post("/chat", headers=auth("sk-" + "y" * 32))
@@ -551,7 +551,7 @@ async def test_hold_raises_typed_errors(fence: Fence) -> None:
         async with guard.hold("alice"):
             raise AssertionError("never reached")
     assert (limit.value.kind, limit.value.limit) == ("requests", 2)
-    assert await spent(fence, "route:batch:budget:user:alice") == 2 * USAGE_COST
+    assert await spent(fence, "route:batch:budget:ever:user:alice") == 2 * USAGE_COST
 
 
 async def test_hold_by_key_stores_only_the_hash(fence: Fence) -> None:
@@ -624,3 +624,139 @@ async def test_invalid_options_and_calls(fence: Fence) -> None:
 
     with pytest.raises(ConfigurationError):
         await endpoint()  # called directly, without a request
+
+
+# -- faults found in review -------------------------------------------------------------------
+
+
+async def test_stacked_budgets_with_different_periods_are_two_counters(fence: Fence) -> None:
+    key, _ = await fence.generate_key(user_id="alice")
+    app = FastAPI()
+
+    @app.post("/ep")
+    @fence.budget(max_usd=0.001, duration="daily", per="user")
+    @fence.budget(max_usd=10, duration="monthly", per="user")
+    async def ep(request: Request) -> dict[str, int]:
+        return {"cost": await fence.charge(request, model="m", usage=USAGE)}
+
+    async with client_for(app) as client:
+        statuses = [(await client.post("/ep", headers=auth(key))).status_code for _ in range(7)]
+    name = (
+        "tests.test_guards.test_stacked_budgets_with_different_periods_are_two_counters.<locals>.ep"
+    )
+    daily = await spent(fence, f"route:{name}:budget:1d:user:alice")
+    monthly = await spent(fence, f"route:{name}:budget:1mo:user:alice")
+    assert statuses == [200] * 5 + [429, 429]  # $0.0002 a call: five fit the daily $0.001
+    assert daily == monthly == 5 * USAGE_COST  # each counted once, each on its own counter
+
+
+async def test_a_guard_used_as_dependency_and_decorator_counts_once(fence: Fence) -> None:
+    key, _ = await fence.generate_key(user_id="alice")
+    guard = fence.guard(rpm=2, max_usd=1, per="user", name="both")
+    app = FastAPI()
+
+    @app.post("/ep", dependencies=[Depends(guard)])
+    @guard
+    async def ep(request: Request) -> dict[str, int]:
+        return {"cost": await fence.charge(request, model="m", usage=USAGE)}
+
+    async with client_for(app) as client:
+        first = await client.post("/ep", headers=auth(key))
+        second = await client.post("/ep", headers=auth(key))
+    assert (first.status_code, second.status_code) == (200, 200)  # rpm=2: one slot a call
+    assert await spent(fence, "route:both:budget:ever:user:alice") == 2 * USAGE_COST
+
+
+async def test_a_call_fastapi_rejects_is_not_charged(fence: Fence) -> None:
+    key, _ = await fence.generate_key(user_id="alice")
+    guard = fence.guard(rpm=3, max_usd=1, estimate_usd=0.25, per="user", name="strict")
+    app = FastAPI()
+    fence.add_exception_handlers(app)
+    calls = 0
+
+    @app.post("/ep")
+    async def ep(doc: Doc, permit: Permit = Depends(guard)) -> dict[str, str]:  # noqa: B008
+        nonlocal calls
+        calls += 1
+        return {"text": doc.text}
+
+    async with client_for(app) as client:
+        rejected = [
+            await client.post("/ep", json={"wrong": 1}, headers=auth(key)) for _ in range(4)
+        ]
+        ok = await client.post("/ep", json={"text": "hi"}, headers=auth(key))
+    assert [r.status_code for r in rejected] == [422] * 4
+    assert ok.status_code == 200  # the rejected calls used no rate slot
+    assert calls == 1
+    assert await spent(fence, "route:strict:budget:ever:user:alice") == 250_000_000
+    assert [r.status for r in await fence.store.spend_records()] == [200]
+
+
+async def test_a_stream_that_never_starts_still_settles(fence: Fence) -> None:
+    key, _ = await fence.generate_key(user_id="alice")
+
+    @fence.budget(max_usd=1, estimate_usd=0.5, per="user", name="s")
+    async def ep(request: Request) -> StreamingResponse:
+        await fence.charge(request, model="m", usage=USAGE)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: x\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/s", ep)])
+    scope: Scope = {
+        "type": "http", "method": "GET", "path": "/s", "query_string": b"",
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+    }  # fmt: skip
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        raise OSError("the client is gone")  # ASGI 2.4: sending to a closed connection
+
+    with pytest.raises(Exception):  # noqa: B017, PT011 - Starlette's ClientDisconnect
+        await app(scope, receive, send)
+    assert await spent(fence, "route:s:budget:ever:user:alice") == USAGE_COST
+    [log] = await fence.store.spend_records()
+    assert (log.cost, log.status) == (USAGE_COST, 499)
+
+
+async def test_guarded_spend_also_lands_at_the_callers_levels(fence: Fence) -> None:
+    await fence.new_user("alice")
+    key, record = await fence.generate_key(user_id="alice")
+    app = FastAPI()
+
+    @app.post("/ep")
+    @fence.limit(rpm=100, per="user", name="counted")
+    async def ep(request: Request) -> dict[str, int]:
+        return {"cost": await fence.charge(request, model="m", usage=USAGE)}
+
+    async with client_for(app) as client:
+        for _ in range(3):
+            assert (await client.post("/ep", headers=auth(key))).status_code == 200
+    for level in ("global", "user:alice", f"key:{record.key_hash}"):
+        [state] = await fence.store.budgets([BudgetScope(level, "x", "x")], fence.clock())
+        assert state.total == 3 * USAGE_COST, level
+
+
+async def test_end_user_identities_are_bounded(fence: Fence) -> None:
+    app = FastAPI()
+    fence.add_exception_handlers(app)
+
+    @app.post("/ep")
+    @fence.limit(rpm=10, per="end_user", name="eu")
+    async def ep(request: Request) -> dict[str, bool]:
+        return {"ok": True}
+
+    async with client_for(app) as client:
+        nested = await client.post("/ep", content=b"[" * 100_000 + b"]" * 100_000)
+        long_name = await client.post("/ep", json={"user": "u" * 300})
+        huge = await client.post("/ep", content=b'{"user": "' + b"x" * (2 << 20) + b'"}')
+        fine = await client.post("/ep", json={"user": "eve"})
+    for response in (nested, long_name, huge):
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "user"
+    assert fine.status_code == 200

@@ -24,6 +24,7 @@ without a duration and `reset_cost` are saved too.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import threading
@@ -363,25 +364,31 @@ class _DictBackend:
         return self._data.get(user)
 
     def put(self, user: str, entry: Entry) -> None:
-        self._data[user] = dict(entry)
-        self.save()
+        self._commit(user, dict(entry))
 
     def charge(self, user: str, model: str, cost: int) -> None:
-        entry = self._get(user)
+        entry = copy.deepcopy(self._get(user))
         entry["current_cost"] = entry.get("current_cost", 0) + cost
         models = entry.setdefault("model_cost", {})
         models[model] = models.get(model, 0) + cost
-        self.save()
+        self._commit(user, entry)
 
     def reset(self, user: str, now: float | None) -> None:
-        entry = self._get(user)
+        entry = copy.deepcopy(self._get(user))
         entry |= {"current_cost": 0, "model_cost": {}}
         if now is not None:
             entry["last_updated_at"] = now
-        self.save()
+        self._commit(user, entry)
 
     def save(self) -> dict[str, Any]:
         return self._persistence.write({user: _to_usd(e) for user, e in self._data.items()})
+
+    def _commit(self, user: str, entry: Entry) -> None:
+        # Saved first, kept after: a save that fails (a server error, a full disk) leaves the
+        # manager as it was, so a retried update is not counted twice.
+        data = {**self._data, user: entry}
+        self._persistence.write({name: _to_usd(e) for name, e in data.items()})
+        self._data = data
 
     def close(self) -> None:
         self._persistence.close()
@@ -518,9 +525,11 @@ class _StoreBackend:
         if meta is None:
             return None
         entry = {key: value for key, value in meta.items() if key != "models"}
-        if "models" in meta:
-            models = list(meta["models"])
-            states = self._call(self._store.budgets, self._scopes(user, models), self._clock())
+        # The user's own counter is read whatever the document says: it is the truth, and a
+        # document write lost to a concurrent one must not hide the user's spend.
+        models = list(meta.get("models", []))
+        states = self._call(self._store.budgets, self._scopes(user, models), self._clock())
+        if "models" in meta or states[0].spent:
             entry["current_cost"] = states[0].spent
             entry["model_cost"] = {
                 model: s.spent for model, s in zip(models, states[1:], strict=True)

@@ -33,7 +33,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
@@ -42,11 +42,12 @@ import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from llmfence._core.auth import Principal, api_key_from_headers
 from llmfence._core.meter import RequestContext
 from llmfence._core.refusals import error_headers, rate_limit_headers, refusal_error
-from llmfence._duration import parse_duration
+from llmfence._duration import Duration, parse_duration
 from llmfence._money import usd_to_nano
 from llmfence._usage import Usage, usage_from_json
 from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError, StoreError
@@ -77,6 +78,10 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _SCOPE_KEY = "llmfence.route"
 _HIDDEN = "llmfence_request_"
 _DEGRADED = ("x-llmfence-degraded", "store-unavailable")
+# An end user is read from bodies of ordinary size, and named by at most this many characters
+# (an id becomes part of a counter's name).
+_MAX_END_USER_BODY = 1 << 20
+_MAX_IDENTITY = 256
 _KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
 _POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
 _Who = tuple[str, str, str]  # (level, counter id, what messages show)
@@ -97,6 +102,9 @@ class _Ledger:
     principal: Principal | None = None
     end_user: str | None = None
     rate_states: list[RateState] = field(default_factory=list)
+    # (guard, counter name) pairs already admitted for this request: a guard used both as a
+    # dependency and as a decorator of one endpoint is admitted, and charged, once.
+    admitted: set[tuple[int, str]] = field(default_factory=set)
 
     def add(self, cost: int, usage: Usage, model: str, source: str) -> None:
         self.cost += cost
@@ -157,18 +165,33 @@ class _Hold:
     now: float
     started: float = field(default_factory=time.perf_counter)
     settled: bool = False
+    noop: bool = False  # every guard of it was admitted already, by another use
+    charge_levels: bool = True  # also count the spend at the app's and the caller's levels
 
     def headers(self) -> list[tuple[str, str]]:
         pairs = [(k.decode(), v.decode()) for k, v in rate_limit_headers(self.ledger.rate_states)]
         return pairs if self.reserved else [*pairs, _DEGRADED]
 
-    async def settle(self, status: int) -> None:
-        if self.settled:
+    async def settle(self, status: int, *, refund: bool = False) -> None:
+        """Settle once: with what was charged, else the estimate; `refund` gives it all back
+        (a call the app rejected before spending anything)."""
+        if self.settled or self.noop:
             return
         self.settled = True
         ledger, meter, store = self.ledger, self.fence.meter, self.fence.store
         ledger.holds -= 1
         charged = ledger.provenance is not None
+        if refund and not charged:
+            with anyio.CancelScope(shield=True):
+                try:
+                    if self.reserved:
+                        settlement = Settlement(
+                            self.request_id, self.fence.clock(), 0, 0, refund_requests=True
+                        )
+                        await meter.call(store.settle(settlement))
+                except StoreError as error:
+                    meter.degraded("settle", error)
+            return
         cost = ledger.cost if charged else self.estimate
         tokens = ledger.input_tokens + ledger.output_tokens if charged else self.tokens_estimate
         record = None
@@ -183,6 +206,13 @@ class _Hold:
                 if self.reserved or record is not None:  # (an unknown id: the record only)
                     settlement = Settlement(self.request_id, now, cost, tokens, record)
                     await meter.call(store.settle(settlement))
+                if cost and self.charge_levels:
+                    # The route's spend counts in the app's, the caller's and the end user's
+                    # budgets too (their limits are the middlewares' to enforce).
+                    levels = self.fence.budget_check.scopes(
+                        ledger.principal, ledger.end_user, ledger.model or None, now
+                    )
+                    await meter.call(store.charge(levels, cost, now))
             except StoreError as error:
                 meter.degraded("settle", error)
 
@@ -338,6 +368,7 @@ class RouteGuard:
             except LLMFenceError as error:
                 return _error_response(error, ledger.rate_states, fence.clock())
             status, streaming = 499, False  # 499 unless the endpoint returns or raises
+            rejected = False
             try:
                 if call_async:
                     result = await inner(*args, **kwargs)
@@ -348,18 +379,21 @@ class RouteGuard:
                     for header, value in held.headers():
                         result.headers.append(header, value)
                     if isinstance(result, StreamingResponse):
-                        # The route may charge while it streams: settle when the stream ends.
-                        result.body_iterator = _settling(result.body_iterator, held, status)
+                        # The route may charge while it streams: settle when the response has
+                        # been sent (or failed to be), whether its stream ever started or not.
                         streaming = True
+                        return _SettlingResponse(result, held)
                 else:
                     status = 200
                 return result
             except Exception as error:
-                status = getattr(error, "status_code", 500)
+                # An endpoint that rejects the call (a 4xx) before charging spent nothing.
+                status = _status_of(error)
+                rejected = 400 <= status < 500
                 raise
             finally:
                 if not streaming:
-                    await held.settle(status)
+                    await held.settle(status, refund=rejected)
 
         if hidden:
             # FastAPI injects the Request through this keyword (Request parameters never show
@@ -385,12 +419,18 @@ async def _holding(
     guard: RouteGuard, name: str, who: _Who, ledger: _Ledger, path: str
 ) -> AsyncIterator[Permit]:
     held = await _admit(guard._fence, [(guard, name, who)], ledger, path)
-    status = 500
+    status, rejected = 500, False
     try:
         yield Permit(guard._fence, ledger, who[2])
         status = 200
+    except Exception as error:
+        # FastAPI throws a validation error (422) or an endpoint's 4xx into the dependency:
+        # a call rejected before it charged anything spent nothing.
+        status = _status_of(error)
+        rejected = 400 <= status < 500
+        raise
     finally:
-        await held.settle(status)
+        await held.settle(status, refund=rejected)
 
 
 async def _admit(
@@ -398,6 +438,8 @@ async def _admit(
 ) -> _Hold:
     """Send every check of one guarded call to the store in one admission."""
     now = fence.clock()
+    guards = [(g, n, w) for g, n, w in guards if (id(g), n) not in ledger.admitted]
+    ledger.admitted.update((id(g), n) for g, n, _ in guards)
     rates: list[RateHit] = []
     budgets: list[BudgetScope] = []
     for guard, name, (level, ident, label) in guards:
@@ -412,7 +454,8 @@ async def _admit(
             rates.append(RateHit(key, "tokens", level, tag, guard.tpm, cost, guard.window))
         if guard.max_budget is not None:
             end = guard.duration.period_end(now) if guard.duration is not None else None
-            key = f"route:{name}:budget:{ident}"
+            period = "ever" if guard.duration is None else _period_name(guard.duration)
+            key = f"route:{name}:budget:{period}:{ident}"
             budgets.append(BudgetScope(key, level, tag, guard.max_budget, end))
     estimate = max((g.estimate for g, _, _ in guards if g.max_budget is not None), default=0)
     token_estimates = {g.tokens_estimate for g, _, _ in guards if g.tpm is not None}
@@ -427,6 +470,9 @@ async def _admit(
         path,
         now,
     )
+    if not guards:
+        held.noop = True
+        return held
     # At least one nano-USD, so a budget already used up refuses even a call estimated free.
     reserve = max(1, estimate) if budgets else 0
     admission = Admission(held.request_id, now, tuple(rates), (), held.budgets, reserve)
@@ -465,6 +511,10 @@ async def _who(fence: Fence, per: Per, request: Request, ledger: _Ledger) -> _Wh
                 "This route counts end users: name one in a `user` query parameter or the "
                 "JSON body's `user` field.",
                 param="user",
+            )
+        if len(end_user) > _MAX_IDENTITY:
+            raise InvalidRequestError(
+                f"`user` is longer than {_MAX_IDENTITY} characters.", param="user"
             )
         return "end_user", f"end_user:{end_user}", end_user
     principal = ledger.principal
@@ -508,12 +558,20 @@ async def _end_user(request: Request) -> str | None:
     ctx = _context(request)
     if ctx is not None and ctx.end_user:
         return ctx.end_user
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > _MAX_END_USER_BODY:
+        raise InvalidRequestError("The body is too large to read its `user`.", param="user")
     try:
         body = json.loads(await request.body())  # Starlette caches it for the endpoint
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     user = body.get("user") if isinstance(body, dict) else None
     return user if isinstance(user, str) and user else None
+
+
+def _period_name(duration: Duration) -> str:
+    # Part of the budget counter's name: a daily and a monthly budget on one route are two.
+    return f"{duration}{'-aligned' if duration.aligned else ''}"
 
 
 def _context(request: Request) -> RequestContext | None:
@@ -536,14 +594,32 @@ def _is_request(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Request)
 
 
-async def _settling(body: AsyncIterable[Any], held: _Hold, status: int) -> AsyncIterator[Any]:
-    done = False
-    try:
-        async for chunk in body:
-            yield chunk
-        done = True
-    finally:
-        await held.settle(status if done else 499)
+class _SettlingResponse(Response):
+    """A streamed response that settles its guard's reservation once it has been sent."""
+
+    def __init__(self, inner: StreamingResponse, held: _Hold) -> None:
+        # Not Response.__init__: this only forwards to `inner`, which rendered everything.
+        self.inner, self.held = inner, held
+        self.status_code = inner.status_code
+        self.background = inner.background
+        self.raw_headers = inner.raw_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.inner.background = self.background  # FastAPI may have set background tasks
+        sent = False
+        try:
+            await self.inner(scope, receive, send)
+            sent = True
+        finally:
+            await self.held.settle(self.status_code if sent else 499)
+
+
+def _status_of(error: BaseException) -> int:
+    """The HTTP status an exception becomes: its own, 422 for a validation error, else 500."""
+    status = getattr(error, "status_code", None)
+    if isinstance(status, int):
+        return status
+    return 422 if type(error).__name__ == "RequestValidationError" else 500
 
 
 def _record(held: _Hold, ledger: _Ledger, cost: int, status: int) -> SpendRecord:
@@ -627,7 +703,9 @@ async def charge_request(
     now = fence.clock()
     scopes = tuple(fence.budget_check.scopes(principal, once.end_user, priced[2], now))
     request_id = f"route.{uuid.uuid4().hex}"
-    await _Hold(fence, once, request_id, False, scopes, 0, None, request.url.path, now).settle(200)
+    held = _Hold(fence, once, request_id, False, scopes, 0, None, request.url.path, now)
+    held.charge_levels = False  # its budgets are those levels already
+    await held.settle(200)
     return priced[0]
 
 
