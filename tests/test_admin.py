@@ -280,3 +280,13 @@ async def test_mountable_app_and_fastapi() -> None:
     async with client_for(starlette_app) as client:
         info = await client.get("/ops/team/info", params={"team_id": "t"}, headers=auth(MASTER))
     assert info.json()["team_id"] == "t"
+
+
+async def test_nan_and_infinity_are_refused(
+    admin: tuple[Fence, httpx.AsyncClient, FakeClock],
+) -> None:
+    _, client, _ = admin
+    for raw in (b'{"max_budget": Infinity}', b'{"project_name": "p", "user_dict": {"u": NaN}}'):
+        path = "/key/generate" if b"max_budget" in raw else "/set_budget"
+        response = await client.post(path, content=raw)
+        assert response.status_code == 400, raw

@@ -170,7 +170,9 @@ def admin_routes(fence: Fence) -> list[Route]:
                 body: dict[str, Any] = {}
                 if method == "POST":
                     try:
-                        body = json.loads(await request.body() or b"{}")
+                        body = json.loads(
+                            await request.body() or b"{}", parse_constant=_reject_constant
+                        )
                     except (ValueError, RecursionError) as error:
                         raise InvalidRequestError("The body is not valid JSON.") from error
                     if not isinstance(body, dict):
@@ -442,6 +444,11 @@ def admin_routes(fence: Fence) -> list[Route]:
 def admin_app(fence: Fence) -> Starlette:
     """The admin API as a Starlette app of its own, to mount anywhere."""
     return Starlette(routes=admin_routes(fence))
+
+
+def _reject_constant(name: str) -> None:
+    # NaN and Infinity are not JSON: no budget, limit or stored document may hold them.
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _period_end(duration: str | None, now: float) -> float | None:
