@@ -98,7 +98,8 @@ async def walkthrough(client: httpx.AsyncClient) -> None:
     async def new_key(**fields: Any) -> str:
         response = await client.post("/key/generate", headers=admin, json=fields)
         key: str = response.json()["key"]
-        line(f"POST /key/generate {json.dumps(fields)}", response.json()["key_name"])
+        shown = ", ".join(f"{name}={value}" for name, value in fields.items())
+        line("POST /key/generate", f"{response.json()['key_name']}  {shown}")
         return key
 
     rpm_key = await new_key(user_id="ada@example.com", rpm_limit=3, key_alias="notebook")
