@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llmfence._core.auth import Principal, api_key_from_headers
+from llmfence._core.checks import check_window
 from llmfence._core.meter import RequestContext
 from llmfence._core.refusals import error_headers, rate_limit_headers, refusal_error
 from llmfence._duration import Duration, parse_duration
@@ -271,8 +272,9 @@ class RouteGuard:
         for option, value in (("rpm", rpm), ("tpm", tpm), ("tokens_estimate", tokens_estimate)):
             if value is not None and (type(value) is not int or value < 0):
                 raise ConfigurationError(f"{option} must be a non-negative int, not {value!r}")
-        if window <= 0 or (rpm is None and tpm is None and max_usd is None):
-            raise ConfigurationError("a route guard needs rpm, tpm or max_usd, and a window > 0")
+        check_window(window)
+        if rpm is None and tpm is None and max_usd is None:
+            raise ConfigurationError("a route guard needs rpm, tpm or max_usd")
         self.max_budget = None if max_usd is None else usd_to_nano(max_usd)
         self.estimate = usd_to_nano(estimate_usd)
         if (self.max_budget or 0) < 0 or self.estimate < 0:

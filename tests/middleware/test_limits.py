@@ -237,3 +237,14 @@ async def test_two_windows_of_one_kind_are_two_counters() -> None:
             statuses.append((await c.post(CHAT, json=chat_body())).status_code)
             clock.advance(0.5)  # 2 requests a second: the per-second limit never binds
     assert statuses.count(200) == 12  # the hourly limit does
+
+
+@pytest.mark.parametrize("window", [0, -1, float("nan"), float("inf"), 0.0001])
+def test_windows_must_be_finite_and_at_least_a_millisecond(window: float) -> None:
+    from llmfence import MemoryStore, RequestRateLimitMiddleware
+    from llmfence.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="window"):
+        RequestRateLimitMiddleware(mock_llm_app(), store=MemoryStore(), limit=1, window=window)
+    with pytest.raises(ConfigurationError, match="window"):
+        Fence(store=MemoryStore()).limit(rpm=1, window=window)

@@ -7,6 +7,7 @@ hold configuration only, never per-request state.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,7 +21,15 @@ from llmfence.stores._types import RateKind, _Limits
 
 from .auth import Principal
 
-__all__ = ["BudgetCheck", "Check", "ParallelCheck", "RateCheck", "parse_rate"]
+__all__ = [
+    "BudgetCheck",
+    "Check",
+    "ParallelCheck",
+    "RateCheck",
+    "check_window",
+    "checked_limit",
+    "parse_rate",
+]
 
 OutagePolicy = str  # "fail_open" | "fail_closed"
 
@@ -37,6 +46,12 @@ def parse_rate(rate: str) -> tuple[int, float]:
     except ValueError as error:
         raise ConfigurationError(f"Invalid rate {rate!r}: {error}") from error
     return item.amount, float(item.get_expiry())
+
+
+def check_window(window: float) -> None:
+    """Refuse a window that is not a finite number of seconds of at least a millisecond."""
+    if not isinstance(window, int | float) or not math.isfinite(window) or window < 0.001:
+        raise ConfigurationError(f"window must be at least 0.001 seconds, not {window!r}")
 
 
 def _policy(value: str) -> str:
@@ -135,8 +150,7 @@ class RateCheck(Check):
         if self.kind not in ("requests", "tokens"):
             raise ConfigurationError(f"kind must be 'requests' or 'tokens', not {self.kind!r}")
         checked_limit("default_limit", self.default_limit)
-        if self.window <= 0:
-            raise ConfigurationError("window must be positive")
+        check_window(self.window)
 
     def hits(self, principal: Principal | None, cost: int) -> list[RateHit]:
         """The windows this request hits, with `cost` units (1 request, or N tokens)."""
