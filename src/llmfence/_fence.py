@@ -19,10 +19,11 @@ from ._core.meter import Meter
 from ._duration import parse_duration
 from ._money import usd_to_nano
 from ._pricing import ModelPrice, PriceBook, PriceOverride
+from ._route_ledger import charge_request
 from ._tokens import TokenCounter
 from ._usage import Usage
 from .exceptions import ConfigurationError, LLMFenceError
-from .guards import Per, RouteGuard, charge_request, exception_handler
+from .guards import Per, RouteGuard, exception_handler
 from .middleware import (
     BudgetGuardMiddleware,
     KeyAuthMiddleware,

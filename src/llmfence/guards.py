@@ -31,35 +31,36 @@ import functools
 import inspect
 import json
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 
-import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
 
-from llmfence._core.auth import Principal, api_key_from_headers
+from llmfence._core.auth import api_key_from_headers
 from llmfence._core.checks import check_window
-from llmfence._core.meter import RequestContext
 from llmfence._core.refusals import error_headers, rate_limit_headers, refusal_error
 from llmfence._duration import Duration, parse_duration
 from llmfence._money import usd_to_nano
-from llmfence._usage import Usage, usage_from_json
+from llmfence._route_ledger import (
+    SCOPE_KEY,
+    Hold,
+    Ledger,
+    Permit,
+    SettlingResponse,
+    ledger_of,
+    request_context,
+)
 from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError, StoreError
-from llmfence.middleware._base import STATE_KEY
 from llmfence.stores import (
     Admission,
     BudgetScope,
     RateHit,
     RateState,
-    Settlement,
-    SpendRecord,
     hash_key,
     mask_key,
 )
@@ -74,11 +75,7 @@ logger = logging.getLogger("llmfence")
 Per = Literal["key", "user", "team", "end_user", "ip"] | Callable[[Request], str | Awaitable[str]]
 _PERS = ("key", "user", "team", "end_user", "ip")
 _F = TypeVar("_F", bound=Callable[..., Any])
-# The request's ledger lives in the ASGI scope itself: `scope["state"]` may be the lifespan state
-# that every request shares when the llmfence middlewares did not run.
-_SCOPE_KEY = "llmfence.route"
 _HIDDEN = "llmfence_request_"
-_DEGRADED = ("x-llmfence-degraded", "store-unavailable")
 # An end user is read from bodies of ordinary size, and named by at most this many characters
 # (an id becomes part of a counter's name).
 _MAX_END_USER_BODY = 1 << 20
@@ -86,136 +83,6 @@ _MAX_IDENTITY = 256
 _KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
 _POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
 _Who = tuple[str, str, str]  # (level, counter id, what messages show)
-
-
-@dataclass(slots=True, eq=False)
-class _Ledger:
-    """What one request's LLM calls cost, as the route reported it; shared by all its guards."""
-
-    cost: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    model: str = ""
-    source: str = ""
-    provenance: str | None = None  # None until something is charged
-    holds: int = 0  # guards holding a reservation right now
-    principal: Principal | None = None
-    end_user: str | None = None
-    rate_states: list[RateState] = field(default_factory=list)
-    # (guard, counter name) pairs already admitted for this request: a guard used both as a
-    # dependency and as a decorator of one endpoint is admitted, and charged, once.
-    admitted: set[tuple[int, str]] = field(default_factory=set)
-
-    def add(self, cost: int, usage: Usage, model: str, source: str) -> None:
-        self.cost += cost
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
-        self.cached_tokens += usage.cached_input_tokens
-        self.model, self.source = self.model or model, self.source or source
-        if usage.estimated or self.provenance == "estimated":
-            self.provenance = "estimated"
-        else:
-            self.provenance = "provider-reported"
-
-
-class Permit:
-    """The pass of one admitted call: report through it what the call's LLM requests cost.
-
-    Attributes:
-        identity: Who the call is counted against, as messages show it (a masked key, an id).
-    """
-
-    def __init__(self, fence: Fence, ledger: _Ledger, identity: str) -> None:
-        self._fence = fence
-        self._ledger = ledger
-        self.identity = identity
-
-    @property
-    def charged(self) -> int:
-        """What has been charged so far, in nano-USD."""
-        return self._ledger.cost
-
-    def charge(
-        self,
-        response: Any = None,
-        *,
-        model: str | None = None,
-        usage: Usage | Mapping[str, Any] | None = None,
-    ) -> int:
-        """Report the cost of one LLM call; several calls add up. See `Fence.charge`."""
-        priced = _price(self._fence, response, model, usage)
-        if priced is None:
-            return 0
-        self._ledger.add(*priced)
-        return priced[0]
-
-
-@dataclass(slots=True, eq=False)
-class _Hold:
-    """One admitted reservation, settled once when the guarded call ends."""
-
-    fence: Fence
-    ledger: _Ledger
-    request_id: str
-    reserved: bool  # False: let through while the store was down, or charged without a guard
-    budgets: tuple[BudgetScope, ...]
-    estimate: int
-    tokens_estimate: int | None
-    path: str
-    now: float
-    started: float = field(default_factory=time.perf_counter)
-    settled: bool = False
-    noop: bool = False  # every guard of it was admitted already, by another use
-    charge_levels: bool = True  # also count the spend at the app's and the caller's levels
-
-    def headers(self) -> list[tuple[str, str]]:
-        pairs = [(k.decode(), v.decode()) for k, v in rate_limit_headers(self.ledger.rate_states)]
-        return pairs if self.reserved else [*pairs, _DEGRADED]
-
-    async def settle(self, status: int, *, refund: bool = False) -> None:
-        """Settle once: with what was charged, else the estimate; `refund` gives it all back
-        (a call the app rejected before spending anything)."""
-        if self.settled or self.noop:
-            return
-        self.settled = True
-        ledger, meter, store = self.ledger, self.fence.meter, self.fence.store
-        ledger.holds -= 1
-        charged = ledger.provenance is not None
-        if refund and not charged:
-            with anyio.CancelScope(shield=True):
-                try:
-                    if self.reserved:
-                        settlement = Settlement(
-                            self.request_id, self.fence.clock(), 0, 0, refund_requests=True
-                        )
-                        await meter.call(store.settle(settlement))
-                except StoreError as error:
-                    meter.degraded("settle", error)
-            return
-        cost = ledger.cost if charged else self.estimate
-        tokens = ledger.input_tokens + ledger.output_tokens if charged else self.tokens_estimate
-        record = None
-        if charged or self.budgets:  # a limits-only call that charged nothing spent nothing
-            record = _record(self, ledger, cost, status)
-        # A client disconnect cancels the request's task: the reservation must settle anyway.
-        with anyio.CancelScope(shield=True):
-            try:
-                now = self.fence.clock()
-                if not self.reserved and self.budgets:  # the spend lands without a reservation
-                    await meter.call(store.charge(self.budgets, cost, now))
-                if self.reserved or record is not None:  # (an unknown id: the record only)
-                    settlement = Settlement(self.request_id, now, cost, tokens, record)
-                    await meter.call(store.settle(settlement))
-                if cost and self.charge_levels:
-                    # The route's spend counts in the app's, the caller's and the end user's
-                    # budgets too (their limits are the middlewares' to enforce).
-                    levels = self.fence.budget_check.scopes(
-                        ledger.principal, ledger.end_user, ledger.model or None, now
-                    )
-                    await meter.call(store.charge(levels, cost, now))
-            except StoreError as error:
-                meter.degraded("settle", error)
 
 
 class RouteGuard:
@@ -324,11 +191,11 @@ class RouteGuard:
             who = ("key", f"key:{hash_key(identity)}", mask_key(identity))
         else:
             who = (kind, f"{kind}:{identity}", identity)
-        async with _holding(self, self.name or "default", who, _Ledger(), "") as permit:
+        async with _holding(self, self.name or "default", who, Ledger(), "") as permit:
             yield permit
 
     async def _dependency(self, request: Request) -> AsyncIterator[Permit]:
-        ledger = _ledger(request)
+        ledger = ledger_of(request)
         endpoint = request.scope.get("endpoint")
         name = self.name or (_qualified(endpoint) if endpoint else request.url.path)
         who = await _who(self._fence, self.per, request, ledger)
@@ -363,7 +230,7 @@ class RouteGuard:
                 request = next((a for a in given if isinstance(a, Request)), None)
             if request is None:
                 raise ConfigurationError(f"{default} is guarded: it must be called with a Request")
-            ledger = _ledger(request)
+            ledger = ledger_of(request)
             try:
                 entries = [(g, n, await _who(fence, g.per, request, ledger)) for g, n in named]
                 held = await _admit(fence, entries, ledger, request.url.path)
@@ -384,7 +251,7 @@ class RouteGuard:
                         # The route may charge while it streams: settle when the response has
                         # been sent (or failed to be), whether its stream ever started or not.
                         streaming = True
-                        return _SettlingResponse(result, held)
+                        return SettlingResponse(result, held)
                 else:
                     status = 200
                 return result
@@ -418,7 +285,7 @@ class _Guarded:
 
 @asynccontextmanager
 async def _holding(
-    guard: RouteGuard, name: str, who: _Who, ledger: _Ledger, path: str
+    guard: RouteGuard, name: str, who: _Who, ledger: Ledger, path: str
 ) -> AsyncIterator[Permit]:
     held = await _admit(guard._fence, [(guard, name, who)], ledger, path)
     status, rejected = 500, False
@@ -436,8 +303,8 @@ async def _holding(
 
 
 async def _admit(
-    fence: Fence, guards: Sequence[tuple[RouteGuard, str, _Who]], ledger: _Ledger, path: str
-) -> _Hold:
+    fence: Fence, guards: Sequence[tuple[RouteGuard, str, _Who]], ledger: Ledger, path: str
+) -> Hold:
     """Send every check of one guarded call to the store in one admission."""
     now = fence.clock()
     guards = [(g, n, w) for g, n, w in guards if (id(g), n) not in ledger.admitted]
@@ -461,7 +328,7 @@ async def _admit(
             budgets.append(BudgetScope(key, level, tag, guard.max_budget, end))
     estimate = max((g.estimate for g, _, _ in guards if g.max_budget is not None), default=0)
     token_estimates = {g.tokens_estimate for g, _, _ in guards if g.tpm is not None}
-    held = _Hold(
+    held = Hold(
         fence,
         ledger,
         f"route.{uuid.uuid4().hex}",
@@ -497,7 +364,7 @@ async def _admit(
     return held
 
 
-async def _who(fence: Fence, per: Per, request: Request, ledger: _Ledger) -> _Who:
+async def _who(fence: Fence, per: Per, request: Request, ledger: Ledger) -> _Who:
     """Whom a request is counted against: (level, counter id, label). Never a plain key."""
     if callable(per):
         value = per(request)
@@ -521,7 +388,7 @@ async def _who(fence: Fence, per: Per, request: Request, ledger: _Ledger) -> _Wh
         return "end_user", f"end_user:{end_user}", end_user
     principal = ledger.principal
     if principal is None:
-        ctx = _context(request)
+        ctx = request_context(request)
         principal = ctx.principal if ctx is not None else None
         if principal is None:  # the middlewares did not run: authenticate here (401 if bad)
             api_key = api_key_from_headers(request.headers)
@@ -557,7 +424,7 @@ async def _end_user(request: Request) -> str | None:
     name = request.query_params.get("user")
     if name:
         return name
-    ctx = _context(request)
+    ctx = request_context(request)
     if ctx is not None and ctx.end_user:
         return ctx.end_user
     length = request.headers.get("content-length", "")
@@ -576,18 +443,6 @@ def _period_name(duration: Duration) -> str:
     return f"{duration}{'-aligned' if duration.aligned else ''}"
 
 
-def _context(request: Request) -> RequestContext | None:
-    ctx = (request.scope.get("state") or {}).get(STATE_KEY)
-    return ctx if isinstance(ctx, RequestContext) else None
-
-
-def _ledger(request: Request) -> _Ledger:
-    ledger = request.scope.get(_SCOPE_KEY)
-    if not isinstance(ledger, _Ledger):
-        ledger = request.scope[_SCOPE_KEY] = _Ledger()
-    return ledger
-
-
 def _qualified(endpoint: Any) -> str:
     return f"{endpoint.__module__}.{endpoint.__qualname__}"
 
@@ -596,119 +451,12 @@ def _is_request(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Request)
 
 
-class _SettlingResponse(Response):
-    """A streamed response that settles its guard's reservation once it has been sent."""
-
-    def __init__(self, inner: StreamingResponse, held: _Hold) -> None:
-        # Not Response.__init__: this only forwards to `inner`, which rendered everything.
-        self.inner, self.held = inner, held
-        self.status_code = inner.status_code
-        self.background = inner.background
-        self.raw_headers = inner.raw_headers
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.inner.background = self.background  # FastAPI may have set background tasks
-        sent = False
-        try:
-            await self.inner(scope, receive, send)
-            sent = True
-        finally:
-            await self.held.settle(self.status_code if sent else 499)
-
-
 def _status_of(error: BaseException) -> int:
     """The HTTP status an exception becomes: its own, 422 for a validation error, else 500."""
     status = getattr(error, "status_code", None)
     if isinstance(status, int):
         return status
     return 422 if type(error).__name__ == "RequestValidationError" else 500
-
-
-def _record(held: _Hold, ledger: _Ledger, cost: int, status: int) -> SpendRecord:
-    principal = ledger.principal
-    return SpendRecord(
-        request_id=held.request_id,
-        timestamp=held.now,
-        model=ledger.model,
-        cost=cost,
-        input_tokens=ledger.input_tokens,
-        output_tokens=ledger.output_tokens,
-        cached_tokens=ledger.cached_tokens,
-        **(principal.spend_fields() if principal else {}),
-        end_user=ledger.end_user,
-        provenance=cast(Any, ledger.provenance or "reservation-only"),
-        price_source=ledger.source,
-        status=status,
-        latency_ms=round((time.perf_counter() - held.started) * 1000, 3),
-        path=held.path,
-    )
-
-
-def _price(
-    fence: Fence, response: Any, model: str | None, usage: Usage | Mapping[str, Any] | None
-) -> tuple[int, Usage, str, str] | None:
-    """(cost in nano-USD, usage, model, price source) of one call, or None without usage."""
-    if response is not None:
-        data = response.model_dump() if hasattr(response, "model_dump") else response
-        if not isinstance(data, Mapping):
-            raise ConfigurationError("charge() takes an OpenAI or Anthropic response, or a dict")
-        found = usage_from_json(data)
-        model = model or data.get("model")
-    elif isinstance(usage, Usage):
-        found = usage
-    elif usage is not None:
-        # A dict of OpenAI usage fields, or an SDK's usage object.
-        fields = cast(Any, usage).model_dump() if hasattr(usage, "model_dump") else usage
-        found = usage_from_json({"usage": fields})
-    else:
-        raise ConfigurationError("charge() needs a response, or model= and usage=")
-    if found is None:
-        # The call happened but says nothing of its usage: the reservation's estimate stands.
-        logger.warning("llmfence charge(): the response reports no usage; keeping the estimate")
-        return None
-    if not isinstance(model, str) or not model:
-        raise ConfigurationError("charge() needs the model (model=, or the response's `model`)")
-    price = fence.meter.prices.price_for(model)
-    return price.cost(found), found, model, price.source
-
-
-async def charge_request(
-    fence: Fence,
-    request: Request,
-    response: Any = None,
-    *,
-    model: str | None = None,
-    usage: Usage | Mapping[str, Any] | None = None,
-) -> int:
-    """`Fence.charge`: into the request's guard reservation, or at once without one."""
-    priced = _price(fence, response, model, usage)
-    if priced is None:
-        return 0
-    ledger = request.scope.get(_SCOPE_KEY)
-    if isinstance(ledger, _Ledger) and ledger.holds > 0:
-        ledger.add(*priced)
-        return priced[0]
-    ctx = _context(request)
-    principal = ctx.principal if ctx is not None else None
-    if principal is None and isinstance(ledger, _Ledger):
-        principal = ledger.principal
-    api_key = api_key_from_headers(request.headers)
-    if principal is None and api_key:
-        try:
-            principal = await fence.authenticator.authenticate(api_key)
-        except LLMFenceError:  # the call was made: its spend lands at the global level at least
-            principal = None
-    once = _Ledger(holds=1, principal=principal, end_user=ctx.end_user if ctx else None)
-    once.add(*priced)
-    # The spend lands at every level of the caller, limits untouched (`store.charge`), with
-    # the Fence's own periods for the global and end-user levels.
-    now = fence.clock()
-    scopes = tuple(fence.budget_check.scopes(principal, once.end_user, priced[2], now))
-    request_id = f"route.{uuid.uuid4().hex}"
-    held = _Hold(fence, once, request_id, False, scopes, 0, None, request.url.path, now)
-    held.charge_levels = False  # its budgets are those levels already
-    await held.settle(200)
-    return priced[0]
 
 
 def _error_response(error: LLMFenceError, states: Sequence[RateState], now: float) -> Response:
@@ -725,8 +473,8 @@ def exception_handler(fence: Fence) -> Callable[[Request, Exception], Awaitable[
     async def handle(request: Request, error: Exception) -> Response:
         if not isinstance(error, LLMFenceError):  # pragma: no cover - registered for it only
             raise error
-        ledger = request.scope.get(_SCOPE_KEY)
-        states = ledger.rate_states if isinstance(ledger, _Ledger) else []
+        ledger = request.scope.get(SCOPE_KEY)
+        states = ledger.rate_states if isinstance(ledger, Ledger) else []
         return _error_response(error, states, fence.clock())
 
     return handle
