@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -69,8 +68,6 @@ if TYPE_CHECKING:
     from llmfence._fence import Fence
 
 __all__ = ["Per", "Permit", "RouteGuard"]
-
-logger = logging.getLogger("llmfence")
 
 Per = Literal["key", "user", "team", "end_user", "ip"] | Callable[[Request], str | Awaitable[str]]
 _PERS = ("key", "user", "team", "end_user", "ip")
