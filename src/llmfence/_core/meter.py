@@ -251,10 +251,9 @@ class Meter:
             again = await self.call(self.store.admit(self._admission(ctx, request_id, relaxed)))
             return replace(again, rates=_unrelax(again.rates, parts))
         if (
-            refusal.reason == "budget"
-            and isinstance(owner.check if owner else None, BudgetCheck)
-            and owner is not None
-            and owner.check.clamp_max_tokens  # type: ignore[attr-defined]
+            owner is not None
+            and isinstance(owner.check, BudgetCheck)
+            and owner.check.clamp_max_tokens
             and result.headroom is not None
         ):
             clamped = await self._clamp(ctx, result.headroom, parts)
