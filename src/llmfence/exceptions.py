@@ -9,7 +9,9 @@ Every exception derives from `LLMFenceError`::
     │   └── UnknownModelError       no price for the model and no fallback → HTTP 400
     ├── StoreError                  the store failed or timed out → HTTP 503 when closed
     ├── RateLimitExceededError      a requests/tokens/parallel limit refused → HTTP 429
-    └── BudgetExceededError         a USD budget refused → HTTP 429 insufficient_quota
+    ├── BudgetExceededError         a USD budget refused → HTTP 429 insufficient_quota
+    ├── UnknownUserError            (also a KeyError) `BudgetManager` has no such user
+    └── AuthError                   (internal) no key, a bad key → 401; a forbidden model → 403
 
 Over HTTP the middlewares never raise these through the app: they send the OpenAI-shaped
 error response that `LLMFenceError.to_openai()` describes. Python APIs (`BudgetManager`,
