@@ -17,7 +17,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterable, Mapping
-from functools import cache
+from functools import cache, lru_cache
 from importlib.resources import files
 from typing import Any
 
@@ -113,6 +113,7 @@ def get_encoding(name: str) -> tiktoken.Encoding:
         return _load(name)
 
 
+@lru_cache(maxsize=4096)
 def encoding_name_for_model(model: str | None) -> str:
     """The encoding llmfence counts a model's tokens with.
 
@@ -191,7 +192,12 @@ class TokenCounter:
 
     async def acount(self, request: LLMRequest) -> int:
         """`count`, moved to a worker thread when there is much uncached text to encode."""
-        if self._uncached_chars(request) > self._thread_threshold:
+        # Most prompts are small: the cache is consulted for the thread decision only when
+        # the whole prompt is large enough for it to matter.
+        if (
+            _rough_chars(request) > self._thread_threshold
+            and self._uncached_chars(request) > self._thread_threshold
+        ):
             return await anyio.to_thread.run_sync(self.count, request)
         return self.count(request)
 
@@ -251,6 +257,15 @@ class TokenCounter:
                     count += _PROP_KEY
                     count += _property(enc, str(key), prop)
         return count + _FUNC_END if count else 0
+
+
+def _rough_chars(request: LLMRequest) -> int:
+    """About how many characters a request's prompt has (nested content counts by its repr)."""
+    chars = sum(len(text) for text in request.texts)
+    for message in request.messages:
+        content = message.get("content")
+        chars += len(content) if isinstance(content, str) else len(str(content))
+    return chars
 
 
 def _text(value: object) -> str:
