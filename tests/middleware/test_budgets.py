@@ -206,3 +206,15 @@ async def test_unknown_models_are_refused_or_priced_by_the_fallback(gateway: Any
         -(usage["prompt_tokens"] * 200_000_000 + usage["completion_tokens"] * 600_000_000)
         // 1_000_000
     )
+
+
+async def test_a_per_model_budget_holds_under_every_spelling_of_the_model(gateway: Any) -> None:
+    fence, _, client = gateway(prices={"gpt-4o": {"input": 2.5, "output": 10}})
+    key, _ = await fence.generate_key(model_max_budget={"gpt-4o": 0.0003})
+    async with client as c:
+        statuses = []
+        for model in ("gpt-4o", "openai/gpt-4o", "GPT-4o", "azure/GPT-4O"):
+            body = {**chat_body(max_tokens=10), "model": model}
+            statuses.append((await c.post(CHAT, json=body, headers=auth(key))).status_code)
+    # Each call costs $0.000135 (14 + 10 tokens): two fit the one budget, whatever the spelling.
+    assert statuses == [200, 200, 429, 429]

@@ -8,6 +8,7 @@ hold configuration only, never per-request state.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -280,13 +281,14 @@ class BudgetCheck(Check):
                         period_end(record.budget_duration),
                     )
                 )
-            if key is not None and model is not None and model in key.model_max_budget:
+            budgeted = _budgeted_model(key.model_max_budget, model) if key and model else None
+            if key is not None and budgeted is not None:
                 scopes.append(
                     BudgetScope(
-                        f"key_model:{principal.key_hash}:{model}",
+                        f"key_model:{principal.key_hash}:{budgeted}",
                         "model",
-                        f"{model} on {principal.key_masked}",
-                        key.model_max_budget[model],
+                        f"{budgeted} on {principal.key_masked}",
+                        key.model_max_budget[budgeted],
                         period_end(key.budget_duration),
                     )
                 )
@@ -308,6 +310,19 @@ def _cached_duration(duration: str, aligned: bool) -> Duration:
     # Records name their durations as strings: parsing each distinct one once keeps the
     # regular expression off the hot path.
     return parse_duration(duration, aligned=aligned)
+
+
+def _budgeted_model(budgets: Mapping[str, int], model: str) -> str | None:
+    """The per-model budget a request's model falls under, names compared as prices compare
+    them: case aside, with or without a `provider/` prefix (`OpenAI/gpt-4o` is `gpt-4o`)."""
+    if model in budgets:
+        return model
+
+    def bare(name: str) -> str:
+        return name.rsplit("/", 1)[-1].lower()
+
+    wanted = bare(model)
+    return next((name for name in budgets if bare(name) == wanted), None)
 
 
 def _nano(usd: float | None) -> int | None:
