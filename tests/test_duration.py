@@ -84,3 +84,21 @@ def test_aligned_period_ends() -> None:
 def test_str() -> None:
     assert str(Duration(30, "d")) == "30d"
     assert str(parse_duration("monthly")) == "1mo"
+
+
+def test_rolling_periods_follow_one_another_from_the_anchor() -> None:
+    created = ts(2026, 1, 31, 12)
+    week = parse_duration("7d")
+    assert week.period_end(created + 2 * 86_400, created) == created + 7 * 86_400
+    assert week.period_end(created + 7 * 86_400, created) == created + 14 * 86_400
+    assert week.period_end(created + 20 * 86_400, created) == created + 21 * 86_400
+    monthly = parse_duration("monthly")
+    assert monthly.period_end(ts(2026, 2, 10), created) == ts(2026, 2, 28, 12)
+    assert monthly.period_end(ts(2026, 2, 28, 12), created) == ts(2026, 3, 31, 12)
+    assert monthly.period_end(ts(2026, 5, 1), created) == ts(2026, 5, 31, 12)
+    assert parse_duration("yearly").period_end(ts(2028, 3, 1), created) == ts(2029, 1, 31, 12)
+    # An anchor in the future (a clock step back) starts the period now.
+    assert week.period_end(created - 10, created) == created - 10 + 7 * 86_400
+    # Calendar-aligned periods ignore the anchor.
+    aligned = parse_duration("daily", aligned=True)
+    assert aligned.period_end(ts(2026, 2, 10, 5), created) == ts(2026, 2, 11)

@@ -3,8 +3,10 @@
 A budget's period rolls on first touch, with no sweeper job: when a request arrives after the
 period's end, the spend starts again from zero and a new period begins. A period is either
 
-* **rolling** (the default, as LiteLLM's proxy and BudgetManager do it): it begins at the first
-  request after the previous period ended and lasts the duration; or
+* **rolling** (the default, as LiteLLM's proxy and BudgetManager do it): periods follow one
+  another from the budget's creation (`created_at + k × duration`) when the budget has one
+  (keys, users, teams); the whole-app and end-user budgets have none, so each of their periods
+  begins at the first request after the previous one ended; or
 * **calendar-aligned** in UTC: it ends at the next boundary of the duration's unit — midnight for
   days, Monday 00:00 for weeks, the 1st of the month, 1 January — after `count` units counted from
   the start of the current unit.
@@ -60,9 +62,17 @@ class Duration:
         per_unit = _SECONDS.get(self.unit)
         return None if per_unit is None else per_unit * self.count
 
-    def period_end(self, now: float) -> float:
-        """When a period that starts at `now` ends (Unix seconds)."""
+    def period_end(self, now: float, anchor: float | None = None) -> float:
+        """When the period a budget is in at `now` ends (Unix seconds).
+
+        Args:
+            now: The current time.
+            anchor: When the budget was created. Rolling periods then follow one another from
+                it (`anchor + k × duration`); without one, a period starts at `now`.
+        """
         if not self.aligned:
+            if anchor is not None and anchor <= now:
+                return self._anchored_end(now, anchor)
             seconds = self.seconds
             if seconds is not None:
                 return now + seconds
@@ -74,6 +84,22 @@ class Duration:
 
     def _months(self) -> int:
         return self.count * (12 if self.unit == "y" else 1)
+
+    def _anchored_end(self, now: float, anchor: float) -> float:
+        """The first end of a period `anchor + k × duration` that is after `now`."""
+        seconds = self.seconds
+        if seconds is not None:
+            return anchor + ((now - anchor) // seconds + 1) * seconds
+        start, months = datetime.fromtimestamp(anchor, UTC), self._months()
+        moment = datetime.fromtimestamp(now, UTC)
+        # Whole periods elapsed, by the calendar, then stepped past `now` (month ends clamp).
+        elapsed = (moment.year - start.year) * 12 + moment.month - start.month
+        periods = max(0, elapsed // months - 1)
+        end = _add_months(start, periods * months)
+        while end.timestamp() <= now:
+            periods += 1
+            end = _add_months(start, periods * months)
+        return end.timestamp()
 
 
 def _unit_start(moment: datetime, unit: Unit) -> datetime:

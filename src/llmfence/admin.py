@@ -191,7 +191,7 @@ def admin_routes(fence: Fence) -> list[Route]:
             "key",
             record.key_masked,
             record.max_budget,
-            _period_end(record.budget_duration, fence.clock()),
+            _period_end(fence, record.budget_duration, record.created_at),
         )
         [state] = await store.budgets([scope], fence.clock())
         return {
@@ -287,7 +287,7 @@ def admin_routes(fence: Fence) -> list[Route]:
             level,
             ident,
             record.max_budget,
-            _period_end(record.budget_duration, fence.clock()),
+            _period_end(fence, record.budget_duration, record.created_at),
         )
         [state] = await store.budgets([scope], fence.clock())
         return {
@@ -400,7 +400,7 @@ def admin_routes(fence: Fence) -> list[Route]:
     async def global_spend(request: Request, body: dict[str, Any]) -> Any:
         check = fence.budget_check
         scope = BudgetScope(
-            "global", "global", "global", None, _period_end(check.budget_duration, fence.clock())
+            "global", "global", "global", None, _period_end(fence, check.budget_duration)
         )
         [state] = await store.budgets([scope], fence.clock())
         return {
@@ -451,8 +451,12 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _period_end(duration: str | None, now: float) -> float | None:
-    return None if duration is None else parse_duration(duration).period_end(now)
+def _period_end(fence: Fence, duration: str | None, anchor: float = 0.0) -> float | None:
+    """When a level's current period ends, as the budget guard computes it."""
+    if duration is None:
+        return None
+    parsed = parse_duration(duration, aligned=fence.budget_check.calendar_aligned)
+    return parsed.period_end(fence.clock(), anchor or None)
 
 
 def _time_param(params: Mapping[str, Any], name: str) -> float | None:

@@ -218,3 +218,22 @@ async def test_a_per_model_budget_holds_under_every_spelling_of_the_model(gatewa
             statuses.append((await c.post(CHAT, json=body, headers=auth(key))).status_code)
     # Each call costs $0.000135 (14 + 10 tokens): two fit the one budget, whatever the spelling.
     assert statuses == [200, 200, 429, 429]
+
+
+async def test_a_keys_periods_roll_from_its_creation(gateway: Any, clock: FakeClock) -> None:
+    fence, _, client = gateway()
+    created = clock.now()
+    key, _ = await fence.generate_key(max_budget=cost(14, 100) / 1e9, budget_duration="7d")
+    clock.advance(2 * 86_400)  # first used two days after it was created
+    async with client as c:
+        assert (
+            await c.post(CHAT, json=chat_body(max_tokens=100), headers=auth(key))
+        ).status_code == 200
+        refused = await c.post(CHAT, json=chat_body(max_tokens=100), headers=auth(key))
+        assert refused.status_code == 429
+        reset = datetime.fromtimestamp(created + 7 * 86_400, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert refused.headers["x-llmfence-budget-reset"] == reset
+        clock.set(created + 7 * 86_400)
+        assert (
+            await c.post(CHAT, json=chat_body(max_tokens=100), headers=auth(key))
+        ).status_code == 200

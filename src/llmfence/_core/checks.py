@@ -245,10 +245,12 @@ class BudgetCheck(Check):
     ) -> list[BudgetScope]:
         """Every budget level this request is charged to, limited or not (spend is tracked)."""
 
-        def period_end(duration: str | None) -> float | None:
+        def period_end(duration: str | None, anchor: float | None = None) -> float | None:
             if duration is None:
                 return None
-            return _cached_duration(duration, self.calendar_aligned).period_end(now)
+            # Records know when they were created: their periods roll from then.
+            anchor = anchor if anchor else None
+            return _cached_duration(duration, self.calendar_aligned).period_end(now, anchor)
 
         scopes = [
             BudgetScope(
@@ -278,7 +280,7 @@ class BudgetCheck(Check):
                         level,
                         label,
                         record.max_budget,
-                        period_end(record.budget_duration),
+                        period_end(record.budget_duration, record.created_at),
                     )
                 )
             budgeted = _budgeted_model(key.model_max_budget, model) if key and model else None
@@ -289,7 +291,7 @@ class BudgetCheck(Check):
                         "model",
                         f"{budgeted} on {principal.key_masked}",
                         key.model_max_budget[budgeted],
-                        period_end(key.budget_duration),
+                        period_end(key.budget_duration, key.created_at),
                     )
                 )
         if end_user:
