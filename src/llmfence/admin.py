@@ -302,12 +302,10 @@ def admin_routes(fence: Fence) -> list[Route]:
         key_fields: dict[str, Any] = {
             k: fields.pop(k) for k in ("key_alias", "duration") if k in fields
         }
-        record = UserRecord(user_id=user_id, created_at=fence.clock(), **fields)
-        if not await store.create_user(record):
-            raise _AdminError(
-                400, "user_exists", "invalid_request_error", f"User {user_id!r} already exists."
-            )
-        authenticator.invalidate_user(user_id)
+        try:
+            record = await fence.new_user(user_id, **_usd_fields(fields))
+        except ConfigurationError as error:
+            raise _AdminError(400, "user_exists", "invalid_request_error", str(error)) from error
         key = await generate({"user_id": user_id, **key_fields}, {})
         return {
             **key,
@@ -316,22 +314,29 @@ def admin_routes(fence: Fence) -> list[Route]:
             "max_budget": _usd(record.max_budget),
         }
 
+    async def record_info(
+        level: str, ident: str, record: UserRecord | TeamRecord, keys: list[KeyRecord]
+    ) -> dict[str, Any]:
+        info = {
+            f"{level}_id": ident,
+            **limits_info(record),
+            **(await spend_of(level, ident, record)),
+        }
+        if isinstance(record, UserRecord):
+            info["team_id"] = record.team_id
+        return {
+            f"{level}_id": ident,
+            f"{level}_info": info,
+            "keys": [await key_info(key) for key in keys],
+        }
+
     async def user_info(request: Request, body: dict[str, Any]) -> Any:
         user_id = body.get("user_id")
         record = await store.get_user(user_id) if isinstance(user_id, str) else None
         if record is None:
             raise _not_found("The user")
         keys = await store.list_keys(user_id=record.user_id)
-        return {
-            "user_id": record.user_id,
-            "user_info": {
-                "user_id": record.user_id,
-                "team_id": record.team_id,
-                **limits_info(record),
-                **(await spend_of("user", record.user_id, record)),
-            },
-            "keys": [await key_info(key) for key in keys],
-        }
+        return await record_info("user", record.user_id, record, keys)
 
     async def team_new(request: Request, body: dict[str, Any]) -> Any:
         fields = _fields(body, (*_RECORD_FIELDS, "team_id", "team_alias"))
@@ -339,12 +344,10 @@ def admin_routes(fence: Fence) -> list[Route]:
         alias = fields.pop("team_alias", None)
         if alias is not None:
             fields["metadata"] = {**fields.get("metadata", {}), "team_alias": alias}
-        record = TeamRecord(team_id=team_id, created_at=fence.clock(), **fields)
-        if not await store.create_team(record):
-            raise _AdminError(
-                400, "team_exists", "invalid_request_error", f"Team {team_id!r} already exists."
-            )
-        authenticator.invalidate_team(team_id)
+        try:
+            record = await fence.new_team(team_id, **_usd_fields(fields))
+        except ConfigurationError as error:
+            raise _AdminError(400, "team_exists", "invalid_request_error", str(error)) from error
         return {"team_id": team_id, **limits_info(record)}
 
     async def team_info(request: Request, body: dict[str, Any]) -> Any:
@@ -353,15 +356,7 @@ def admin_routes(fence: Fence) -> list[Route]:
         if record is None:
             raise _not_found("The team")
         keys = await store.list_keys(team_id=record.team_id)
-        return {
-            "team_id": record.team_id,
-            "team_info": {
-                "team_id": record.team_id,
-                **limits_info(record),
-                **(await spend_of("team", record.team_id, record)),
-            },
-            "keys": [await key_info(key) for key in keys],
-        }
+        return await record_info("team", record.team_id, record, keys)
 
     async def spend_logs(request: Request, body: dict[str, Any]) -> Any:
         key = body.get("api_key") or body.get("key")
@@ -444,6 +439,13 @@ def admin_routes(fence: Fence) -> list[Route]:
 def admin_app(fence: Fence) -> Starlette:
     """The admin API as a Starlette app of its own, to mount anywhere."""
     return Starlette(routes=admin_routes(fence))
+
+
+def _usd_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Validated fields as `Fence`'s creation methods take them: budgets back in USD (exact)."""
+    if fields.get("max_budget") is not None:
+        return {**fields, "max_budget": nano_to_decimal(fields["max_budget"])}
+    return fields
 
 
 def _reject_constant(name: str) -> None:
