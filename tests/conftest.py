@@ -7,9 +7,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
+from hypothesis import settings
 
 from llmfence import MemoryStore, RedisStore, Store
 from llmfence.testing import RedisServer, find_redis_server
+
+# The machines are shared and noisy: an example that takes long is not a failure.
+settings.register_profile("llmfence", deadline=None)
+settings.load_profile("llmfence")
 
 
 @pytest.fixture(scope="session")
