@@ -10,9 +10,7 @@ import fnmatch
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from cachetools import TTLCache
 
@@ -22,11 +20,12 @@ from llmfence.stores import KeyRecord, Store, TeamRecord, UserRecord, hash_key, 
 __all__ = ["AuthError", "Authenticator", "Principal", "api_key_from_headers"]
 
 logger = logging.getLogger("llmfence")
-_T = TypeVar("_T")
 
 # Where clients put a key: OpenAI's SDKs (Authorization: Bearer), Anthropic's (x-api-key),
 # Azure OpenAI's (api-key) and Google's (x-goog-api-key).
 _KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
+# Model access decisions kept per principal (models are named by request bodies).
+_MAX_MODELS = 256
 
 
 class AuthError(LLMFenceError):
@@ -46,9 +45,12 @@ class AuthError(LLMFenceError):
         return error
 
 
-@dataclass(frozen=True, slots=True)
 class Principal:
     """The resolved caller of one request.
+
+    One principal is built per key when the key is authenticated and cached with the key's
+    record, so what is derived from it (the engine's per-principal plans, model decisions)
+    is computed once per key and cache period, not once per request.
 
     Attributes:
         key_hash: sha256 of the key used, or `None` (master key, or no auth).
@@ -59,12 +61,30 @@ class Principal:
         is_master: Whether the master key was used.
     """
 
-    key_hash: str | None = None
-    key_masked: str | None = None
-    key: KeyRecord | None = None
-    user: UserRecord | None = None
-    team: TeamRecord | None = None
-    is_master: bool = False
+    __slots__ = ("is_master", "key", "key_hash", "key_masked", "models", "plans", "team", "user")
+
+    def __init__(
+        self,
+        key_hash: str | None = None,
+        key_masked: str | None = None,
+        key: KeyRecord | None = None,
+        user: UserRecord | None = None,
+        team: TeamRecord | None = None,
+        is_master: bool = False,
+    ) -> None:
+        self.key_hash = key_hash
+        self.key_masked = key_masked
+        self.key = key
+        self.user = user
+        self.team = team
+        self.is_master = is_master
+        self.plans: dict[object, object] = {}
+        """Whatever an engine derived from this principal, by engine (see `_core.plan`)."""
+        self.models: dict[str, bool] = {}
+        """Model access decided so far (bounded: models come from request bodies)."""
+
+    def __repr__(self) -> str:
+        return f"Principal(key={self.key_masked!r}, user={self.user_id!r}, team={self.team_id!r})"
 
     @property
     def user_id(self) -> str | None:
@@ -117,19 +137,19 @@ def model_allowed(model: str, allowed: Sequence[str], groups: Mapping[str, Seque
 
 
 class Authenticator:
-    """Resolves API keys to principals, caching records for a bounded time.
+    """Resolves API keys to principals, caching them for a bounded time.
 
-    Records are cached for `cache_ttl` seconds: an admin change made through this process
-    invalidates its cache at once (`invalidate_*`); a change made by another instance is seen
-    here within `cache_ttl` (default 5 s). Unknown keys are cached too, so a flood of bad keys
-    does not reach the store every time.
+    A key's principal (its key, user and team records) is cached for `cache_ttl` seconds: an
+    admin change made through this process invalidates it at once (`invalidate_*`); a change
+    made by another instance is seen here within `cache_ttl` (default 5 s). Unknown keys are
+    cached too, so a flood of bad keys does not reach the store every time.
 
     Args:
         store: Where key, user and team records live.
         master_key: The key that may do everything, including the admin API.
         access_groups: Model access groups defined in code, merged with the store's.
         cache_ttl: Seconds a record (or an unknown key) is kept.
-        cache_size: How many records of each kind are kept.
+        cache_size: How many principals (and unknown keys) are kept.
         clock: Unix time (a fake clock in tests).
     """
 
@@ -147,24 +167,27 @@ class Authenticator:
         self._master_hash = hash_key(master_key).encode() if master_key else None
         self._static_groups = {k: tuple(v) for k, v in (access_groups or {}).items()}
         self._clock = clock
-        self._keys: TTLCache[str, KeyRecord | None] = TTLCache(cache_size, cache_ttl, timer=clock)
         # Unknown keys are remembered apart, so a flood of made-up keys cannot evict the
         # records of the keys in use.
         self._unknown: TTLCache[str, None] = TTLCache(cache_size, cache_ttl, timer=clock)
-        self._users: TTLCache[str, UserRecord | None] = TTLCache(cache_size, cache_ttl, timer=clock)
-        self._teams: TTLCache[str, TeamRecord | None] = TTLCache(cache_size, cache_ttl, timer=clock)
         self._groups: TTLCache[str, dict[str, tuple[str, ...]]] = TTLCache(
             1, cache_ttl, timer=clock
         )
+        # Resolved principals by key hash, kept no longer than the records they were built
+        # from: what an engine derives from a principal shares the records' staleness bound.
+        self._principals: TTLCache[str, Principal] = TTLCache(cache_size, cache_ttl, timer=clock)
 
     def is_master(self, api_key: str) -> bool:
         """Whether `api_key` is the master key (constant-time)."""
+        return self._is_master_hash(hash_key(api_key))
+
+    def _is_master_hash(self, key_hash: str) -> bool:
         if self._master_hash is None:
             return False
-        return hmac.compare_digest(hash_key(api_key).encode(), self._master_hash)
+        return hmac.compare_digest(key_hash.encode(), self._master_hash)
 
     async def authenticate(self, api_key: str | None) -> Principal:
-        """The principal behind an API key.
+        """The principal behind an API key (the same object while its records are cached).
 
         Raises:
             AuthError: No key, or a key that is unknown, deleted or expired.
@@ -173,26 +196,29 @@ class Authenticator:
             raise AuthError(
                 "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'."
             )
-        if self.is_master(api_key):
-            return Principal(key_masked=mask_key(api_key), is_master=True)
-        key_hash = hash_key(api_key)
-        record = None
-        if key_hash not in self._unknown:
-            record = await self._cached(self._keys, key_hash, self.store.get_key)
-            if record is None:
-                self._keys.pop(key_hash, None)
-                self._unknown[key_hash] = None
-        if record is None:
-            raise AuthError(f"Incorrect API key provided: {mask_key(api_key)}.")
-        if record.expires is not None and record.expires <= self._clock():
+        key_hash = hash_key(api_key)  # the only hash of the key a request computes
+        principal = self._principals.get(key_hash)
+        if principal is None:
+            if self._is_master_hash(key_hash):
+                principal = Principal(key_masked=mask_key(api_key), is_master=True)
+            else:
+                principal = await self._resolve(key_hash, api_key)
+            self._principals[key_hash] = principal
+        record = principal.key
+        if record is not None and record.expires is not None and record.expires <= self._clock():
             raise AuthError(f"The API key {record.key_masked} has expired.")
-        user = None
-        if record.user_id:
-            user = await self._cached(self._users, record.user_id, self.store.get_user)
+        return principal
+
+    async def _resolve(self, key_hash: str, api_key: str) -> Principal:
+        # Read from the store, not from another cache: the principal is the cache, so a
+        # change made by another instance is seen within one `cache_ttl`.
+        record = None if key_hash in self._unknown else await self.store.get_key(key_hash)
+        if record is None:
+            self._unknown[key_hash] = None
+            raise AuthError(f"Incorrect API key provided: {mask_key(api_key)}.")
+        user = await self.store.get_user(record.user_id) if record.user_id else None
         team_id = record.team_id or (user.team_id if user is not None else None)
-        team = None
-        if team_id:
-            team = await self._cached(self._teams, team_id, self.store.get_team)
+        team = await self.store.get_team(team_id) if team_id else None
         return Principal(key_hash, record.key_masked, record, user, team)
 
     async def check_model(self, principal: Principal, model: str) -> None:
@@ -204,8 +230,14 @@ class Authenticator:
         ]
         if not lists:
             return
-        groups = await self.access_groups()
-        if not all(model_allowed(model, allowed, groups) for allowed in lists):
+        allowed = principal.models.get(model)
+        if allowed is None:
+            groups = await self.access_groups()
+            allowed = all(model_allowed(model, names, groups) for names in lists)
+            if len(principal.models) >= _MAX_MODELS:
+                principal.models.clear()
+            principal.models[model] = allowed
+        if not allowed:
             raise AuthError.forbidden_model(model)
 
     async def access_groups(self) -> dict[str, tuple[str, ...]]:
@@ -218,29 +250,18 @@ class Authenticator:
 
     def invalidate_key(self, key_hash: str) -> None:
         """Forget a cached key record (after an admin change)."""
-        self._keys.pop(key_hash, None)
         self._unknown.pop(key_hash, None)
+        self._principals.pop(key_hash, None)
 
     def invalidate_user(self, user_id: str) -> None:
         """Forget a cached user record (after an admin change)."""
-        self._users.pop(user_id, None)
+        self._principals.clear()  # every key of the user; admin changes are rare
 
     def invalidate_team(self, team_id: str) -> None:
         """Forget a cached team record (after an admin change)."""
-        self._teams.pop(team_id, None)
+        self._principals.clear()
 
     def invalidate_groups(self) -> None:
         """Forget the cached access groups (after an admin change)."""
         self._groups.clear()
-
-    @staticmethod
-    async def _cached(
-        cache: TTLCache[str, _T | None],
-        name: str,
-        load: Callable[[str], Awaitable[_T | None]],
-    ) -> _T | None:
-        if name in cache:
-            return cache[name]
-        value = await load(name)
-        cache[name] = value
-        return value
+        self._principals.clear()  # their model decisions used the old groups
