@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from llmfence._request import LLMRequest, endpoint_for_path, parse_request
+from llmfence._request import LLMRequest, amend, endpoint_for_path, parse_request
 from llmfence.exceptions import InvalidRequestError
 
 
@@ -227,3 +227,63 @@ def test_custom_paths_infer_the_api_from_the_body() -> None:
 def test_utf8_with_bom_and_unicode() -> None:
     body = json.dumps({**CHAT, "user": "zoë"}, ensure_ascii=False).encode()
     assert parse(body).end_user == "zoë"
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "name"),
+    [
+        (CHAT, "/v1/chat/completions", "max_tokens"),
+        ({**CHAT, "model": "o3-mini"}, "/v1/chat/completions", "max_completion_tokens"),
+        ({**CHAT, "model": "o1"}, "/v1/chat/completions", "max_completion_tokens"),
+        ({**CHAT, "model": "o4-mini"}, "/v1/chat/completions", "max_completion_tokens"),
+        ({**CHAT, "model": "gpt-5-nano"}, "/v1/chat/completions", "max_completion_tokens"),
+        ({**CHAT, "model": "o3-mini", "max_tokens": 90}, "/v1/chat/completions", "max_tokens"),
+        ({**CHAT, "max_completion_tokens": 90}, "/v1/chat/completions", "max_completion_tokens"),
+        ({"model": "gpt-4.1", "input": "hi"}, "/v1/responses", "max_output_tokens"),
+        ({"model": "gpt-4.1", "input": "hi", "max_tokens": 9}, "/v1/responses", "max_tokens"),
+        ({**CHAT, "model": "o3", "max_tokens": 9}, "/v1/messages", "max_tokens"),
+        ({**CHAT, "model": "o3"}, "/v1/messages", "max_tokens"),
+        ({"model": "o3", "prompt": "p"}, "/v1/completions", "max_tokens"),
+    ],
+)
+def test_amend_names_the_allowance_as_the_api_expects(
+    body: dict[str, Any], path: str, name: str
+) -> None:
+    request = parse(body, path)
+    amended, raw = amend(request, max_tokens=12)
+    assert amended.body is not None
+    assert amended.body[name] == 12
+    assert json.loads(raw) == {**body, name: 12}
+    # Only the body changes: the parse is not redone, and the original stays as it was.
+    assert amended.max_output_tokens == request.max_output_tokens
+    assert request.body == body
+
+
+def test_amend_stream_options_and_compact_utf8() -> None:
+    body = {**CHAT, "user": "zoë", "stream": True, "stream_options": {"x": 1}}
+    request = parse(json.dumps(body).encode())
+    amended, raw = amend(request, stream_options={"include_usage": True})
+    assert raw == json.dumps(
+        {**body, "stream_options": {"include_usage": True}},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode("utf-8")
+    assert "zoë".encode() in raw
+    assert amended.body is not None
+    assert amended.body["stream_options"] == {"include_usage": True}
+    both, raw = amend(request, max_tokens=3, stream_options={})
+    assert json.loads(raw) == {**body, "max_tokens": 3, "stream_options": {}}
+    assert both.endpoint == request.endpoint
+    assert both.messages == request.messages
+
+
+def test_amend_without_changes_reserializes_the_same_body() -> None:
+    request = parse({**CHAT, "max_tokens": 5})
+    amended, raw = amend(request)
+    assert amended == request
+    assert json.loads(raw) == {**CHAT, "max_tokens": 5}
+
+
+def test_amend_needs_a_body() -> None:
+    with pytest.raises(ValueError, match="no body"):
+        amend(LLMRequest(endpoint="chat", model="m"), max_tokens=1)

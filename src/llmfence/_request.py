@@ -4,19 +4,20 @@ One pure function, `parse_request(body, path)`, understands the bodies of OpenAI
 completions, completions, embeddings and Responses API and Anthropic's messages API. Everything a
 guard needs (model, prompt parts, output allowance, `n`, streaming, end user) is read here, so no
 later step looks at the JSON again. Bodies llmfence cannot meter raise `InvalidRequestError`,
-which the middlewares answer with an OpenAI-shaped 400.
+which the middlewares answer with an OpenAI-shaped 400. `amend(request, ...)` is the way back:
+the body re-serialized with a clamped output allowance or changed stream options.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
 
 from .exceptions import InvalidRequestError
 
-__all__ = ["Endpoint", "LLMRequest", "endpoint_for_path", "parse_request"]
+__all__ = ["Endpoint", "LLMRequest", "amend", "endpoint_for_path", "parse_request"]
 
 Endpoint = Literal["chat", "completions", "embeddings", "responses", "messages"]
 
@@ -25,6 +26,13 @@ Endpoint = Literal["chat", "completions", "embeddings", "responses", "messages"]
 MAX_OUTPUT_TOKENS = 1 << 24
 MAX_N = 128
 MAX_MODEL_LENGTH = 256
+
+# OpenAI's reasoning models refuse `max_tokens` on chat completions: they take
+# `max_completion_tokens` instead.
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+_ALLOWANCE_NAMES = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+# Built once: `json.dumps` with options builds an encoder per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 _SUFFIXES: tuple[tuple[str, Endpoint], ...] = (
     ("/chat/completions", "chat"),
@@ -355,3 +363,47 @@ def parse_request(body: bytes, path: str) -> LLMRequest:
         end_user=end_user,
         body=data,
     )
+
+
+def amend(
+    request: LLMRequest,
+    *,
+    max_tokens: int | None = None,
+    stream_options: Mapping[str, Any] | None = None,
+) -> tuple[LLMRequest, bytes]:
+    """Change some fields of a parsed request's body and serialize it again.
+
+    The output allowance keeps the name the body already uses (`max_completion_tokens`,
+    `max_output_tokens` or `max_tokens`, the first present); a body naming none gets the name
+    its API expects: `max_output_tokens` for the Responses API, `max_completion_tokens` for
+    OpenAI's reasoning models (`o1`, `o3`, `o4`, `gpt-5`…) on chat completions, `max_tokens`
+    otherwise.
+
+    Args:
+        request: A request from `parse_request` (it must carry its body).
+        max_tokens: The new output allowance per choice; `None` leaves it as it is.
+        stream_options: Replaces the body's `stream_options`; `None` leaves them as they are.
+
+    Returns:
+        The request with its `body` replaced (its other fields are unchanged), and the new body
+        as compact UTF-8 JSON bytes.
+
+    Raises:
+        ValueError: The request has no body.
+    """
+    if request.body is None:
+        raise ValueError("the request has no body to amend")
+    body = dict(request.body)
+    if max_tokens is not None:
+        name = next((n for n in _ALLOWANCE_NAMES if n in body), None)
+        if name is None:
+            if request.endpoint == "responses":
+                name = "max_output_tokens"
+            elif request.endpoint == "chat" and request.model.startswith(_REASONING_PREFIXES):
+                name = "max_completion_tokens"
+            else:
+                name = "max_tokens"
+        body[name] = max_tokens
+    if stream_options is not None:
+        body["stream_options"] = dict(stream_options)
+    return replace(request, body=body), _ENCODER.encode(body).encode()
