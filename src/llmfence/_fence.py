@@ -12,10 +12,12 @@ from typing import Any
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.types import ASGIApp
 
 from ._core.auth import Authenticator
 from ._core.checks import BudgetCheck, checked_limit
 from ._core.meter import Meter
+from ._core.services import Services
 from ._duration import parse_duration
 from ._money import usd_to_nano
 from ._pricing import ModelPrice, PriceBook, PriceOverride
@@ -32,7 +34,8 @@ from .middleware import (
     SpendRecorderMiddleware,
     TokenRateLimitMiddleware,
 )
-from .middleware._base import DEFAULT_EXEMPT_PATHS, DEFAULT_MAX_BODY_SIZE, PathRules
+from .middleware._base import DEFAULT_EXEMPT_PATHS, DEFAULT_MAX_BODY_SIZE
+from .middleware._paths import PathRules
 from .stores import KeyRecord, MemoryStore, Store, TeamRecord, UserRecord, hash_key, mask_key
 
 __all__ = ["Fence"]
@@ -168,65 +171,102 @@ class Fence:
         if type(trusted_proxies) is not int or trusted_proxies < 0:
             raise ConfigurationError("trusted_proxies must be a non-negative int")
         self.trusted_proxies = trusted_proxies
+        self.services = Services(
+            self.meter,
+            self.authenticator,
+            self.budget_check,
+            limits_on_store_error,
+            trusted_proxies,
+        )
+        """What route guards and `charge` use: the store, meter, authenticator and policies."""
 
     def install(self, app: Starlette, *, admin: bool = False) -> None:
         """Add the whole stack to a Starlette or FastAPI app, outermost first:
 
         KeyAuth → RPM → TPM → Parallel → BudgetGuard → SpendRecorder → the app.
 
-        The three rate limiters defer their checks to the budget guard, which sends every
-        check of a request to the store in one step.
+        The six layers fuse into one engine when Starlette builds the stack: one body read,
+        one store call before the app and one after the response.
 
         Args:
             app: The app to protect.
             admin: Also add the admin API routes (`/key/generate`, `/user/new`, …; see
                 `llmfence.admin`), which need the master key.
         """
+        if admin:
+            from .admin import admin_routes
+
+            app.router.routes.extend(admin_routes(self))
+        # add_middleware puts the last one added outermost, so add them innermost first.
+        for cls, options in reversed(self._layers()):
+            app.add_middleware(cls, **options)
+        self.add_exception_handlers(app)
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        """The whole stack over any ASGI app, with no Starlette host in front of it.
+
+        ```python
+        app = fence.wrap(asgi_app)
+        ```
+
+        Args:
+            app: The ASGI app to protect (route guard refusals raised in it are not rendered:
+                use `install` for Starlette apps that use guard dependencies).
+
+        Returns:
+            One ASGI callable: the six llmfence layers fused into one engine.
+        """
+        for cls, options in reversed(self._layers()):
+            app = cls(app, **options)
+        return app
+
+    def _layers(self) -> list[tuple[type[Any], dict[str, Any]]]:
+        """The six middlewares and their options, outermost first."""
         common: dict[str, Any] = {
             "meter": self.meter,
             "paths": self.paths,
             "max_body_size": self._max_body_size,
         }
-        limits = {"on_store_error": self._limits_policy, "defer": True, **common}
-        # add_middleware puts the last one added outermost, so add them innermost first.
-        app.add_middleware(SpendRecorderMiddleware, **common)
+        limits = {"on_store_error": self._limits_policy, **common}
         budget = self.budget_check
-        if admin:
-            from .admin import admin_routes
-
-            app.router.routes.extend(admin_routes(self))
-        app.add_middleware(
-            BudgetGuardMiddleware,
-            max_budget=budget.max_budget,
-            budget_duration=budget.budget_duration,
-            max_end_user_budget=budget.max_end_user_budget,
-            end_user_budget_duration=budget.end_user_budget_duration,
-            calendar_aligned=budget.calendar_aligned,
-            clamp_max_tokens=budget.clamp_max_tokens,
-            on_store_error=budget.on_store_error,
-            shadow=budget.shadow,
-            **common,
-        )
-        app.add_middleware(
-            ParallelRequestLimitMiddleware,
-            limit=self._limits["parallel_requests"],
-            shadow="parallel_requests" in self._shadow,
-            **limits,
-        )
-        app.add_middleware(
-            TokenRateLimitMiddleware,
-            limit=self._limits["tokens"],
-            shadow="tokens" in self._shadow,
-            **limits,
-        )
-        app.add_middleware(
-            RequestRateLimitMiddleware,
-            limit=self._limits["requests"],
-            shadow="requests" in self._shadow,
-            **limits,
-        )
-        app.add_middleware(KeyAuthMiddleware, authenticator=self.authenticator, **common)
-        self.add_exception_handlers(app)
+        return [
+            (KeyAuthMiddleware, {"authenticator": self.authenticator, **common}),
+            (
+                RequestRateLimitMiddleware,
+                {
+                    "limit": self._limits["requests"],
+                    "shadow": "requests" in self._shadow,
+                    **limits,
+                },
+            ),
+            (
+                TokenRateLimitMiddleware,
+                {"limit": self._limits["tokens"], "shadow": "tokens" in self._shadow, **limits},
+            ),
+            (
+                ParallelRequestLimitMiddleware,
+                {
+                    "limit": self._limits["parallel_requests"],
+                    "shadow": "parallel_requests" in self._shadow,
+                    **limits,
+                },
+            ),
+            (
+                BudgetGuardMiddleware,
+                {
+                    "max_budget": budget.max_budget,
+                    "budget_duration": budget.budget_duration,
+                    "max_end_user_budget": budget.max_end_user_budget,
+                    "end_user_budget_duration": budget.end_user_budget_duration,
+                    "calendar_aligned": budget.calendar_aligned,
+                    "clamp_max_tokens": budget.clamp_max_tokens,
+                    "on_store_error": budget.on_store_error,
+                    "shadow": budget.shadow,
+                    **common,
+                },
+            ),
+            (SpendRecorderMiddleware, common),
+        ]
 
     # -- keys, users and teams ---------------------------------------------------------------
 
@@ -412,7 +452,7 @@ class Fence:
             ConfigurationError: An option is invalid.
         """
         return RouteGuard(
-            self,
+            self.services,
             rpm=rpm,
             tpm=tpm,
             per=per,
@@ -444,7 +484,7 @@ class Fence:
             ConfigurationError: An option is invalid.
         """
         return RouteGuard(
-            self,
+            self.services,
             max_usd=max_usd,
             duration=duration,
             per=per,
@@ -489,7 +529,7 @@ class Fence:
             ConfigurationError: An option is invalid.
         """
         return RouteGuard(
-            self,
+            self.services,
             rpm=rpm,
             tpm=tpm,
             window=window,
@@ -532,7 +572,7 @@ class Fence:
             ConfigurationError: Neither a response nor `usage` with a model was given.
             UnknownModelError: No price is known for the model.
         """
-        return await charge_request(self, request, response, model=model, usage=usage)
+        return await charge_request(self.services, request, response, model=model, usage=usage)
 
     def charge_sync(
         self,
@@ -553,7 +593,7 @@ class Fence:
         Args:
             app: The Starlette or FastAPI app.
         """
-        app.add_exception_handler(LLMFenceError, exception_handler(self))
+        app.add_exception_handler(LLMFenceError, exception_handler(self.services))
 
 
 def _nano(usd: float | Decimal | None) -> int | None:

@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llmfence._core.auth import Principal, api_key_from_headers
-from llmfence._core.meter import RequestContext
-from llmfence._core.refusals import rate_limit_headers
+from llmfence._core.context import RequestContext, new_request_id
+from llmfence._core.plan import budget_scopes
+from llmfence._core.services import Services
+from llmfence._core.settle import protected, settle_reservations, spend_record
 from llmfence._usage import Usage, usage_from_json
 from llmfence.exceptions import ConfigurationError, LLMFenceError, StoreError
-from llmfence.middleware._base import STATE_KEY
-from llmfence.stores import BudgetScope, RateState, Settlement, SpendRecord
-
-if TYPE_CHECKING:
-    from llmfence._fence import Fence
+from llmfence.middleware._engine import STATE_KEY
+from llmfence.middleware._http import rate_limit_headers
+from llmfence.stores import BudgetScope, RateState, Settlement
 
 __all__ = [
     "DEGRADED",
@@ -89,8 +87,8 @@ class Permit:
         identity: Who the call is counted against, as messages show it (a masked key, an id).
     """
 
-    def __init__(self, fence: Fence, ledger: Ledger, identity: str) -> None:
-        self._fence = fence
+    def __init__(self, services: Services, ledger: Ledger, identity: str) -> None:
+        self._services = services
         self._ledger = ledger
         self.identity = identity
 
@@ -107,7 +105,7 @@ class Permit:
         usage: Usage | Mapping[str, Any] | None = None,
     ) -> int:
         """Report the cost of one LLM call; several calls add up. See `Fence.charge`."""
-        priced = price_call(self._fence, response, model, usage)
+        priced = price_call(self._services, response, model, usage)
         if priced is None:
             return 0
         self._ledger.add(*priced)
@@ -118,7 +116,7 @@ class Permit:
 class Hold:
     """One admitted reservation, settled once when the guarded call ends."""
 
-    fence: Fence
+    services: Services
     ledger: Ledger
     request_id: str
     reserved: bool  # False: let through while the store was down, or charged without a guard
@@ -142,41 +140,53 @@ class Hold:
         if self.settled or self.noop:
             return
         self.settled = True
-        ledger, meter, store = self.ledger, self.fence.meter, self.fence.store
+        ledger, services = self.ledger, self.services
+        meter = services.meter
         ledger.holds -= 1
         charged = ledger.provenance is not None
-        if refund and not charged:
-            with anyio.CancelScope(shield=True):
-                try:
-                    if self.reserved:
-                        settlement = Settlement(
-                            self.request_id, self.fence.clock(), 0, 0, refund_requests=True
-                        )
-                        await meter.call(store.settle(settlement))
-                except StoreError as error:
-                    meter.degraded("settle", error)
-            return
-        cost = ledger.cost if charged else self.estimate
-        tokens = ledger.input_tokens + ledger.output_tokens if charged else self.tokens_estimate
-        record = None
-        if charged or self.budgets:  # a limits-only call that charged nothing spent nothing
-            record = spend_record(self, ledger, cost, status)
+        held = [self.request_id] if self.reserved else []
         # A client disconnect cancels the request's task: the reservation must settle anyway.
-        with anyio.CancelScope(shield=True):
+        with protected(meter):
             try:
-                now = self.fence.clock()
+                if refund and not charged:
+                    await settle_reservations(meter, held, 0, 0, None, refund=True)
+                    return
+                cost = ledger.cost if charged else self.estimate
+                tokens = ledger.input_tokens + ledger.output_tokens
+                record = None
+                if charged or self.budgets:  # a limits-only call that charged nothing spent 0
+                    usage = Usage(ledger.input_tokens, ledger.output_tokens, ledger.cached_tokens)
+                    record = spend_record(
+                        self.request_id,
+                        self.now,
+                        ledger.model,
+                        cost,
+                        usage,
+                        ledger.principal,
+                        ledger.end_user,
+                        ledger.provenance or "reservation-only",
+                        ledger.source,
+                        status,
+                        self.started,
+                        self.path,
+                    )
+                now = services.clock()
                 if not self.reserved and self.budgets:  # the spend lands without a reservation
-                    await meter.call(store.charge(self.budgets, cost, now))
-                if self.reserved or record is not None:  # (an unknown id: the record only)
-                    settlement = Settlement(self.request_id, now, cost, tokens, record)
-                    await meter.call(store.settle(settlement))
+                    await meter.call(meter.store.charge(self.budgets, cost, now))
+                if held:
+                    await settle_reservations(
+                        meter, held, cost, tokens if charged else self.tokens_estimate, record
+                    )
+                elif record is not None:  # (no reservation: the record only)
+                    settlement = Settlement(self.request_id, now, 0, None, record)
+                    await meter.call(meter.store.settle(settlement))
                 if cost and self.charge_levels:
                     # The route's spend counts in the app's, the caller's and the end user's
                     # budgets too (their limits are the middlewares' to enforce).
-                    levels = self.fence.budget_check.scopes(
-                        ledger.principal, ledger.end_user, ledger.model or None, now
+                    levels = budget_scopes(
+                        services.budgets, ledger.principal, ledger.end_user, ledger.model, now
                     )
-                    await meter.call(store.charge(levels, cost, now))
+                    await meter.call(meter.store.charge(levels, cost, now))
             except StoreError as error:
                 meter.degraded("settle", error)
 
@@ -201,28 +211,8 @@ class SettlingResponse(Response):
             await self.held.settle(self.status_code if sent else 499)
 
 
-def spend_record(held: Hold, ledger: Ledger, cost: int, status: int) -> SpendRecord:
-    principal = ledger.principal
-    return SpendRecord(
-        request_id=held.request_id,
-        timestamp=held.now,
-        model=ledger.model,
-        cost=cost,
-        input_tokens=ledger.input_tokens,
-        output_tokens=ledger.output_tokens,
-        cached_tokens=ledger.cached_tokens,
-        **(principal.spend_fields() if principal else {}),
-        end_user=ledger.end_user,
-        provenance=cast(Any, ledger.provenance or "reservation-only"),
-        price_source=ledger.source,
-        status=status,
-        latency_ms=round((time.perf_counter() - held.started) * 1000, 3),
-        path=held.path,
-    )
-
-
 def price_call(
-    fence: Fence, response: Any, model: str | None, usage: Usage | Mapping[str, Any] | None
+    services: Services, response: Any, model: str | None, usage: Usage | Mapping[str, Any] | None
 ) -> tuple[int, Usage, str, str] | None:
     """(cost in nano-USD, usage, model, price source) of one call, or None without usage."""
     if response is not None:
@@ -245,12 +235,12 @@ def price_call(
         return None
     if not isinstance(model, str) or not model:
         raise ConfigurationError("charge() needs the model (model=, or the response's `model`)")
-    price = fence.meter.prices.price_for(model)
+    price = services.meter.prices.price_for(model)
     return price.cost(found), found, model, price.source
 
 
 async def charge_request(
-    fence: Fence,
+    services: Services,
     request: Request,
     response: Any = None,
     *,
@@ -258,7 +248,7 @@ async def charge_request(
     usage: Usage | Mapping[str, Any] | None = None,
 ) -> int:
     """`Fence.charge`: into the request's guard reservation, or at once without one."""
-    priced = price_call(fence, response, model, usage)
+    priced = price_call(services, response, model, usage)
     if priced is None:
         return 0
     ledger = request.scope.get(SCOPE_KEY)
@@ -272,17 +262,17 @@ async def charge_request(
     api_key = api_key_from_headers(request.headers)
     if principal is None and api_key:
         try:
-            principal = await fence.authenticator.authenticate(api_key)
+            principal = await services.authenticator.authenticate(api_key)
         except LLMFenceError:  # the call was made: its spend lands at the global level at least
             principal = None
     once = Ledger(holds=1, principal=principal, end_user=ctx.end_user if ctx else None)
     once.add(*priced)
     # The spend lands at every level of the caller, limits untouched (`store.charge`), with
     # the Fence's own periods for the global and end-user levels.
-    now = fence.clock()
-    scopes = tuple(fence.budget_check.scopes(principal, once.end_user, priced[2], now))
-    request_id = f"route.{uuid.uuid4().hex}"
-    held = Hold(fence, once, request_id, False, scopes, 0, None, request.url.path, now)
+    now = services.clock()
+    scopes = budget_scopes(services.budgets, principal, once.end_user, priced[2], now)
+    request_id = f"route.{new_request_id()}"
+    held = Hold(services, once, request_id, False, scopes, 0, None, request.url.path, now)
     held.charge_levels = False  # its budgets are those levels already
     await held.settle(200)
     return priced[0]

@@ -30,20 +30,22 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from llmfence import _counters
 from llmfence._core.auth import api_key_from_headers
 from llmfence._core.checks import check_window
-from llmfence._core.refusals import error_headers, rate_limit_headers, refusal_error
-from llmfence._duration import Duration, parse_duration
+from llmfence._core.context import new_request_id
+from llmfence._core.refusals import refusal_error
+from llmfence._core.services import Services
+from llmfence._duration import parse_duration
 from llmfence._money import usd_to_nano
 from llmfence._route_ledger import (
     SCOPE_KEY,
@@ -54,7 +56,8 @@ from llmfence._route_ledger import (
     ledger_of,
     request_context,
 )
-from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError, StoreError
+from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError
+from llmfence.middleware._http import error_headers, rate_limit_headers
 from llmfence.stores import (
     Admission,
     BudgetScope,
@@ -63,9 +66,6 @@ from llmfence.stores import (
     hash_key,
     mask_key,
 )
-
-if TYPE_CHECKING:
-    from llmfence._fence import Fence
 
 __all__ = ["Per", "Permit", "RouteGuard"]
 
@@ -103,7 +103,8 @@ class RouteGuard:
     when given the same `name`. Merged guards reserve the largest of their estimates.
 
     Args:
-        fence: The Fence whose store, prices, clock and authenticator the guard uses.
+        services: The store, prices, clock, authenticator and policies the guard uses
+            (`Fence.services`).
         rpm: Calls per window, or `None`.
         tpm: Tokens per window, or `None`.
         window: Window length in seconds.
@@ -119,7 +120,7 @@ class RouteGuard:
 
     def __init__(
         self,
-        fence: Fence,
+        services: Services,
         *,
         rpm: int | None = None,
         tpm: int | None = None,
@@ -143,11 +144,11 @@ class RouteGuard:
         self.estimate = usd_to_nano(estimate_usd)
         if (self.max_budget or 0) < 0 or self.estimate < 0:
             raise ConfigurationError("max_usd and estimate_usd must not be negative")
-        aligned = fence.budget_check.calendar_aligned
+        aligned = services.budgets.calendar_aligned
         self.duration = None if duration is None else parse_duration(duration, aligned=aligned)
         self.rpm, self.tpm, self.window, self.tokens_estimate = rpm, tpm, window, tokens_estimate
         self.per, self.name = per, name
-        self._fence = fence
+        self._services = services
         # One object is both a decorator and a FastAPI dependency, and both are calls. FastAPI
         # picks how to call a dependency from `obj.__call__` (an attribute lookup, which finds
         # this instance attribute first) and `obj.__signature__`; calling the guard itself goes
@@ -195,7 +196,7 @@ class RouteGuard:
         ledger = ledger_of(request)
         endpoint = request.scope.get("endpoint")
         name = self.name or (_qualified(endpoint) if endpoint else request.url.path)
-        who = await _who(self._fence, self.per, request, ledger)
+        who = await _who(self._services, self.per, request, ledger)
         async with _holding(self, name, who, ledger, request.url.path) as permit:
             yield permit
 
@@ -205,9 +206,9 @@ class RouteGuard:
             inner, guards = marker.endpoint, (self, *marker.guards)  # stacked: merge
         else:
             inner, guards = endpoint, (self,)
-        if any(g._fence is not self._fence for g in guards):
+        if any(g._services is not self._services for g in guards):
             raise ConfigurationError("stacked route guards must come from the same Fence")
-        fence, default = self._fence, _qualified(inner)
+        services, default = self._services, _qualified(inner)
         named = [(g, g.name or default) for g in guards]
         try:  # as FastAPI reads it, so what it sees does not change
             signature = inspect.signature(inner, eval_str=True)
@@ -229,10 +230,10 @@ class RouteGuard:
                 raise ConfigurationError(f"{default} is guarded: it must be called with a Request")
             ledger = ledger_of(request)
             try:
-                entries = [(g, n, await _who(fence, g.per, request, ledger)) for g, n in named]
-                held = await _admit(fence, entries, ledger, request.url.path)
+                entries = [(g, n, await _who(services, g.per, request, ledger)) for g, n in named]
+                held = await _admit(services, entries, ledger, request.url.path)
             except LLMFenceError as error:
-                return _error_response(error, ledger.rate_states, fence.clock())
+                return _error_response(error, ledger.rate_states, services.clock())
             status, streaming = 499, False  # 499 unless the endpoint returns or raises
             rejected = False
             try:
@@ -284,10 +285,10 @@ class _Guarded:
 async def _holding(
     guard: RouteGuard, name: str, who: _Who, ledger: Ledger, path: str
 ) -> AsyncIterator[Permit]:
-    held = await _admit(guard._fence, [(guard, name, who)], ledger, path)
+    held = await _admit(guard._services, [(guard, name, who)], ledger, path)
     status, rejected = 500, False
     try:
-        yield Permit(guard._fence, ledger, who[2])
+        yield Permit(guard._services, ledger, who[2])
         status = 200
     except Exception as error:
         # FastAPI throws a validation error (422) or an endpoint's 4xx into the dependency:
@@ -300,10 +301,10 @@ async def _holding(
 
 
 async def _admit(
-    fence: Fence, guards: Sequence[tuple[RouteGuard, str, _Who]], ledger: Ledger, path: str
+    services: Services, guards: Sequence[tuple[RouteGuard, str, _Who]], ledger: Ledger, path: str
 ) -> Hold:
     """Send every check of one guarded call to the store in one admission."""
-    now = fence.clock()
+    now = services.clock()
     guards = [(g, n, w) for g, n, w in guards if (id(g), n) not in ledger.admitted]
     ledger.admitted.update((id(g), n) for g, n, _ in guards)
     rates: list[RateHit] = []
@@ -311,24 +312,23 @@ async def _admit(
     for guard, name, (level, ident, label) in guards:
         tag = f"{label} on route {name}"
         if guard.rpm is not None:
-            key = f"route:{name}:rpm:{round(guard.window * 1000)}:{ident}"
+            key = _counters.route_rate(name, "requests", guard.window, ident)
             rates.append(RateHit(key, "requests", level, tag, guard.rpm, 1, guard.window))
         if guard.tpm is not None:
             # At least one token: a call may start only while the window has room left.
             cost = max(1, guard.tokens_estimate)
-            key = f"route:{name}:tpm:{round(guard.window * 1000)}:{ident}"
+            key = _counters.route_rate(name, "tokens", guard.window, ident)
             rates.append(RateHit(key, "tokens", level, tag, guard.tpm, cost, guard.window))
         if guard.max_budget is not None:
             end = guard.duration.period_end(now) if guard.duration is not None else None
-            period = "ever" if guard.duration is None else _period_name(guard.duration)
-            key = f"route:{name}:budget:{period}:{ident}"
+            key = _counters.route_budget(name, guard.duration, ident)
             budgets.append(BudgetScope(key, level, tag, guard.max_budget, end))
     estimate = max((g.estimate for g, _, _ in guards if g.max_budget is not None), default=0)
     token_estimates = {g.tokens_estimate for g, _, _ in guards if g.tpm is not None}
     held = Hold(
-        fence,
+        services,
         ledger,
-        f"route.{uuid.uuid4().hex}",
+        f"route.{new_request_id()}",
         True,
         tuple(budgets),
         estimate,
@@ -342,13 +342,14 @@ async def _admit(
     # At least one nano-USD, so a budget already used up refuses even a call estimated free.
     reserve = max(1, estimate) if budgets else 0
     admission = Admission(held.request_id, now, tuple(rates), (), held.budgets, reserve)
-    try:
-        result = await fence.meter.call(fence.store.admit(admission))
-    except StoreError as error:
-        fence.meter.degraded("admit", error)
-        limits_closed = rates and fence._limits_policy == "fail_closed"
-        if (budgets and fence.budget_check.on_store_error == "fail_closed") or limits_closed:
-            raise
+    # The middlewares' outage policies: the app's budget policy for budgets, its limits'
+    # policy for rate limits.
+    fail_closed = (budgets and services.budgets.on_store_error == "fail_closed") or (
+        rates and services.limits_on_store_error == "fail_closed"
+    )
+    meter = services.meter
+    result = await meter.reserve(meter.call(meter.store.admit(admission)), bool(fail_closed))
+    if result is None:
         held.reserved = False
     else:
         ledger.rate_states = list(result.rates)
@@ -361,14 +362,14 @@ async def _admit(
     return held
 
 
-async def _who(fence: Fence, per: Per, request: Request, ledger: Ledger) -> _Who:
+async def _who(services: Services, per: Per, request: Request, ledger: Ledger) -> _Who:
     """Whom a request is counted against: (level, counter id, label). Never a plain key."""
     if callable(per):
         value = per(request)
         name = await value if inspect.isawaitable(value) else value
         return "caller", f"caller:{name}", name
     if per == "ip":
-        address = _client_ip(request, fence.trusted_proxies)
+        address = _client_ip(request, services.trusted_proxies)
         return "ip", f"ip:{address}", address
     if per == "end_user":
         end_user = ledger.end_user = await _end_user(request)
@@ -389,7 +390,7 @@ async def _who(fence: Fence, per: Per, request: Request, ledger: Ledger) -> _Who
         principal = ctx.principal if ctx is not None else None
         if principal is None:  # the middlewares did not run: authenticate here (401 if bad)
             api_key = api_key_from_headers(request.headers)
-            principal = await fence.authenticator.authenticate(api_key)
+            principal = await services.authenticator.authenticate(api_key)
         ledger.principal = principal
     # "team" falls back to the user, and both to the key, so every caller has a counter.
     if per == "team" and principal.team_id:
@@ -435,11 +436,6 @@ async def _end_user(request: Request) -> str | None:
     return user if isinstance(user, str) and user else None
 
 
-def _period_name(duration: Duration) -> str:
-    # Part of the budget counter's name: a daily and a monthly budget on one route are two.
-    return f"{duration}{'-aligned' if duration.aligned else ''}"
-
-
 def _qualified(endpoint: Any) -> str:
     return f"{endpoint.__module__}.{endpoint.__qualname__}"
 
@@ -464,7 +460,7 @@ def _error_response(error: LLMFenceError, states: Sequence[RateState], now: floa
     return response
 
 
-def exception_handler(fence: Fence) -> Callable[[Request, Exception], Awaitable[Response]]:
+def exception_handler(services: Services) -> Callable[[Request, Exception], Awaitable[Response]]:
     """A Starlette exception handler rendering `LLMFenceError`s raised by guard dependencies."""
 
     async def handle(request: Request, error: Exception) -> Response:
@@ -472,6 +468,6 @@ def exception_handler(fence: Fence) -> Callable[[Request, Exception], Awaitable[
             raise error
         ledger = request.scope.get(SCOPE_KEY)
         states = ledger.rate_states if isinstance(ledger, Ledger) else []
-        return _error_response(error, states, fence.clock())
+        return _error_response(error, states, services.clock())
 
     return handle

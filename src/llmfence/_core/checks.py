@@ -1,32 +1,33 @@
-"""The checks a request can go through, each turning a principal and a request into store parts.
+"""The checks a request can go through: plain, validated configuration.
 
-A check decides *what* to ask of the store (which windows, leases and budget levels, with which
-limits); the `Meter` sends every check's parts of one request to the store in one step. Checks
-hold configuration only, never per-request state.
+Each llmfence middleware contributes checks; one engine runs all the checks of a stack. What a
+check asks of the store for a given caller (which windows, leases and budget levels, with which
+limits) is worked out once per caller in `_core.plan`; the `Meter` sends every check of one
+request to the store in one step. Checks hold configuration only, never per-request state.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import limits
 
-from llmfence._duration import Duration, parse_duration
+from llmfence._duration import parse_duration
 from llmfence._money import usd_to_nano
 from llmfence.exceptions import ConfigurationError
-from llmfence.stores import BudgetScope, RateHit, SlotRequest
-from llmfence.stores._types import RateKind, _Limits
+from llmfence.stores._types import RateKind
 
-from .auth import Principal
+from .auth import Authenticator
 
 __all__ = [
+    "AuthCheck",
     "BudgetCheck",
     "Check",
     "ParallelCheck",
     "RateCheck",
+    "RecordCheck",
     "check_window",
     "checked_limit",
     "parse_rate",
@@ -71,50 +72,6 @@ def checked_limit(name: str, value: int | None) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
-class _Level:
-    level: str
-    ident: str
-    label: str
-    limit: int | None
-
-
-def _principal_levels(principal: Principal | None, attr: str, default: int | None) -> list[_Level]:
-    """The key, user and team levels of a principal, with their limits for `attr`."""
-    if principal is None or principal.is_master:
-        return []
-    levels = []
-    if principal.key is not None and principal.key_hash is not None:
-        own = getattr(principal.key, attr)
-        levels.append(
-            _Level(
-                "key",
-                principal.key_hash,
-                principal.key_masked or "key",
-                own if own is not None else default,
-            )
-        )
-    if principal.user is not None:
-        levels.append(
-            _Level(
-                "user",
-                principal.user.user_id,
-                principal.user.user_id,
-                getattr(principal.user, attr),
-            )
-        )
-    if principal.team is not None:
-        levels.append(
-            _Level(
-                "team",
-                principal.team.team_id,
-                principal.team.team_id,
-                getattr(principal.team, attr),
-            )
-        )
-    return levels
-
-
-@dataclass(frozen=True, slots=True)
 class Check:
     """What every check shares.
 
@@ -153,30 +110,6 @@ class RateCheck(Check):
         checked_limit("default_limit", self.default_limit)
         check_window(self.window)
 
-    def hits(self, principal: Principal | None, cost: int) -> list[RateHit]:
-        """The windows this request hits, with `cost` units (1 request, or N tokens)."""
-        attr = "rpm_limit" if self.kind == "requests" else "tpm_limit"
-        prefix = "rpm" if self.kind == "requests" else "tpm"
-        levels = _principal_levels(principal, attr, self.default_limit)
-        if principal is None and self.default_limit is not None:
-            levels = [_Level("anonymous", "all", "unauthenticated", self.default_limit)]
-        window_ms = round(self.window * 1000)
-        return [
-            RateHit(
-                # The window length is part of the counter's name (two limits of one kind
-                # with different windows are two counters); the limit amount is not.
-                f"{prefix}:{window_ms}:{lv.level}:{lv.ident}",
-                self.kind,
-                lv.level,
-                lv.label,
-                lv.limit,
-                cost,
-                self.window,
-            )
-            for lv in levels
-            if lv.limit is not None
-        ]
-
 
 @dataclass(frozen=True, slots=True)
 class ParallelCheck(Check):
@@ -193,19 +126,6 @@ class ParallelCheck(Check):
     def __post_init__(self) -> None:
         Check.__post_init__(self)
         checked_limit("default_limit", self.default_limit)
-
-    def slots(self, principal: Principal | None) -> list[SlotRequest]:
-        """The leases this request needs."""
-        levels = _principal_levels(principal, "max_parallel_requests", self.default_limit)
-        if principal is None and self.default_limit is not None:
-            levels = [_Level("anonymous", "all", "unauthenticated", self.default_limit)]
-        return [
-            SlotRequest(
-                f"parallel:{lv.level}:{lv.ident}", lv.level, lv.label, lv.limit, self.lease_ttl
-            )
-            for lv in levels
-            if lv.limit is not None
-        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,92 +160,25 @@ class BudgetCheck(Check):
             if duration is not None:
                 parse_duration(duration)
 
-    def scopes(
-        self, principal: Principal | None, end_user: str | None, model: str | None, now: float
-    ) -> list[BudgetScope]:
-        """Every budget level this request is charged to, limited or not (spend is tracked)."""
 
-        def period_end(duration: str | None, anchor: float | None = None) -> float | None:
-            if duration is None:
-                return None
-            # Records know when they were created: their periods roll from then.
-            anchor = anchor if anchor else None
-            return _cached_duration(duration, self.calendar_aligned).period_end(now, anchor)
-
-        scopes = [
-            BudgetScope(
-                "global",
-                "global",
-                "global",
-                _nano(self.max_budget),
-                period_end(self.budget_duration),
-            )
-        ]
-        if principal is not None and not principal.is_master:
-            records: list[tuple[str, str, str, _Limits]] = []
-            if principal.team is not None:
-                team_id = principal.team.team_id
-                records.append(("team", team_id, team_id, principal.team))
-            if principal.user is not None:
-                user_id = principal.user.user_id
-                records.append(("user", user_id, user_id, principal.user))
-            key = principal.key
-            if key is not None and principal.key_hash is not None:
-                label = principal.key_masked or "key"
-                records.append(("key", principal.key_hash, label, key))
-            for level, ident, label, record in records:
-                scopes.append(
-                    BudgetScope(
-                        f"{level}:{ident}",
-                        level,
-                        label,
-                        record.max_budget,
-                        period_end(record.budget_duration, record.created_at),
-                    )
-                )
-            budgeted = _budgeted_model(key.model_max_budget, model) if key and model else None
-            if key is not None and budgeted is not None:
-                scopes.append(
-                    BudgetScope(
-                        f"key_model:{principal.key_hash}:{budgeted}",
-                        "model",
-                        f"{budgeted} on {principal.key_masked}",
-                        key.model_max_budget[budgeted],
-                        period_end(key.budget_duration, key.created_at),
-                    )
-                )
-        if end_user:
-            scopes.append(
-                BudgetScope(
-                    f"end_user:{end_user}",
-                    "end_user",
-                    end_user,
-                    _nano(self.max_end_user_budget),
-                    period_end(self.end_user_budget_duration),
-                )
-            )
-        return scopes
+@dataclass(frozen=True, slots=True)
+class RecordCheck:
+    """Write one spend record per metered request (what `SpendRecorderMiddleware` adds)."""
 
 
-@lru_cache(maxsize=1024)
-def _cached_duration(duration: str, aligned: bool) -> Duration:
-    # Records name their durations as strings: parsing each distinct one once keeps the
-    # regular expression off the hot path.
-    return parse_duration(duration, aligned=aligned)
+@dataclass(frozen=True, slots=True, eq=False)
+class AuthCheck:
+    """Resolve the caller's key to a principal, and check its model access.
 
+    Attributes:
+        master_key: The key that may do everything.
+        access_groups: Model access groups defined in code.
+        cache_ttl: Seconds principals are cached.
+        authenticator: A shared authenticator (what `Fence` passes); else the engine builds
+            one over its store from the fields above.
+    """
 
-def _budgeted_model(budgets: Mapping[str, int], model: str) -> str | None:
-    """The per-model budget a request's model falls under, names compared as prices compare
-    them: case aside, with or without a `provider/` prefix (`OpenAI/gpt-4o` is `gpt-4o`)."""
-    if model in budgets:
-        return model
-
-    def bare(name: str) -> str:
-        return name.rsplit("/", 1)[-1].lower()
-
-    wanted = bare(model)
-    return next((name for name in budgets if bare(name) == wanted), None)
-
-
-def _nano(usd: float | None) -> int | None:
-    return None if usd is None else usd_to_nano(usd)
+    master_key: str | None = None
+    access_groups: Mapping[str, Iterable[str]] | None = None
+    cache_ttl: float = 5.0
+    authenticator: Authenticator | None = field(default=None)

@@ -1,4 +1,4 @@
-"""Refusals as OpenAI-shaped errors, and the rate-limit headers of metered responses.
+"""Refusals as errors: what a store's `Refusal` says, in words a client can act on.
 
 Messages name the level, its current value, its limit and when it resets, and never a key or its
 hash (levels carry a masked key as their label).
@@ -6,15 +6,13 @@ hash (levels carry a masked key as their label).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from llmfence._money import nano_to_decimal, nano_to_usd
 from llmfence.exceptions import BudgetExceededError, LLMFenceError, RateLimitExceededError
-from llmfence.stores import RateState, Refusal
+from llmfence.stores import Refusal
 
-__all__ = ["error_headers", "format_reset", "rate_limit_headers", "refusal_error"]
+__all__ = ["format_reset", "refusal_error"]
 
 _UNITS = {"requests": "requests", "tokens": "tokens"}
 
@@ -75,28 +73,6 @@ def refusal_error(refusal: Refusal, window: float = 60.0) -> LLMFenceError:
     )
 
 
-def error_headers(error: LLMFenceError, now: float) -> list[tuple[bytes, bytes]]:
-    """Headers that go with an error response: when to retry, and whether to at all."""
-    if isinstance(error, BudgetExceededError):
-        # Budgets must not look retryable: OpenAI's SDKs retry every 429 unless told not to.
-        headers = [(b"x-should-retry", b"false")]
-        if error.resets_at is not None:
-            wait = max(1, math.ceil(error.resets_at - now))
-            headers.append((b"retry-after", str(wait).encode()))
-            headers.append((b"x-llmfence-budget-reset", _when(error.resets_at).encode()))
-        return headers
-    if isinstance(error, RateLimitExceededError):
-        if error.retry_after is None:
-            return [(b"x-should-retry", b"false")]
-        return [
-            (b"retry-after", str(max(1, math.ceil(error.retry_after))).encode()),
-            (b"retry-after-ms", str(max(1, math.ceil(error.retry_after * 1000))).encode()),
-        ]
-    if error.status_code == 503:
-        return [(b"retry-after", b"1")]
-    return []
-
-
 def format_reset(seconds: float) -> str:
     """A duration as OpenAI's `x-ratelimit-reset-*` headers write it: `20ms`, `1.5s`, `6m0s`."""
     if seconds < 1:
@@ -104,33 +80,3 @@ def format_reset(seconds: float) -> str:
     minutes, rest = divmod(seconds, 60)
     rest_text = f"{round(rest, 3):g}s"
     return f"{int(minutes)}m{rest_text}" if minutes else rest_text
-
-
-def rate_limit_headers(states: Sequence[RateState]) -> list[tuple[bytes, bytes]]:
-    """OpenAI's `x-ratelimit-*` headers and the IETF draft `RateLimit-Policy`/`RateLimit`.
-
-    OpenAI's headers report, per kind, the tightest level (fewest remaining). The IETF fields
-    list one policy per level and kind, named like `"key-requests"`.
-    """
-    headers: list[tuple[bytes, bytes]] = []
-    policies: list[str] = []
-    current: list[str] = []
-    for kind in ("requests", "tokens"):
-        of_kind = [s for s in states if s.kind == kind]
-        if not of_kind:
-            continue
-        tightest = min(of_kind, key=lambda s: (s.remaining, -s.reset_after))
-        headers += [
-            (f"x-ratelimit-limit-{kind}".encode(), str(tightest.limit).encode()),
-            (f"x-ratelimit-remaining-{kind}".encode(), str(tightest.remaining).encode()),
-            (f"x-ratelimit-reset-{kind}".encode(), format_reset(tightest.reset_after).encode()),
-        ]
-        for state in of_kind:
-            name = f'"{state.level}-{kind}"'
-            unit = "" if kind == "requests" else ';qu="tokens"'
-            policies.append(f"{name};q={state.limit};w={math.ceil(state.window)}{unit}")
-            current.append(f"{name};r={state.remaining};t={math.ceil(state.reset_after)}")
-    if policies:
-        headers.append((b"ratelimit-policy", ", ".join(policies).encode()))
-        headers.append((b"ratelimit", ", ".join(current).encode()))
-    return headers

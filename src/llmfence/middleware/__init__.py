@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._base import PathRules
+from ._paths import PathRules
 from .auth import KeyAuthMiddleware
 from .budget import BudgetGuardMiddleware, SpendRecorderMiddleware
 from .limits import (

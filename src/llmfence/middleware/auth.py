@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from starlette.types import ASGIApp, Scope
+from starlette.types import ASGIApp
 
-from llmfence._core.auth import Authenticator, api_key_from_headers
-from llmfence._core.meter import Meter, RequestContext
-from llmfence.exceptions import LLMFenceError, StoreError
+from llmfence._core.auth import Authenticator
+from llmfence._core.checks import AuthCheck
+from llmfence._core.meter import Meter
 from llmfence.stores import Store
 
-from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware, PathRules
+from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware
+from ._paths import PathRules
 
 __all__ = ["KeyAuthMiddleware"]
 
@@ -32,8 +33,8 @@ class KeyAuthMiddleware(FenceMiddleware):
         meter: A shared meter (what `Fence` passes).
         paths: Which paths are metered and which are exempt.
         max_body_size: Largest request body accepted on a metered path, in bytes.
-        cache_ttl: Seconds key, user and team records are cached; a change made by another
-            instance is seen within this time.
+        cache_ttl: Seconds a key's records are cached; a change made by another instance is
+            seen within this time.
     """
 
     def __init__(
@@ -49,24 +50,9 @@ class KeyAuthMiddleware(FenceMiddleware):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         cache_ttl: float = 5.0,
     ) -> None:
-        super().__init__(app, store=store, meter=meter, paths=paths, max_body_size=max_body_size)
-        self.authenticator = authenticator or Authenticator(
-            self.meter.store,
-            master_key=master_key,
-            access_groups=access_groups,
-            cache_ttl=cache_ttl,
-            clock=self.meter.clock,
+        check = AuthCheck(master_key, access_groups, cache_ttl, authenticator)
+        if meter is None and store is None and authenticator is not None:
+            store = authenticator.store
+        super().__init__(
+            app, (check,), store=store, meter=meter, paths=paths, max_body_size=max_body_size
         )
-
-    async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            ctx.principal = await self.authenticator.authenticate(api_key_from_headers(headers))
-            if ctx.request is not None and not ctx.principal.is_master:
-                await self.authenticator.check_model(ctx.principal, ctx.request.model)
-        except StoreError as error:
-            self.meter.degraded("auth", error)  # no store, no keys: auth always fails closed
-            return error
-        except LLMFenceError as error:
-            return error
-        return None

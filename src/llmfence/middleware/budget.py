@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Scope
+from starlette.types import ASGIApp
 
-from llmfence._core.checks import BudgetCheck
-from llmfence._core.meter import Meter, RequestContext
-from llmfence.exceptions import LLMFenceError
+from llmfence._core.checks import BudgetCheck, RecordCheck
+from llmfence._core.meter import Meter
 from llmfence.stores import Store
 
-from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware, PathRules, ensure_stream_usage
-from .limits import _CheckMiddleware
+from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware
+from ._paths import PathRules
 
 __all__ = ["BudgetGuardMiddleware", "SpendRecorderMiddleware"]
 
 
-class BudgetGuardMiddleware(_CheckMiddleware):
+class BudgetGuardMiddleware(FenceMiddleware):
     """Reserves each request's projected cost at every budget level, or answers 429.
 
     The projection is prompt tokens × input price + output allowance × output price. Levels:
@@ -35,7 +34,7 @@ class BudgetGuardMiddleware(_CheckMiddleware):
             instead of refusing (the response says so in `x-llmfence-max-tokens-clamped`).
         on_store_error: `"fail_closed"` (default: 503 while the store is down) or `"fail_open"`.
         shadow: Evaluate and record, but never refuse.
-        defer: Leave the store call to a later llmfence guard.
+        defer: Ignored, kept for compatibility (adjacent layers are admitted together).
         meter: A shared meter (what `Fence` passes).
         paths: Which paths are metered and which are exempt.
         max_body_size: Largest request body accepted on a metered path, in bytes.
@@ -70,18 +69,9 @@ class BudgetGuardMiddleware(_CheckMiddleware):
             clamp_max_tokens=clamp_max_tokens,
         )
         super().__init__(
-            app,
-            check,
-            store=store,
-            meter=meter,
-            paths=paths,
-            max_body_size=max_body_size,
-            defer=defer,
+            app, (check,), store=store, meter=meter, paths=paths, max_body_size=max_body_size
         )
-
-    async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
-        ensure_stream_usage(ctx)
-        return await super().check(ctx, scope)
+        self.limit_check = check
 
 
 class SpendRecorderMiddleware(FenceMiddleware):
@@ -109,10 +99,11 @@ class SpendRecorderMiddleware(FenceMiddleware):
         paths: PathRules | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
-        super().__init__(app, store=store, meter=meter, paths=paths, max_body_size=max_body_size)
-
-    async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
-        if ctx.request is not None:
-            ctx.record_spend = True
-            ensure_stream_usage(ctx)
-        return None
+        super().__init__(
+            app,
+            (RecordCheck(),),
+            store=store,
+            meter=meter,
+            paths=paths,
+            max_body_size=max_body_size,
+        )

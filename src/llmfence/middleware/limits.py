@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Scope
+from starlette.types import ASGIApp
 
 from llmfence._core.checks import Check, ParallelCheck, RateCheck, parse_rate
-from llmfence._core.meter import Meter, RequestContext
-from llmfence.exceptions import LLMFenceError
+from llmfence._core.meter import Meter
 from llmfence.stores import Store
 from llmfence.stores._types import RateKind
 
-from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware, PathRules, ensure_stream_usage
+from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware
+from ._paths import PathRules
 
 __all__ = [
     "ParallelRequestLimitMiddleware",
@@ -20,7 +20,7 @@ __all__ = [
 
 
 class _CheckMiddleware(FenceMiddleware):
-    """A middleware that adds one check to the request's admission."""
+    """A middleware that adds one check to its stack's admission."""
 
     def __init__(
         self,
@@ -31,22 +31,11 @@ class _CheckMiddleware(FenceMiddleware):
         meter: Meter | None,
         paths: PathRules | None,
         max_body_size: int,
-        defer: bool,
     ) -> None:
-        super().__init__(app, store=store, meter=meter, paths=paths, max_body_size=max_body_size)
+        super().__init__(
+            app, (check,), store=store, meter=meter, paths=paths, max_body_size=max_body_size
+        )
         self.limit_check = check
-        self.defer = defer
-
-    async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
-        if ctx.request is None:
-            return None
-        try:
-            await self.meter.add(ctx, self.limit_check)
-        except LLMFenceError as error:
-            return error
-        if self.defer:
-            return None
-        return await self.meter.flush(ctx)
 
 
 class _RateLimitMiddleware(_CheckMiddleware):
@@ -73,13 +62,7 @@ class _RateLimitMiddleware(_CheckMiddleware):
             limit, window = parse_rate(rate)
         check = RateCheck(on_store_error, shadow, self.kind, limit, window)
         super().__init__(
-            app,
-            check,
-            store=store,
-            meter=meter,
-            paths=paths,
-            max_body_size=max_body_size,
-            defer=defer,
+            app, check, store=store, meter=meter, paths=paths, max_body_size=max_body_size
         )
 
 
@@ -97,8 +80,8 @@ class RequestRateLimitMiddleware(_RateLimitMiddleware):
         rate: `limit` and `window` at once, in the `limits` notation: `"100/minute"`.
         on_store_error: `"fail_open"` (default) or `"fail_closed"` while the store is down.
         shadow: Evaluate and emit headers, but never refuse.
-        defer: Leave the store call to a later llmfence guard, which sends every check of the
-            request in one step (`Fence.install` sets this).
+        defer: Ignored, kept for compatibility: adjacent llmfence middlewares always send
+            their checks in one step.
         meter: A shared meter (what `Fence` passes).
         paths: Which paths are metered and which are exempt.
         max_body_size: Largest request body accepted on a metered path, in bytes.
@@ -121,17 +104,13 @@ class TokenRateLimitMiddleware(_RateLimitMiddleware):
         rate: `limit` and `window` at once, in the `limits` notation: `"20000/minute"`.
         on_store_error: `"fail_open"` (default) or `"fail_closed"` while the store is down.
         shadow: Evaluate and emit headers, but never refuse.
-        defer: Leave the store call to a later llmfence guard (`Fence.install` sets this).
+        defer: Ignored, kept for compatibility (adjacent layers are admitted together).
         meter: A shared meter (what `Fence` passes).
         paths: Which paths are metered and which are exempt.
         max_body_size: Largest request body accepted on a metered path, in bytes.
     """
 
     kind = "tokens"
-
-    async def check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
-        ensure_stream_usage(ctx)
-        return await super().check(ctx, scope)
 
 
 class ParallelRequestLimitMiddleware(_CheckMiddleware):
@@ -147,7 +126,7 @@ class ParallelRequestLimitMiddleware(_CheckMiddleware):
         lease_ttl: Seconds after which an unreleased slot frees itself.
         on_store_error: `"fail_open"` (default) or `"fail_closed"` while the store is down.
         shadow: Evaluate, but never refuse.
-        defer: Leave the store call to a later llmfence guard (`Fence.install` sets this).
+        defer: Ignored, kept for compatibility (adjacent layers are admitted together).
         meter: A shared meter (what `Fence` passes).
         paths: Which paths are metered and which are exempt.
         max_body_size: Largest request body accepted on a metered path, in bytes.
@@ -169,11 +148,5 @@ class ParallelRequestLimitMiddleware(_CheckMiddleware):
     ) -> None:
         check = ParallelCheck(on_store_error, shadow, limit, lease_ttl)
         super().__init__(
-            app,
-            check,
-            store=store,
-            meter=meter,
-            paths=paths,
-            max_body_size=max_body_size,
-            defer=defer,
+            app, check, store=store, meter=meter, paths=paths, max_body_size=max_body_size
         )

@@ -1,0 +1,193 @@
+"""The end of a request: what it used, what it cost, one settlement and one spend record.
+
+`finish` settles every reservation of a middleware-metered request once, after its last byte;
+`settle_reservations` and `spend_record` are the pieces route guards share. Settlement is shielded
+from cancellation (a client disconnect cancels the request's task) unless the store never
+suspends, and never raises: a store failure here is logged and counted.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import anyio
+
+from llmfence._usage import Usage, usage_from_json
+from llmfence.exceptions import LLMFenceError, StoreError
+from llmfence.stores import Settlement, SpendRecord
+
+from .auth import Principal
+from .context import RequestContext
+from .meter import Meter
+from .plan import budget_scopes
+
+__all__ = ["finish", "protected", "settle_reservations", "spend_record", "usage_of"]
+
+
+def spend_record(
+    request_id: str,
+    timestamp: float,
+    model: str,
+    cost: int,
+    usage: Usage,
+    principal: Principal | None,
+    end_user: str | None,
+    provenance: Any,
+    price_source: str,
+    status: int,
+    started: float,
+    path: str,
+) -> SpendRecord:
+    """The one builder of spend records, for the middlewares and the route guards alike."""
+    if principal is not None:
+        who = (principal.key_hash, principal.key_masked, principal.user_id, principal.team_id)
+    else:
+        who = (None, None, None, None)
+    return SpendRecord(
+        request_id,
+        timestamp,
+        model,
+        cost,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_input_tokens,
+        *who,
+        end_user,
+        provenance,
+        price_source,
+        status,
+        round((time.perf_counter() - started) * 1000, 3),
+        path,
+    )
+
+
+def usage_of(meter: Meter, ctx: RequestContext) -> tuple[Usage, str]:
+    """The request's usage and its provenance, from the response or estimated."""
+    prompt = ctx.prompt_tokens or 0
+    if ctx.scanner is not None:
+        usage = ctx.scanner.finish()
+        if ctx.scanner.usage_seen:
+            return usage, "provider-reported"
+        extra = 0 if ctx.completed else meter.disconnect_extra_tokens
+        return Usage(prompt, usage.output_tokens + extra, estimated=True), "estimated"
+    if ctx.json_parts is not None and ctx.completed:
+        found = usage_from_json(b"".join(ctx.json_parts))
+        if found is not None:
+            return found, "provider-reported"
+    if (ctx.status is not None and ctx.status >= 400) or ctx.app_failed:
+        # Providers do not bill failed calls, and an app that raised made none we know of.
+        return Usage(estimated=True), "estimated"
+    if ctx.status is None:
+        # The client left before the response began: what the upstream did is unknown.
+        return Usage(prompt, meter.disconnect_extra_tokens, estimated=True), "estimated"
+    # A response cut short that is not a stream was generated (and billed) in full before
+    # its first byte: charge what was reserved. So is a complete one without usage.
+    return Usage(prompt, ctx.allowance, estimated=True), "reservation-only"
+
+
+async def finish(ctx: RequestContext) -> None:
+    """Settle every reservation of the request and write its spend record, once."""
+    if ctx.finished:
+        return
+    ctx.finished = True
+    if not ctx.reservations and not ctx.uncertain and not ctx.record_spend:
+        return
+    meter = ctx.meter
+    with protected(meter):
+        try:
+            await _settle(meter, ctx)
+        except StoreError as error:
+            meter.degraded("settle", error)
+
+
+def protected(meter: Meter) -> AbstractContextManager[Any]:
+    """Shield a settlement from cancellation (a client disconnect cancels the request's task),
+    unless the store never suspends: then nothing can interrupt it, and a shield is waste."""
+    return nullcontext() if meter.never_suspends else anyio.CancelScope(shield=True)
+
+
+async def _settle(meter: Meter, ctx: RequestContext) -> None:
+    held = [*ctx.reservations, *ctx.uncertain]
+    store = meter.store
+    if ctx.refused or not ctx.app_called:
+        # A refused request is never charged: what earlier checks reserved goes back.
+        await settle_reservations(meter, held, 0, 0, None, refund=True)
+        return
+    await meter.tokens(ctx)  # a recorder without guards has not counted the prompt yet
+    usage, provenance = usage_of(meter, ctx)
+    cost, source = _cost(meter, ctx, usage)
+    record = None
+    if ctx.record_spend:
+        request = ctx.request
+        record = spend_record(
+            ctx.request_id,
+            ctx.now,
+            request.model if request is not None else "",
+            cost,
+            usage,
+            ctx.principal,
+            ctx.end_user,
+            provenance,
+            source,
+            ctx.status if ctx.completed and ctx.status is not None else _cut_short(ctx),
+            ctx.started,
+            ctx.path,
+        )
+    tokens = usage.input_tokens + usage.output_tokens
+    took_cost = await settle_reservations(meter, held, cost, tokens, record, budgets=ctx.budget_ids)
+    if not took_cost:
+        # No budget reservation took the cost (a recorder without a budget guard, or a store
+        # that was down at admission): it still lands at every level.
+        scopes = ctx.budget_scopes
+        if not scopes:
+            model = ctx.request.model if ctx.request is not None else None
+            scopes = budget_scopes(meter.tracking, ctx.principal, ctx.end_user, model, ctx.now)
+        await meter.call(store.charge(scopes, cost, meter.clock()))
+    if record is not None and not held:
+        await meter.call(store.settle(Settlement(ctx.request_id, meter.clock(), 0, None, record)))
+
+
+async def settle_reservations(
+    meter: Meter,
+    request_ids: list[str],
+    cost: int,
+    tokens: int | None,
+    record: SpendRecord | None,
+    *,
+    refund: bool = False,
+    budgets: list[str] | None = None,
+) -> bool:
+    """Settle reservations with the actual cost; the record goes with the first.
+
+    Returns:
+        Whether a reservation named in `budgets` took the cost (the levels are charged).
+    """
+    took = False
+    for request_id in request_ids:
+        # The store appends the record with the first settlement, known reservation or not.
+        settled = await meter.call(
+            meter.store.settle(
+                Settlement(request_id, meter.clock(), cost, tokens, record, refund_requests=refund)
+            )
+        )
+        record = None
+        took = took or (settled and budgets is not None and request_id in budgets)
+    return took
+
+
+def _cost(meter: Meter, ctx: RequestContext, usage: Usage) -> tuple[int, str]:
+    if ctx.request is None:
+        return 0, ""
+    price = ctx.price
+    if price is None:
+        try:
+            price = ctx.price = meter.prices.price_for(ctx.request.model)
+        except LLMFenceError:
+            return 0, "unknown"
+    return price.cost(usage), price.source
+
+
+def _cut_short(ctx: RequestContext) -> int:
+    return 500 if ctx.app_failed else 499  # 499: the client closed the request

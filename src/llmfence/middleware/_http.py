@@ -1,0 +1,117 @@
+"""HTTP renderings of llmfence's answers: rate-limit headers, retry headers, error responses.
+
+The core says what happened (a `RateState`, a refusal as an `LLMFenceError`); this module says it
+in HTTP. Rate-limit headers are on every metered response, so their static parts (the header
+names, each policy's `q=`/`w=` text) are built once per policy and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from starlette.types import Send
+
+from llmfence._core.refusals import format_reset
+from llmfence.exceptions import BudgetExceededError, LLMFenceError, RateLimitExceededError
+from llmfence.stores import RateState
+
+__all__ = ["error_headers", "rate_limit_headers", "send_error"]
+
+_NAMES = {
+    kind: tuple(f"x-ratelimit-{what}-{kind}".encode() for what in ("limit", "remaining", "reset"))
+    for kind in ("requests", "tokens")
+}
+# (level, kind, limit, window) -> (the policy's name, its RateLimit-Policy item); bounded by the
+# distinct limits in use, cleared if it ever grows past that.
+_POLICIES: dict[tuple[str, str, int, float], tuple[str, str]] = {}
+_MAX_POLICIES = 4096
+
+
+def _policy(state: RateState) -> tuple[str, str]:
+    known = (state.level, state.kind, state.limit, state.window)
+    found = _POLICIES.get(known)
+    if found is None:
+        name = f'"{state.level}-{state.kind}"'
+        unit = "" if state.kind == "requests" else ';qu="tokens"'
+        found = (name, f"{name};q={state.limit};w={math.ceil(state.window)}{unit}")
+        if len(_POLICIES) >= _MAX_POLICIES:
+            _POLICIES.clear()
+        _POLICIES[known] = found
+    return found
+
+
+def rate_limit_headers(states: Sequence[RateState]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's `x-ratelimit-*` headers and the IETF draft `RateLimit-Policy`/`RateLimit`.
+
+    OpenAI's headers report, per kind, the tightest level (fewest remaining). The IETF fields
+    list one policy per level and kind, named like `"key-requests"`.
+    """
+    if not states:
+        return []
+    headers: list[tuple[bytes, bytes]] = []
+    policies: list[str] = []
+    current: list[str] = []
+    for kind, names in _NAMES.items():
+        tightest: RateState | None = None
+        for state in states:
+            if state.kind != kind:
+                continue
+            if tightest is None or (state.remaining, -state.reset_after) < (
+                tightest.remaining,
+                -tightest.reset_after,
+            ):
+                tightest = state
+            name, policy = _policy(state)
+            policies.append(policy)
+            current.append(f"{name};r={state.remaining};t={math.ceil(state.reset_after)}")
+        if tightest is not None:
+            headers.append((names[0], b"%d" % tightest.limit))
+            headers.append((names[1], b"%d" % tightest.remaining))
+            headers.append((names[2], format_reset(tightest.reset_after).encode()))
+    headers.append((b"ratelimit-policy", ", ".join(policies).encode()))
+    headers.append((b"ratelimit", ", ".join(current).encode()))
+    return headers
+
+
+def _when(resets_at: float) -> str:
+    return datetime.fromtimestamp(resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def error_headers(error: LLMFenceError, now: float) -> list[tuple[bytes, bytes]]:
+    """Headers that go with an error response: when to retry, and whether to at all."""
+    if isinstance(error, BudgetExceededError):
+        # Budgets must not look retryable: OpenAI's SDKs retry every 429 unless told not to.
+        headers = [(b"x-should-retry", b"false")]
+        if error.resets_at is not None:
+            wait = max(1, math.ceil(error.resets_at - now))
+            headers.append((b"retry-after", str(wait).encode()))
+            headers.append((b"x-llmfence-budget-reset", _when(error.resets_at).encode()))
+        return headers
+    if isinstance(error, RateLimitExceededError):
+        if error.retry_after is None:
+            return [(b"x-should-retry", b"false")]
+        return [
+            (b"retry-after", str(max(1, math.ceil(error.retry_after))).encode()),
+            (b"retry-after-ms", str(max(1, math.ceil(error.retry_after * 1000))).encode()),
+        ]
+    if error.status_code == 503:
+        return [(b"retry-after", b"1")]
+    return []
+
+
+async def send_error(
+    send: Send, error: LLMFenceError, now: float, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Send an OpenAI-shaped error response (never raise through the app)."""
+    body = json.dumps(error.to_openai()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        *error_headers(error, now),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
