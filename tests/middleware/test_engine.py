@@ -36,7 +36,7 @@ from .conftest import CHAT, MODEL, Counting, auth, chat_body, client_for
 
 pytestmark = pytest.mark.anyio
 MASTER = "sk-master-key"
-SIX: list[tuple[type, dict[str, Any]]] = [
+SIX: list[tuple[Any, dict[str, Any]]] = [
     (KeyAuthMiddleware, {"master_key": MASTER}),
     (RequestRateLimitMiddleware, {"limit": 3}),
     (TokenRateLimitMiddleware, {"limit": 1_000_000}),
