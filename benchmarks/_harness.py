@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
+import json
 import random
 import statistics
+import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
 __all__ = [
     "AsyncBatch",
@@ -22,15 +32,19 @@ __all__ = [
     "Settings",
     "Stats",
     "arun_rounds",
+    "canned_llm_app",
     "fmt_ratio",
     "fmt_us",
     "history",
+    "parse_args",
     "parse_settings",
     "print_table",
     "run_rounds",
+    "source_revision",
     "text",
     "timed",
     "verdict",
+    "write_json",
 ]
 
 Batch = Callable[[int], float]
@@ -72,13 +86,32 @@ class Stats:
 
 def parse_settings(description: str, *, rounds: int = 15, batch_seconds: float = 0.05) -> Settings:
     """Parse the command line every script accepts (`--quick`, `--rounds`)."""
-    parser = argparse.ArgumentParser(description=description)
+    return parse_args(description, rounds=rounds, batch_seconds=batch_seconds)[0]
+
+
+def parse_args(
+    description: str,
+    *,
+    rounds: int = 15,
+    batch_seconds: float = 0.05,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[Settings, argparse.Namespace]:
+    """`parse_settings` for a script with options of its own, added by `extra`.
+
+    Returns:
+        The settings, and every parsed option (the script's own ones included).
+    """
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds, rough numbers")
     parser.add_argument("--rounds", type=int, default=None, help="batches timed per case")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args()
     if args.quick:
-        return Settings(True, args.rounds or 3, batch_seconds / 10)
-    return Settings(False, args.rounds or rounds, batch_seconds)
+        return Settings(True, args.rounds or 3, batch_seconds / 10), args
+    return Settings(False, args.rounds or rounds, batch_seconds), args
 
 
 def _calibrate(elapsed: float, n: int, target: float, cap: int) -> int:
@@ -174,9 +207,36 @@ def fmt_ratio(value: float) -> str:
     return f"{value:.2f}×" if value < 10 else f"{value:.0f}×"
 
 
-def verdict(measured: float, target: float) -> str:
-    """`PASS` when `measured <= target`, else `MISS` (informational, never an exit code)."""
-    return "PASS" if measured <= target else "MISS"
+def verdict(measured: float, target: float, *, at_least: bool = False) -> str:
+    """`PASS` when `measured <= target` (`>=` with `at_least`), else `MISS` (informational,
+    never an exit code)."""
+    met = measured >= target if at_least else measured <= target
+    return "PASS" if met else "MISS"
+
+
+def source_revision() -> str:
+    """Which llmfence the numbers are of: the short commit of the git tree it is imported
+    from, `+dirty` when that tree's `src/` has uncommitted changes, else `unknown`."""
+    import llmfence
+
+    root = Path(llmfence.__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return f"unknown ({root})"
+    return f"{commit}+dirty" if dirty else commit
+
+
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """Write results as indented JSON (for `--json PATH`)."""
+    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def print_table(
@@ -247,3 +307,65 @@ def history(turns: int = 20, *, tag: str = "", seed: int = 0) -> list[dict[str, 
         messages.append({"role": "user", "content": tag + text(rng, 35)})
         messages.append({"role": "assistant", "content": tag + text(rng, 120)})
     return messages
+
+
+def canned_llm_app(
+    reply: str, *, reply_tokens: int, chunks: int, paths: Sequence[str] = ("/v1/chat/completions",)
+) -> Starlette:
+    """An OpenAI chat upstream that costs next to nothing: the yardstick the stack is held to.
+
+    Every answer is prebuilt at startup: a JSON completion with `reply`, or a stream of
+    `reply` cut into `chunks` SSE events (plus the usage event when the body asks for
+    `stream_options.include_usage`, and `[DONE]`). Per request it only reads and parses the
+    body and fills in the usage: prompt tokens by a cheap character estimate, completion tokens
+    `reply_tokens` (cut to the body's `max_tokens`). `llmfence.testing.mock_llm_app` instead
+    tokenizes the reply and JSON-encodes every event per request, which is most of its time
+    and would hide the stack's own cost in a ratio to it.
+    """
+    cuts = [len(reply) * i // chunks for i in range(chunks + 1)]
+    pieces = [reply[start:end] for start, end in itertools.pairwise(cuts)]
+    head = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0}
+
+    def event(data: Mapping[str, Any] | str) -> bytes:
+        payload = data if isinstance(data, str) else json.dumps(data)
+        return f"data: {payload}\n\n".encode()
+
+    events = [
+        event({**head, "choices": [{"index": 0, "delta": {"content": p}}], "usage": None})
+        for p in pieces
+    ]
+    done = event("[DONE]")
+    choice = json.dumps(
+        {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
+    ).encode()
+
+    async def handle(request: Request) -> Response:
+        raw = await request.body()
+        body = json.loads(raw)
+        prompt = 3 + len(raw) // 4
+        output = min(reply_tokens, body.get("max_tokens") or reply_tokens)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": output,
+            "total_tokens": prompt + output,
+        }
+        model = json.dumps(body.get("model", "")).encode()
+        if not body.get("stream"):
+            content = (
+                b'{"id":"chatcmpl-mock","object":"chat.completion","created":0,"model":%s,'
+                b'"choices":[%s],"usage":%s}' % (model, choice, json.dumps(usage).encode())
+            )
+            return Response(content, media_type="application/json")
+        tail = [done]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            tail.insert(0, event({**head, "choices": [], "usage": usage}))
+
+        async def stream() -> AsyncIterator[bytes]:
+            for item in events:
+                yield item
+            for item in tail:
+                yield item
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route(path, handle, methods=["POST"]) for path in paths])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +15,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
-    ("script", "header"),
+    ("script", "header", "writes_json"),
     [
-        ("bench_core.py", "| measurement"),
-        ("bench_store.py", "| operation"),
-        ("bench_stack.py", "| scenario"),
+        ("bench_core.py", "| measurement", False),
+        ("bench_store.py", "| operation", False),
+        ("bench_stack.py", "| scenario", True),
+        ("bench_http.py", "| connections", True),
     ],
 )
-def test_benchmark_runs_quick(script: str, header: str) -> None:
+def test_benchmark_runs_quick(script: str, header: str, writes_json: bool, tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    extra = ["--json", str(results)] if writes_json else []
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        [sys.executable, str(BENCHMARKS / script), "--quick", *extra],
         capture_output=True,
         text=True,
         timeout=120,
@@ -31,4 +35,7 @@ def test_benchmark_runs_quick(script: str, header: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert header in result.stdout
+    assert "| target" in result.stdout or not writes_json
     assert "done in" in result.stdout
+    if writes_json:
+        assert json.loads(results.read_text())["targets"]
