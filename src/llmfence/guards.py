@@ -29,24 +29,23 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast, overload
+from typing import Any, TypeVar, cast, overload
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llmfence import _counters
-from llmfence._core.auth import api_key_from_headers
 from llmfence._core.checks import check_window
 from llmfence._core.context import new_request_id
 from llmfence._core.refusals import refusal_error
 from llmfence._core.services import Services
 from llmfence._duration import parse_duration
 from llmfence._money import usd_to_nano
+from llmfence._route_identity import PERS, Per, Who, who_is
 from llmfence._route_ledger import (
     SCOPE_KEY,
     Hold,
@@ -54,9 +53,8 @@ from llmfence._route_ledger import (
     Permit,
     SettlingResponse,
     ledger_of,
-    request_context,
 )
-from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError
+from llmfence.exceptions import ConfigurationError, LLMFenceError
 from llmfence.middleware._http import error_headers, rate_limit_headers
 from llmfence.stores import (
     Admission,
@@ -69,17 +67,12 @@ from llmfence.stores import (
 
 __all__ = ["Per", "Permit", "RouteGuard"]
 
-Per = Literal["key", "user", "team", "end_user", "ip"] | Callable[[Request], str | Awaitable[str]]
-_PERS = ("key", "user", "team", "end_user", "ip")
 _F = TypeVar("_F", bound=Callable[..., Any])
 _HIDDEN = "llmfence_request_"
 # An end user is read from bodies of ordinary size, and named by at most this many characters
 # (an id becomes part of a counter's name).
-_MAX_END_USER_BODY = 1 << 20
-_MAX_IDENTITY = 256
 _KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
 _POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
-_Who = tuple[str, str, str]  # (level, counter id, what messages show)
 
 
 class RouteGuard:
@@ -132,8 +125,8 @@ class RouteGuard:
         per: Per = "key",
         name: str | None = None,
     ) -> None:
-        if not callable(per) and per not in _PERS:
-            raise ConfigurationError(f"per must be one of {_PERS} or a callable, not {per!r}")
+        if not callable(per) and per not in PERS:
+            raise ConfigurationError(f"per must be one of {PERS} or a callable, not {per!r}")
         for option, value in (("rpm", rpm), ("tpm", tpm), ("tokens_estimate", tokens_estimate)):
             if value is not None and (type(value) is not int or value < 0):
                 raise ConfigurationError(f"{option} must be a non-negative int, not {value!r}")
@@ -196,7 +189,7 @@ class RouteGuard:
         ledger = ledger_of(request)
         endpoint = request.scope.get("endpoint")
         name = self.name or (_qualified(endpoint) if endpoint else request.url.path)
-        who = await _who(self._services, self.per, request, ledger)
+        who = await who_is(self._services, self.per, request, ledger)
         async with _holding(self, name, who, ledger, request.url.path) as permit:
             yield permit
 
@@ -230,7 +223,7 @@ class RouteGuard:
                 raise ConfigurationError(f"{default} is guarded: it must be called with a Request")
             ledger = ledger_of(request)
             try:
-                entries = [(g, n, await _who(services, g.per, request, ledger)) for g, n in named]
+                entries = [(g, n, await who_is(services, g.per, request, ledger)) for g, n in named]
                 held = await _admit(services, entries, ledger, request.url.path)
             except LLMFenceError as error:
                 return _error_response(error, ledger.rate_states, services.clock())
@@ -283,7 +276,7 @@ class _Guarded:
 
 @asynccontextmanager
 async def _holding(
-    guard: RouteGuard, name: str, who: _Who, ledger: Ledger, path: str
+    guard: RouteGuard, name: str, who: Who, ledger: Ledger, path: str
 ) -> AsyncIterator[Permit]:
     held = await _admit(guard._services, [(guard, name, who)], ledger, path)
     status, rejected = 500, False
@@ -301,7 +294,7 @@ async def _holding(
 
 
 async def _admit(
-    services: Services, guards: Sequence[tuple[RouteGuard, str, _Who]], ledger: Ledger, path: str
+    services: Services, guards: Sequence[tuple[RouteGuard, str, Who]], ledger: Ledger, path: str
 ) -> Hold:
     """Send every check of one guarded call to the store in one admission."""
     now = services.clock()
@@ -360,80 +353,6 @@ async def _admit(
             raise refusal_error(refusal, window)
     ledger.holds += 1
     return held
-
-
-async def _who(services: Services, per: Per, request: Request, ledger: Ledger) -> _Who:
-    """Whom a request is counted against: (level, counter id, label). Never a plain key."""
-    if callable(per):
-        value = per(request)
-        name = await value if inspect.isawaitable(value) else value
-        return "caller", f"caller:{name}", name
-    if per == "ip":
-        address = _client_ip(request, services.trusted_proxies)
-        return "ip", f"ip:{address}", address
-    if per == "end_user":
-        end_user = ledger.end_user = await _end_user(request)
-        if not end_user:
-            raise InvalidRequestError(
-                "This route counts end users: name one in a `user` query parameter or the "
-                "JSON body's `user` field.",
-                param="user",
-            )
-        if len(end_user) > _MAX_IDENTITY:
-            raise InvalidRequestError(
-                f"`user` is longer than {_MAX_IDENTITY} characters.", param="user"
-            )
-        return "end_user", f"end_user:{end_user}", end_user
-    principal = ledger.principal
-    if principal is None:
-        ctx = request_context(request)
-        principal = ctx.principal if ctx is not None else None
-        if principal is None:  # the middlewares did not run: authenticate here (401 if bad)
-            api_key = api_key_from_headers(request.headers)
-            principal = await services.authenticator.authenticate(api_key)
-        ledger.principal = principal
-    # "team" falls back to the user, and both to the key, so every caller has a counter.
-    if per == "team" and principal.team_id:
-        return "team", f"team:{principal.team_id}", principal.team_id
-    if per in ("team", "user") and principal.user_id:
-        return "user", f"user:{principal.user_id}", principal.user_id
-    if principal.key_hash is None:
-        return "key", "key:master", "master key"
-    return "key", f"key:{principal.key_hash}", principal.key_masked or "key"
-
-
-def _client_ip(request: Request, trusted_proxies: int) -> str:
-    """The client's address: the N-th from the right of X-Forwarded-For behind N proxies."""
-    if trusted_proxies:
-        hops = [
-            hop.strip()
-            for value in request.headers.getlist("x-forwarded-for")
-            for hop in value.split(",")
-            if hop.strip()
-        ]
-        if hops:
-            # Entries left of the trusted ones are whatever the client chose to send.
-            return hops[-trusted_proxies] if len(hops) >= trusted_proxies else hops[0]
-    return request.client.host if request.client is not None else "unknown"
-
-
-async def _end_user(request: Request) -> str | None:
-    """The end user: a `user` query parameter, else the JSON body's `user` field."""
-    name = request.query_params.get("user")
-    if name:
-        return name
-    ctx = request_context(request)
-    if ctx is not None and ctx.end_user:
-        return ctx.end_user
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > _MAX_END_USER_BODY:
-        raise InvalidRequestError("The body is too large to read its `user`.", param="user")
-    try:
-        body = json.loads(await request.body())  # Starlette caches it for the endpoint
-    except (ValueError, RecursionError):
-        return None
-    user = body.get("user") if isinstance(body, dict) else None
-    return user if isinstance(user, str) and user else None
 
 
 def _qualified(endpoint: Any) -> str:
