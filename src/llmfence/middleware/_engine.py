@@ -289,7 +289,10 @@ def _replay(ctx: RequestContext, receive: Receive) -> Receive:
 def _responder(ctx: RequestContext, send: Send) -> Send:
     """Forward the response as it comes: headers added at the start, every chunk scanned."""
 
+    json_size = 0
+
     async def respond(message: Message) -> None:
+        nonlocal json_size
         if message["type"] == "http.response.body":
             body: bytes = message.get("body", b"")
             last = not message.get("more_body", False)
@@ -302,8 +305,10 @@ def _responder(ctx: RequestContext, send: Send) -> Send:
             elif ctx.scanner is not None:
                 ctx.scanner.feed(body)
             elif ctx.json_parts is not None:
-                ctx.json_parts.append(body)
-                if sum(map(len, ctx.json_parts)) > _MAX_JSON_RESPONSE:
+                json_size += len(body)
+                if json_size <= _MAX_JSON_RESPONSE:
+                    ctx.json_parts.append(body)
+                else:
                     ctx.json_parts = None
             if last:
                 ctx.completed = True
