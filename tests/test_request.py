@@ -4,7 +4,10 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from llmfence._json import loads, loads_strict
 from llmfence._request import LLMRequest, amend, endpoint_for_path, parse_request
 from llmfence.exceptions import InvalidRequestError
 
@@ -287,3 +290,56 @@ def test_amend_without_changes_reserializes_the_same_body() -> None:
 def test_amend_needs_a_body() -> None:
     with pytest.raises(ValueError, match="no body"):
         amend(LLMRequest(endpoint="chat", model="m"), max_tokens=1)
+
+
+def test_utf8_bom_and_other_encodings_read_as_json_loads_reads_them() -> None:
+    body = json.dumps({**CHAT, "user": "zoë"}, ensure_ascii=False)
+    assert parse(b"\xef\xbb\xbf" + body.encode()).end_user == "zoë"
+    for encoding in ("utf-16", "utf-16-le", "utf-32-be"):
+        assert parse(body.encode(encoding)).end_user == "zoë"
+    assert parse(b" \r\n\t" + body.encode() + b"\n ").end_user == "zoë"
+
+
+JSON_TEXT = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+).map(json.dumps)
+ENCODED = st.tuples(
+    JSON_TEXT,
+    st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"]),
+    st.sampled_from(["", " ", "\n", "\t\r\n", "x", "\x00", "{"]),
+).map(lambda t: (t[2] + t[0] + t[2]).encode(t[1], "surrogatepass"))
+
+
+def outcome(load: Any, data: bytes | bytearray) -> str:
+    try:
+        return repr(load(data))  # (repr: NaN is not equal to itself)
+    except UnicodeDecodeError:
+        return "UnicodeDecodeError"
+    except ValueError:
+        return "ValueError"
+    except RecursionError:
+        return "RecursionError"
+
+
+@given(st.binary(max_size=40) | ENCODED | ENCODED.map(lambda raw: raw[: len(raw) // 2]))
+def test_prebuilt_decoders_read_as_json_loads(data: bytes) -> None:
+    assert outcome(loads, data) == outcome(json.loads, data)
+    assert outcome(loads, bytearray(data)) == outcome(json.loads, data)
+
+    def reject(name: str) -> None:
+        raise ValueError(name)
+
+    assert outcome(loads_strict, data) == outcome(
+        lambda raw: json.loads(raw, parse_constant=reject), data
+    )
+
+
+def test_strict_decoder_refuses_nan_and_infinity() -> None:
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        assert str(loads(b"[" + constant + b"]")[0]) in ("nan", "inf", "-inf")
+        with pytest.raises(ValueError, match="not valid JSON"):
+            loads_strict(b'{"a": ' + constant + b"}")

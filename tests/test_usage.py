@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmfence import _usage
+from llmfence import _sse, _usage
 from llmfence._usage import StreamUsageScanner, Usage, UsageChunkFilter, usage_from_json
 
 DATA = Path(__file__).parent / "data"
@@ -415,21 +415,25 @@ def test_usage_null_everywhere_is_no_usage() -> None:
 
 def test_text_kept_for_an_estimate_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_usage, "_MAX_RAW", 1000)
+    monkeypatch.setattr(_usage, "_MAX_PENDING", 500)
     event = sse({"choices": [{"index": 0, "delta": {"content": "abc"}}]})
     scanner = StreamUsageScanner(len)
     for _ in range(500):
         scanner.feed(event)
-        assert scanner._raw_size <= 1000 + len(event)
+        assert scanner._pending_size <= 500
+        assert scanner._raw_size <= 1000 + 500 + len(event)
     assert scanner.finish() == Usage(output_tokens=1500, estimated=True)
 
 
 def test_an_endless_event_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_usage, "_MAX_EVENT", 10_000)
+    monkeypatch.setattr(_sse, "_MAX_EVENT", 10_000)
+    monkeypatch.setattr(_usage, "_MAX_PENDING", 3000)
     scanner = StreamUsageScanner()
     scanner.feed(b"data: ")
     for _ in range(100):
         scanner.feed(b"x" * 1000)
         assert scanner._tail_size <= 10_000
+        assert scanner._pending_size <= 3000
     scanner.feed(b"\n\n" + sse(USAGE_EVENT))
     assert scanner.finish() == Usage(3, 4)
 
@@ -512,7 +516,7 @@ def reference_events(body: bytes, *, complete_only: bool = False) -> list[list[b
 def test_framing_matches_the_spec_for_any_split(body: bytes, data: st.DataObject) -> None:
     # Whatever the chunks, the complete regions cut the body into the spec's events, and a CR
     # at a chunk's end never gets split from its LF.
-    framer = _usage._SSEFramer()
+    framer = _sse.SSEFramer()
     events: list[list[bytes]] = []
     regions = []
     for chunk in split_at(body, data.draw(st.sets(st.integers(0, len(body))))):
@@ -539,8 +543,62 @@ def test_framing_matches_the_spec_for_any_split(body: bytes, data: st.DataObject
     ],
 )
 def test_framing_cuts(chunks: list[bytes], regions: list[bytes]) -> None:
-    framer = _usage._SSEFramer()
+    framer = _sse.SSEFramer()
     assert [framer._push(chunk) for chunk in chunks] == regions
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from([b"\n", b"\r", b"x", b'_tokens"', b"data: "]), max_size=30))
+def test_events_with_a_needle_are_the_events_that_hold_it(pieces: list[bytes]) -> None:
+    done = b"".join(pieces)
+    wanted = [event for event in _sse.events(done) if b'_tokens"' in event]
+    found = _sse.events_with(done, b'_tokens"')
+    # The same events, give or take blank lines at their start, which carry no field.
+    assert [event.lstrip(b"\n") for event in found] == [event.lstrip(b"\n") for event in wanted]
+    assert [_sse.event_data(event) for event in found] == [
+        _sse.event_data(event) for event in wanted
+    ]
+
+
+@settings(max_examples=200)
+@given(st.sampled_from(list(recorded_streams())), st.data())
+def test_framing_many_chunks_at_once_reads_the_same(
+    stream: tuple[str, bytes], data: st.DataObject
+) -> None:
+    # The scanner frames its chunks in batches; at any point, what it reports is what framing
+    # every chunk as it comes would report.
+    _, body = stream
+    chunks = split_at(body, data.draw(st.sets(st.integers(0, len(body)), max_size=30)))
+    batched, eager = StreamUsageScanner(len), StreamUsageScanner(len)
+    for chunk in chunks:
+        batched.feed(chunk)
+        eager.feed(chunk)
+        eager._frame()
+        if data.draw(st.booleans()):
+            assert batched.usage_seen == eager.usage_seen
+            assert batched.streamed_text() == eager.streamed_text()
+    assert batched.finish() == eager.finish()
+
+
+def test_the_scanner_frames_when_asked_or_when_enough_is_pending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_usage, "_MAX_PENDING", 100)
+    body = recorded(CHAT)
+    usage_at = body.index(b'"choices":[]')
+    scanner = StreamUsageScanner(len)
+    scanner.feed(body[:50])
+    assert scanner._pending_size == 50
+    assert scanner.streamed_text() == ""
+    assert scanner._pending_size == 0
+    seen = []
+    scanner.feed(body[50:usage_at])
+    assert scanner._pending_size == 0  # over the bound: framed at once
+    seen.append(scanner.usage_seen)
+    scanner.feed(body[usage_at:])
+    seen.append(scanner.usage_seen)
+    assert seen == [False, True]
+    assert scanner.finish() == EXPECTED[CHAT]
 
 
 SSE_PIECES = [

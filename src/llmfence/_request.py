@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
 
+from ._json import loads_strict
 from .exceptions import InvalidRequestError
 
 __all__ = ["Endpoint", "LLMRequest", "amend", "endpoint_for_path", "parse_request"]
@@ -95,10 +96,6 @@ def endpoint_for_path(path: str) -> Endpoint | None:
     return None
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _fail(message: str, param: str | None = None) -> NoReturn:
     raise InvalidRequestError(message, param=param)
 
@@ -107,7 +104,7 @@ def _load(body: bytes) -> dict[str, Any]:
     if not body:
         _fail("The request body is empty; a JSON object is required.")
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        data = loads_strict(body)  # a prebuilt decoder: NaN and Infinity are not JSON
     except UnicodeDecodeError:
         _fail("The request body is not valid UTF-8.")
     except (ValueError, RecursionError):
@@ -172,25 +169,38 @@ def _objects(value: object, param: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(value)
 
 
-def _check_message(message: Mapping[str, Any], param: str, *, anthropic: bool = False) -> None:
-    role = message.get("role")
-    if role is not None and not isinstance(role, str):
-        _fail(f"'{param}.role' must be a string.", f"{param}.role")
-    if "role" not in message and not anthropic and "type" not in message:
-        _fail(f"'{param}' has no 'role'.", param)
-    content = message.get("content")
-    if content is not None and not isinstance(content, str | list):
-        _fail(
-            f"'{param}.content' must be a string or an array, not {_json_type(content)}.",
-            f"{param}.content",
-        )
-    if isinstance(content, list):
-        for i, part in enumerate(content):
-            if not isinstance(part, dict | str):
-                _fail(f"'{param}.content[{i}]' must be an object.", f"{param}.content[{i}]")
-    name = message.get("name")
-    if name is not None and not isinstance(name, str):
-        _fail(f"'{param}.name' must be a string.", f"{param}.name")
+def _messages(
+    value: object, param: str, *, anthropic: bool = False
+) -> tuple[Mapping[str, Any], ...]:
+    """Chat messages: objects with a string `role` (Anthropic's may omit it) and content."""
+    messages = _objects(value, param)
+    for i, message in enumerate(messages):
+        # Plain type tests first, and each error's `param` built only if it is raised: this
+        # runs for every message of every request.
+        role = message.get("role")
+        if type(role) is not str:
+            if role is not None:
+                _fail(f"'{param}[{i}].role' must be a string.", f"{param}[{i}].role")
+            if "role" not in message and not anthropic and "type" not in message:
+                _fail(f"'{param}[{i}]' has no 'role'.", f"{param}[{i}]")
+        content = message.get("content")
+        if type(content) is not str and content is not None:
+            if not isinstance(content, list):
+                _fail(
+                    f"'{param}[{i}].content' must be a string or an array, "
+                    f"not {_json_type(content)}.",
+                    f"{param}[{i}].content",
+                )
+            for j, part in enumerate(content):
+                if not isinstance(part, dict | str):
+                    _fail(
+                        f"'{param}[{i}].content[{j}]' must be an object.",
+                        f"{param}[{i}].content[{j}]",
+                    )
+        name = message.get("name")
+        if name is not None and type(name) is not str:
+            _fail(f"'{param}[{i}].name' must be a string.", f"{param}[{i}].name")
+    return messages
 
 
 def _prompt_input(value: object, param: str) -> tuple[tuple[str, ...], int]:
@@ -294,15 +304,11 @@ def parse_request(body: bytes, path: str) -> LLMRequest:
     if endpoint == "chat":
         if "messages" not in data:
             _fail("'messages' is required.", "messages")
-        messages = _objects(data["messages"], "messages")
-        for i, message in enumerate(messages):
-            _check_message(message, f"messages[{i}]")
+        messages = _messages(data["messages"], "messages")
     elif endpoint == "messages":
         if "messages" not in data:
             _fail("'messages' is required.", "messages")
-        messages = _objects(data["messages"], "messages")
-        for i, message in enumerate(messages):
-            _check_message(message, f"messages[{i}]", anthropic=True)
+        messages = _messages(data["messages"], "messages", anthropic=True)
         texts = _system_texts(data.get("system"), "system")
         metadata = data.get("metadata")
         if metadata is not None:
@@ -322,9 +328,7 @@ def parse_request(body: bytes, path: str) -> LLMRequest:
         if isinstance(value, str):
             texts = (value,)
         elif value is not None:
-            messages = _objects(value, "input")
-            for i, message in enumerate(messages):
-                _check_message(message, f"input[{i}]")
+            messages = _messages(value, "input")
         instructions = _str(data, "instructions")
         if instructions:
             texts = (*texts, instructions)
@@ -335,13 +339,15 @@ def parse_request(body: bytes, path: str) -> LLMRequest:
         tools = (*tools, *_objects(data["functions"], "functions"))
 
     allowance = None
-    for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
-        value = _int(data, name, low=1, high=MAX_OUTPUT_TOKENS)
-        if value is not None and allowance is None:
-            allowance = value
+    for name in _ALLOWANCE_NAMES:
+        # Each one given is checked; the first wins.
+        if data.get(name) is not None:
+            value = _int(data, name, low=1, high=MAX_OUTPUT_TOKENS)
+            if allowance is None:
+                allowance = value
 
-    n = _int(data, "n", low=1, high=MAX_N) or 1
-    stream = _bool(data, "stream")
+    n = 1 if data.get("n") is None else _int(data, "n", low=1, high=MAX_N) or 1
+    stream = data.get("stream") is True or _bool(data, "stream")
     include_usage = False
     options = data.get("stream_options")
     if options is not None:
@@ -349,19 +355,20 @@ def parse_request(body: bytes, path: str) -> LLMRequest:
             _fail("'stream_options' must be an object.", "stream_options")
         include_usage = _bool(options, "include_usage")
 
+    # (Positional: a frozen dataclass takes them faster than by keyword.)
     return LLMRequest(
-        endpoint=endpoint,
-        model=model,
-        messages=messages,
-        texts=texts,
-        prompt_token_ids=token_ids,
-        tools=tools,
-        max_output_tokens=allowance,
-        n=n,
-        stream=stream,
-        include_usage=include_usage,
-        end_user=end_user,
-        body=data,
+        endpoint,
+        model,
+        messages,
+        texts,
+        token_ids,
+        tools,
+        allowance,
+        n,
+        stream,
+        include_usage,
+        end_user,
+        data,
     )
 
 
