@@ -290,3 +290,47 @@ async def test_nan_and_infinity_are_refused(
         path = "/key/generate" if b"max_budget" in raw else "/set_budget"
         response = await client.post(path, content=raw)
         assert response.status_code == 400, raw
+
+
+async def test_info_reads_the_counters_the_guard_charges(
+    admin: tuple[Fence, httpx.AsyncClient, FakeClock],
+) -> None:
+    _, client, clock = admin
+    limits = {"max_budget": 5, "budget_duration": "1d"}
+    assert (await client.post("/team/new", json={"team_id": "t1", **limits})).status_code == 200
+    assert (await client.post("/user/new", json={"user_id": "u1", **limits})).status_code == 200
+    created = await client.post("/key/generate", json={"user_id": "u1", "team_id": "t1", **limits})
+    key = created.json()["key"]
+    clock.advance(60)
+    assert (await client.post(CHAT, json=chat_body(), headers=auth(key))).status_code == 200
+
+    key_info = (await client.get("/key/info", params={"key": key})).json()["info"]
+    user_info = (await client.get("/user/info", params={"user_id": "u1"})).json()["user_info"]
+    team_info = (await client.get("/team/info", params={"team_id": "t1"})).json()["team_info"]
+    spend = (await client.get("/global/spend")).json()
+    assert key_info["spend"] > 0
+    assert user_info["spend"] == team_info["spend"] == spend["spend"] == key_info["spend"]
+    # Periods roll from each record's creation (T0), as the guard rolls them.
+    for info in (key_info, user_info, team_info):
+        assert info["budget_reset_at"] == "2026-11-19T11:06:40Z"
+        assert info["total_spend"] == key_info["spend"]
+
+
+async def test_key_update_renews_the_expiry_and_checks_fields(
+    admin: tuple[Fence, httpx.AsyncClient, FakeClock],
+) -> None:
+    _, client, clock = admin
+    key = (await client.post("/key/generate", json={"duration": "1h"})).json()["key"]
+    clock.advance(1800)
+    updated = await client.post("/key/update", json={"key": key, "duration": "2h"})
+    assert updated.json()["info"]["expires"] == "2026-11-18T13:36:40Z"  # T0 + 30 min + 2 h
+    budgets = await client.post(
+        "/key/update", json={"key": key, "model_max_budget": {"gpt-4o": 0.25}}
+    )
+    assert budgets.json()["info"]["model_max_budget"] == {"gpt-4o": 0.25}
+    for bad in ({"model_max_budget": {"gpt-4o": -1}}, {"duration": "soon"}, {"rpm_limit": "4"}):
+        response = await client.post("/key/update", json={"key": key, **bad})
+        assert response.status_code == 400, bad
+    huge = await client.post("/key/generate", content=b'{"max_budget": 1e999}')
+    assert huge.status_code == 400
+    assert huge.json()["error"]["param"] == "max_budget"

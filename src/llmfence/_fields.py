@@ -1,0 +1,290 @@
+"""The fields keys, users and teams share, and the key-only ones: checked once, for every caller.
+
+Two doors lead to a key, user or team record: `Fence`'s Python methods (`generate_key`,
+`new_user`, `new_team`) and the admin HTTP API, which takes the same fields as JSON. Both check
+them here, so a value one accepts the other accepts too, and both store it in the same form:
+money as integer nano-USD, limits as non-negative ints, durations as the strings
+`parse_duration` reads. The Python door raises `ConfigurationError`; the JSON door first checks
+the JSON types and raises `InvalidRequestError` naming the field (`param`), which the admin API
+answers with an OpenAI-shaped 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from ._counters import period_end
+from ._duration import parse_duration
+from ._money import usd_to_nano
+from .exceptions import ConfigurationError, InvalidRequestError
+
+__all__ = [
+    "KEY_FIELDS",
+    "LIMIT_FIELDS",
+    "MIN_KEY_LENGTH",
+    "RECORD_FIELDS",
+    "TEAM_FIELDS",
+    "USER_FIELDS",
+    "budget_nano",
+    "checked_duration",
+    "checked_key",
+    "checked_limit",
+    "json_fields",
+    "json_key",
+    "key_expiry",
+    "limit_fields",
+    "model_budgets",
+]
+
+LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "max_parallel_requests")
+"""The rate and concurrency limits of a key, user or team."""
+RECORD_FIELDS = ("max_budget", "budget_duration", *LIMIT_FIELDS, "models", "metadata")
+"""The fields keys, users and teams share."""
+KEY_FIELDS = (
+    *RECORD_FIELDS,
+    "user_id",
+    "team_id",
+    "key_alias",
+    "duration",
+    "key",
+    "model_max_budget",
+)
+"""The fields of a key (`/key/generate`, `/key/update`)."""
+USER_FIELDS = (*RECORD_FIELDS, "user_id", "team_id", "key_alias", "duration")
+"""The fields of `/user/new` (the alias and duration are its first key's)."""
+TEAM_FIELDS = (*RECORD_FIELDS, "team_id", "team_alias")
+"""The fields of `/team/new`."""
+MIN_KEY_LENGTH = 20
+"""The shortest caller-chosen key accepted (`sk-` and 17 more characters)."""
+
+# Fields any admin body may carry besides its own: the routes read them to find a record.
+_LOOKUP_FIELDS = frozenset({"key", "keys", "user_id", "team_id"})
+_MAX_NAME_LENGTH = 256
+
+
+# -- the Python door: typed arguments, ConfigurationError --------------------------------------
+
+
+def checked_limit(name: str, value: int | None) -> int | None:
+    """`value` if it is a valid limit (an int ≥ 0, or None), else a `ConfigurationError`."""
+    # bool is an int subclass, and `True` is no limit.
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigurationError(f"{name} must be a non-negative int or None, not {value!r}")
+    return value
+
+
+def budget_nano(usd: float | Decimal | str | None) -> int | None:
+    """A budget in USD as nano-USD, or None for none.
+
+    Raises:
+        ConfigurationError: The amount is not a finite number, or is negative.
+    """
+    return None if usd is None else _nano(usd)
+
+
+def checked_duration(value: str | None) -> str | None:
+    """`value` if `parse_duration` reads it (or it is None), else a `ConfigurationError`."""
+    if value is not None:
+        parse_duration(value)
+    return value
+
+
+def checked_key(key: str) -> str:
+    """A caller-chosen key, if it starts with `sk-` and has at least `MIN_KEY_LENGTH` characters.
+
+    Raises:
+        ConfigurationError: It does not.
+    """
+    if not key.startswith("sk-") or len(key) < MIN_KEY_LENGTH:
+        raise ConfigurationError("a key must start with 'sk-' and be at least 20 characters")
+    return key
+
+
+def model_budgets(budgets: Mapping[str, float | Decimal] | None) -> dict[str, int]:
+    """A key's per-model budgets (`model_max_budget`), in USD, as nano-USD.
+
+    Raises:
+        ConfigurationError: A budget is not a finite number, or is negative.
+    """
+    return {model: _nano(usd) for model, usd in (budgets or {}).items()}
+
+
+def key_expiry(duration: str | None, now: float) -> float | None:
+    """When a key created (or renewed) at `now` with lifetime `duration` expires; None: never.
+
+    Raises:
+        ConfigurationError: `parse_duration` does not read the duration.
+    """
+    return period_end(duration, now)
+
+
+def limit_fields(
+    max_budget: float | Decimal | None,
+    budget_duration: str | None,
+    rpm_limit: int | None,
+    tpm_limit: int | None,
+    max_parallel_requests: int | None,
+    models: Iterable[str],
+    metadata: Mapping[str, Any] | None,
+    *,
+    created_at: float,
+) -> dict[str, Any]:
+    """The fields keys, users and teams share, checked, in the form their records store.
+
+    Args:
+        max_budget: USD, or None for no budget.
+        budget_duration: How often the budget resets (`"30d"`, `"monthly"`…), or None.
+        rpm_limit: Requests per minute, or None.
+        tpm_limit: Tokens per minute, or None.
+        max_parallel_requests: Requests at once, or None.
+        models: The models (or access groups) allowed; empty allows all.
+        metadata: Free-form data kept with the record.
+        created_at: When the record is created: its budget periods roll from then.
+
+    Returns:
+        Keyword arguments for `KeyRecord`, `UserRecord` and `TeamRecord`: `max_budget` in
+        nano-USD, `models` a tuple, `metadata` a dict, and the rest as given.
+
+    Raises:
+        ConfigurationError: A budget that is negative or not a number, a duration
+            `parse_duration` does not read, or a limit that is not an int ≥ 0.
+    """
+    return {
+        "max_budget": budget_nano(max_budget),
+        "budget_duration": checked_duration(budget_duration),
+        "rpm_limit": checked_limit("rpm_limit", rpm_limit),
+        "tpm_limit": checked_limit("tpm_limit", tpm_limit),
+        "max_parallel_requests": checked_limit("max_parallel_requests", max_parallel_requests),
+        "models": tuple(models),
+        "metadata": dict(metadata or {}),
+        "created_at": created_at,
+    }
+
+
+def _nano(usd: float | Decimal | str) -> int:
+    nano = usd_to_nano(usd)
+    if nano < 0:
+        raise ConfigurationError("a budget must not be negative")
+    return nano
+
+
+# -- the JSON door: the admin API's bodies, InvalidRequestError -------------------------------
+
+
+def json_fields(body: Mapping[str, Any], allowed: Collection[str]) -> dict[str, Any]:
+    """Check the fields of an admin API body; their values in the form records store.
+
+    A field that is absent or `null` is left out. Besides `allowed`, a body may carry the
+    fields routes find records by (`key`, `keys`, `user_id`, `team_id`); they are not checked
+    unless allowed.
+
+    Args:
+        body: The parsed JSON body (or query parameters).
+        allowed: The fields this route takes, e.g. `KEY_FIELDS`.
+
+    Returns:
+        The checked fields: budgets in nano-USD, `models` a tuple, durations, ids and limits
+        as given.
+
+    Raises:
+        InvalidRequestError: An unknown field, or a value of the wrong type or out of range;
+            `param` names the field.
+    """
+    unknown = sorted(set(body) - set(allowed) - _LOOKUP_FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"Unknown field {unknown[0]!r}.", param=unknown[0])
+    out: dict[str, Any] = {}
+    for name in allowed:
+        value = body.get(name)
+        if value is not None:
+            out[name] = _JSON_CHECKS.get(name, _json_name)(name, value)
+    return out
+
+
+def json_key(value: object) -> str:
+    """A caller-chosen key from an admin body (`/key/generate`'s `key`).
+
+    Raises:
+        InvalidRequestError: Not a string starting with `sk-` of at least 20 characters.
+    """
+    try:
+        if isinstance(value, str):
+            return checked_key(value)
+    except ConfigurationError:
+        pass
+    raise InvalidRequestError(
+        "'key' must start with 'sk-' and be at least 20 characters long.", param="key"
+    )
+
+
+def _is_number(value: object) -> bool:
+    # JSON numbers only: bool is an int subclass, and strings are not amounts here.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _json_budget(name: str, value: Any) -> int:
+    try:
+        if _is_number(value) and value >= 0:
+            return _nano(value)
+    except ConfigurationError:  # 1e999 is a JSON number, and an infinite float
+        pass
+    raise InvalidRequestError(f"'{name}' must be a number ≥ 0.", param=name)
+
+
+def _json_limit(name: str, value: Any) -> int | None:
+    try:
+        return checked_limit(name, value)
+    except ConfigurationError:
+        raise InvalidRequestError(f"'{name}' must be an integer ≥ 0.", param=name) from None
+
+
+def _json_duration(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"'{name}' must be a string like '30d'.", param=name)
+    try:
+        checked_duration(value)
+    except ConfigurationError as error:
+        raise InvalidRequestError(str(error), param=name) from error
+    return value
+
+
+def _json_models(name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise InvalidRequestError(f"'{name}' must be an array of strings.", param=name)
+    return tuple(value)
+
+
+def _json_object(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"'{name}' must be an object.", param=name)
+    return value
+
+
+def _json_model_budgets(name: str, value: Any) -> dict[str, int]:
+    budgets = _json_object(name, value)
+    if not all(_is_number(v) and v >= 0 for v in budgets.values()):
+        raise InvalidRequestError(f"'{name}' values must be ≥ 0.", param=name)
+    try:
+        return model_budgets(budgets)
+    except ConfigurationError as error:
+        raise InvalidRequestError(f"'{name}' values must be ≥ 0.", param=name) from error
+
+
+def _json_name(name: str, value: Any) -> str:
+    """Ids, aliases and the key itself: a non-empty string of at most 256 characters."""
+    if not isinstance(value, str) or not value or len(value) > _MAX_NAME_LENGTH:
+        raise InvalidRequestError(f"'{name}' must be a non-empty string.", param=name)
+    return value
+
+
+_JSON_CHECKS = {
+    "max_budget": _json_budget,
+    "budget_duration": _json_duration,
+    "duration": _json_duration,
+    **dict.fromkeys(LIMIT_FIELDS, _json_limit),
+    "models": _json_models,
+    "metadata": _json_object,
+    "model_max_budget": _json_model_budgets,
+}
