@@ -25,8 +25,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from llmfence import Fence, MemoryStore, PriceBook, RedisStore, Usage
+from llmfence._money import usd_to_nano
 from llmfence.budget_manager import BudgetManager, UnknownUserError
 from llmfence.exceptions import BudgetExceededError, ConfigurationError, StoreError
+from llmfence.stores import BudgetScope
 
 # The notebook's recorded response (gpt-3.5-turbo-0613 at $1.50/$2.00 per million tokens:
 # 14 × 1.5e-6 + 29 × 2e-6 = $0.000079 a call).
@@ -649,6 +651,33 @@ def test_store_keeps_spend_in_counters_not_in_the_document(completion: FakeCompl
         "a": {"total_budget": 1},
     }
     assert not Path("user_cost.json").exists()
+
+
+def test_store_counters_keep_their_names(completion: FakeCompletion) -> None:
+    # Stored spend lives under these names: they must never change.
+    store = MemoryStore()
+    with BudgetManager("my project", store=store, clock=FakeClock(1000.0)) as budget_manager:
+        budget_manager.create_budget(total_budget=1, user="a:b c")
+        budget_manager.update_cost(completion_obj=completion("gpt-3.5-turbo", []), user="a:b c")
+
+    async def spent(name: str) -> int:
+        [state] = await store.budgets([BudgetScope(name, "user", "x")], 1000.0)
+        return state.spent
+
+    user = "bm:my%20project:a%3Ab%20c"
+    assert anyio.run(spent, user) == usd_to_nano(CALL)
+    assert anyio.run(spent, user + ":model:gpt-3.5-turbo-0613") == usd_to_nano(CALL)
+
+
+def test_budget_exceeded_names_the_end_of_the_period(
+    make_manager: Callable[..., BudgetManager], completion: FakeCompletion
+) -> None:
+    budget_manager = make_manager()
+    budget_manager.create_budget(total_budget=0, user="u", duration="30m", created_at=1000.0)
+    budget_manager.update_cost(completion_obj=completion("gpt-3.5-turbo", []), user="u")
+    with pytest.raises(BudgetExceededError) as caught:
+        budget_manager.check_budget("u")
+    assert caught.value.resets_at == 2800.0  # the period a reset_on_duration would end
 
 
 def test_hosted_protocol(completion: FakeCompletion) -> None:

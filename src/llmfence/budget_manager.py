@@ -23,31 +23,30 @@ without a duration and `reset_cost` are saved too.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from typing import Any
 
-import anyio.from_thread
-
+from llmfence._budget_backends import (
+    DictBackend,
+    Entry,
+    Hosted,
+    LocalFile,
+    StoreBackend,
+    to_usd,
+    usd,
+)
 from llmfence._duration import parse_duration
 from llmfence._money import nano_to_usd, usd_to_nano
 from llmfence._pricing import PriceBook
 from llmfence._request import LLMRequest
 from llmfence._tokens import TokenCounter
 from llmfence._usage import Usage, usage_from_json
-from llmfence.exceptions import BudgetExceededError, ConfigurationError, LLMFenceError, StoreError
-from llmfence.stores import BudgetScope, Store
-
-if TYPE_CHECKING:
-    import httpx
+from llmfence.exceptions import BudgetExceededError, ConfigurationError, LLMFenceError
+from llmfence.stores import Store
 
 __all__ = ["BudgetManager", "UnknownUserError"]
 
@@ -58,9 +57,6 @@ _NO_INPUT = (
     "Either a chat completion object or the text response (model, input_text and output_text) "
     "needs to be passed in. Learn more - https://docs.litellm.ai/docs/budget_manager"
 )
-
-Entry = dict[str, Any]
-"""One user's entry, shaped as LiteLLM's; inside the manager spend is integer nano-USD."""
 
 
 class UnknownUserError(LLMFenceError, KeyError):
@@ -132,13 +128,13 @@ class BudgetManager:
         self._prices = prices or PriceBook()
         self._tokens = TokenCounter()
         self._lock = threading.RLock()
-        self._backend: _DictBackend | _StoreBackend
+        self._backend: DictBackend | StoreBackend
         if store is not None:
-            self._backend = _StoreBackend(store, project_name, clock)
+            self._backend = StoreBackend(store, project_name, clock)
         elif api_base and client_type == "hosted":
-            self._backend = _DictBackend(_Hosted(api_base, self.headers, project_name, timeout))
+            self._backend = DictBackend(Hosted(api_base, self.headers, project_name, timeout))
         else:
-            self._backend = _DictBackend(_LocalFile(os.path.abspath("user_cost.json")))
+            self._backend = DictBackend(LocalFile(os.path.abspath("user_cost.json")))
         # Closes the HTTP client or the store's event loop when the manager is collected or
         # the interpreter exits, whichever comes first; `close()` does it now.
         self._finalizer = weakref.finalize(self, self._backend.close)
@@ -228,19 +224,20 @@ class BudgetManager:
             raise ValueError(_NO_INPUT)
         cost = self._prices.cost(model, usage)
         with self._lock:
-            self._backend.charge(user, model, cost)
-            return {"user": _to_usd(self._entry(user))}
+            if not self._backend.charge(user, model, cost):
+                raise UnknownUserError(user)
+            return {"user": to_usd(self._entry(user))}
 
     def get_current_cost(self, user: str) -> float:
         """What the user has spent in the current period, in USD (0 before any call)."""
         with self._lock:
-            return _usd(self._entry(user).get("current_cost", 0))
+            return usd(self._entry(user).get("current_cost", 0))
 
     def get_model_cost(self, user: str) -> dict[str, float] | int:
         """The user's spend per model, in USD; 0 (as in LiteLLM) before any call."""
         with self._lock:
             models: dict[str, int] | None = self._entry(user).get("model_cost")
-        return 0 if models is None else {name: _usd(nano) for name, nano in models.items()}
+        return 0 if models is None else {name: usd(nano) for name, nano in models.items()}
 
     def is_valid_user(self, user: str) -> bool:
         """Whether a budget exists for the user."""
@@ -255,8 +252,9 @@ class BudgetManager:
     def reset_cost(self, user: str) -> dict[str, Entry]:
         """Set the user's spend back to 0; returns `{"user": entry}`."""
         with self._lock:
-            self._backend.reset(user, None)
-            return {"user": _to_usd(self._entry(user))}
+            if not self._backend.reset(user, None):
+                raise UnknownUserError(user)
+            return {"user": to_usd(self._entry(user))}
 
     def reset_on_duration(self, user: str) -> None:
         """Reset the user's spend if a whole duration has passed since the last reset.
@@ -264,13 +262,13 @@ class BudgetManager:
         The new period starts now (`last_updated_at`). A user without a duration never resets.
         """
         with self._lock:
-            entry = self._entry(user)
-            if "duration" not in entry:
+            period = _period(self._entry(user))
+            if period is None:
                 return
             now = self._clock()
-            last = entry["last_updated_at"] if "last_updated_at" in entry else entry["created_at"]
-            if now - last >= round(entry["duration"] * _DAY, 6):
-                self._backend.reset(user, now)
+            start, length = period
+            if now - start >= length and not self._backend.reset(user, now):
+                raise UnknownUserError(user)
 
     def update_budget_all_users(self) -> None:
         """`reset_on_duration` for every user (run it from a scheduler, or before checks)."""
@@ -301,9 +299,8 @@ class BudgetManager:
             entry = self._entry(user)
         spent, budget = entry.get("current_cost", 0), entry["total_budget"]
         if spent > usd_to_nano(budget):
-            resets_at = None
-            if "duration" in entry:
-                resets_at = entry.get("last_updated_at", 0) + entry["duration"] * _DAY
+            period = _period(entry)
+            resets_at = None if period is None else period[0] + period[1]
             raise BudgetExceededError(
                 nano_to_usd(spent),
                 budget,
@@ -317,7 +314,7 @@ class BudgetManager:
     def user_dict(self) -> dict[str, Entry]:
         """A copy of every user's entry, as LiteLLM's `user_dict` (money in USD)."""
         with self._lock:
-            return {user: _to_usd(self._entry(user)) for user in self._backend.users()}
+            return {user: to_usd(self._entry(user)) for user in self._backend.users()}
 
     def close(self) -> None:
         """Release the HTTP client or the store (and its event loop). Also runs at exit."""
@@ -343,240 +340,17 @@ class BudgetManager:
         return self._tokens.count(LLMRequest(endpoint="chat", model=model, messages=(message,)))
 
 
-class _DictBackend:
-    """Entries in memory, loaded from a file or server and saved back after every change."""
+def _period(entry: Entry) -> tuple[float, float] | None:
+    """The user's period as (start, length in seconds), or None for a budget without a duration.
 
-    def __init__(self, persistence: _LocalFile | _Hosted) -> None:
-        self._persistence = persistence
-        try:
-            self.load()
-        except BaseException:
-            persistence.close()  # the manager is never built, so nothing else would close it
-            raise
-
-    def load(self) -> None:
-        self._data = {user: _to_nano(entry) for user, entry in self._persistence.read().items()}
-
-    def users(self) -> list[str]:
-        return list(self._data)
-
-    def entry(self, user: str) -> Entry | None:
-        return self._data.get(user)
-
-    def put(self, user: str, entry: Entry) -> None:
-        self._commit(user, dict(entry))
-
-    def charge(self, user: str, model: str, cost: int) -> None:
-        entry = copy.deepcopy(self._get(user))
-        entry["current_cost"] = entry.get("current_cost", 0) + cost
-        models = entry.setdefault("model_cost", {})
-        models[model] = models.get(model, 0) + cost
-        self._commit(user, entry)
-
-    def reset(self, user: str, now: float | None) -> None:
-        entry = copy.deepcopy(self._get(user))
-        entry |= {"current_cost": 0, "model_cost": {}}
-        if now is not None:
-            entry["last_updated_at"] = now
-        self._commit(user, entry)
-
-    def save(self) -> dict[str, Any]:
-        return self._persistence.write({user: _to_usd(e) for user, e in self._data.items()})
-
-    def _commit(self, user: str, entry: Entry) -> None:
-        # Saved first, kept after: a save that fails (a server error, a full disk) leaves the
-        # manager as it was, so a retried update is not counted twice.
-        data = {**self._data, user: entry}
-        self._persistence.write({name: _to_usd(e) for name, e in data.items()})
-        self._data = data
-
-    def close(self) -> None:
-        self._persistence.close()
-
-    def _get(self, user: str) -> Entry:
-        entry = self._data.get(user)
-        if entry is None:
-            raise UnknownUserError(user)
-        return entry
-
-
-class _LocalFile:
-    """LiteLLM's `user_cost.json`, replaced atomically so a reader never sees half a file."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-
-    def read(self) -> dict[str, Any]:
-        try:
-            with open(self._path, encoding="utf-8") as file:
-                data = json.load(file)
-        except FileNotFoundError:
-            return {}
-        if not isinstance(data, dict):
-            raise ConfigurationError(f"{self._path} does not hold a JSON object of users")
-        return data
-
-    def write(self, user_dict: dict[str, Any]) -> dict[str, Any]:
-        # A unique name in the same directory: os.replace is atomic only within a filesystem,
-        # and two managers (or processes) must not write the same temp file.
-        folder, name = os.path.split(self._path)
-        temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(temp, "x", encoding="utf-8") as file:
-                json.dump(user_dict, file, indent=4)
-            os.replace(temp, self._path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        return {"status": "success"}
-
-    def close(self) -> None:
-        pass
-
-
-class _Hosted:
-    """LiteLLM's hosted protocol: `POST /get_budget` and `POST /set_budget` with JSON bodies."""
-
-    def __init__(self, api_base: str, headers: dict[str, str], project: str, timeout: float):
-        try:
-            import httpx
-        except ImportError as exc:  # pragma: no cover - httpx ships with the dev extras
-            raise ImportError("client_type='hosted' needs httpx: pip install httpx") from exc
-        self._base = api_base.rstrip("/")
-        self._project = project
-        self._client = httpx.Client(headers=headers, timeout=timeout)
-        self._errors: tuple[type[Exception], ...] = (httpx.HTTPError, ValueError)
-
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        url = self._base + path
-        try:
-            response: httpx.Response = self._client.post(url, json=body)
-            response.raise_for_status()
-            return response.json()
-        except self._errors as exc:
-            raise StoreError(f"The budget server failed ({url}): {exc}") from exc
-
-    def read(self) -> dict[str, Any]:
-        answer = self._post("/get_budget", {"project_name": self._project})
-        # {"status": "error"} means the project was never saved: no users yet.
-        success = isinstance(answer, dict) and answer.get("status") == "success"
-        data = answer.get("data") if success else None
-        return data if isinstance(data, dict) else {}
-
-    def write(self, user_dict: dict[str, Any]) -> dict[str, Any]:
-        answer: dict[str, Any] = self._post(
-            "/set_budget", {"project_name": self._project, "user_dict": user_dict}
-        )
-        return answer
-
-    def close(self) -> None:
-        self._client.close()
-
-
-class _StoreBackend:
-    """Spend in the store's atomic budget counters; the rest in the project document.
-
-    The document holds LiteLLM's entry without money, plus `"models"`, the models charged since
-    the last reset (a counter cannot be listed). Only creating a budget, the first charge of a
-    model and resets rewrite the document; two processes doing those for the same project at
-    the same instant may lose one write (spend is never lost: the counters hold it).
+    LiteLLM's rule, not the store's rolling periods (`_counters.period_end`): a period starts at
+    the last reset (`last_updated_at`, else `created_at`) and lasts `duration` days (a month is
+    28), and only `reset_on_duration` starts the next one.
     """
-
-    def __init__(self, store: Store, project: str, clock: Callable[[], float]) -> None:
-        # Not the bare project name: the admin API's `/set_budget` keeps LiteLLM's whole
-        # documents (money included) under that name, in another shape.
-        self._store, self._clock = store, clock
-        self._project = f"bm:{quote(project, safe='')}"
-        self._portal: anyio.from_thread.BlockingPortal | None = None
-        self._stop: weakref.finalize[Any, Any] | None = None
-
-    def _call(self, func: Callable[..., Any], *args: Any) -> Any:
-        if self._portal is None:
-            # One private event loop for the manager's life: a store's connections belong
-            # to the loop that opened them.
-            manager = anyio.from_thread.start_blocking_portal()
-            self._portal = manager.__enter__()
-            self._stop = weakref.finalize(self, _stop_portal, manager, self._portal, self._store)
-        return self._portal.call(func, *args)
-
-    def _document(self) -> dict[str, Any]:
-        return self._call(self._store.get_project, self._project) or {}
-
-    def _scopes(self, user: str, models: Sequence[str]) -> list[BudgetScope]:
-        # Quoted, so a user named "a:model:b" cannot share a counter with user "a".
-        base = f"{self._project}:{quote(user, safe='')}"
-        return [BudgetScope(base, "user", user)] + [
-            BudgetScope(f"{base}:model:{quote(model, safe='')}", "model", model) for model in models
-        ]
-
-    def _reset_counters(self, user: str, models: Sequence[str]) -> None:
-        for scope in self._scopes(user, models):
-            self._call(self._store.reset_budget, scope.key, None, self._clock())
-
-    def load(self) -> None:
-        pass
-
-    def users(self) -> list[str]:
-        return list(self._document())
-
-    def entry(self, user: str) -> Entry | None:
-        meta = self._document().get(user)
-        if meta is None:
-            return None
-        entry = {key: value for key, value in meta.items() if key != "models"}
-        # The user's own counter is read whatever the document says: it is the truth, and a
-        # document write lost to a concurrent one must not hide the user's spend.
-        models = list(meta.get("models", []))
-        states = self._call(self._store.budgets, self._scopes(user, models), self._clock())
-        if "models" in meta or states[0].spent:
-            entry["current_cost"] = states[0].spent
-            entry["model_cost"] = {
-                model: s.spent for model, s in zip(models, states[1:], strict=True)
-            }
-        return entry
-
-    def put(self, user: str, entry: Entry) -> None:
-        document = self._document()
-        if user in document:  # a new budget starts from zero spent, as in LiteLLM
-            self._reset_counters(user, document[user].get("models", []))
-        document[user] = entry
-        self._call(self._store.set_project, self._project, document)
-
-    def charge(self, user: str, model: str, cost: int) -> None:
-        document = self._document()
-        if user not in document:
-            raise UnknownUserError(user)
-        models = document[user].setdefault("models", [])
-        if model not in models:
-            models.append(model)
-            self._call(self._store.set_project, self._project, document)
-        self._call(self._store.charge, self._scopes(user, [model]), cost, self._clock())
-
-    def reset(self, user: str, now: float | None) -> None:
-        document = self._document()
-        if user not in document:
-            raise UnknownUserError(user)
-        self._reset_counters(user, document[user].get("models", []))
-        document[user]["models"] = []
-        if now is not None:
-            document[user]["last_updated_at"] = now
-        self._call(self._store.set_project, self._project, document)
-
-    def save(self) -> dict[str, Any]:
-        return {"status": "success"}  # every change is already in the store
-
-    def close(self) -> None:
-        if self._stop is not None:
-            self._stop()
-        self._portal = self._stop = None
-
-
-def _stop_portal(manager: Any, portal: anyio.from_thread.BlockingPortal, store: Store) -> None:
-    try:
-        portal.call(store.aclose)
-    finally:
-        manager.__exit__(None, None, None)
+    if "duration" not in entry:
+        return None
+    start = entry["last_updated_at"] if "last_updated_at" in entry else entry.get("created_at", 0)
+    return start, round(entry["duration"] * _DAY, 6)
 
 
 def _days(duration: str) -> float:
@@ -592,28 +366,6 @@ def _days(duration: str) -> float:
         )
     days, rest = divmod(seconds, _DAY)
     return days if rest == 0 else seconds / _DAY
-
-
-def _usd(nano: int) -> float:
-    return nano_to_usd(nano) if nano else 0  # LiteLLM's files and prints say 0, not 0.0
-
-
-def _to_usd(entry: Entry) -> Entry:
-    return _convert(entry, _usd)
-
-
-def _to_nano(entry: Entry) -> Entry:
-    return _convert(entry, usd_to_nano)
-
-
-def _convert(entry: Entry, money: Callable[[Any], Any]) -> Entry:
-    """A copy of an entry with `money` applied to the spend (`current_cost`, `model_cost`)."""
-    out = dict(entry)
-    if "current_cost" in out:
-        out["current_cost"] = money(out["current_cost"])
-    if isinstance(out.get("model_cost"), dict):
-        out["model_cost"] = {name: money(value) for name, value in out["model_cost"].items()}
-    return out
 
 
 def _text(content: Any) -> str:
