@@ -8,15 +8,11 @@ from decimal import Decimal
 from typing import Any
 
 from ._core.auth import Authenticator
-from ._core.checks import checked_limit
-from ._duration import parse_duration
-from ._money import usd_to_nano
+from ._fields import checked_key, key_expiry, limit_fields, model_budgets
 from .exceptions import ConfigurationError
 from .stores import KeyRecord, Store, TeamRecord, UserRecord, hash_key, mask_key
 
 __all__ = ["RecordsMixin"]
-
-_MIN_KEY_LENGTH = 20
 
 
 class RecordsMixin:
@@ -55,18 +51,16 @@ class RecordsMixin:
             ConfigurationError: A field is invalid, or the key already exists.
         """
         now = self.clock()
-        plain = key if key is not None else "sk-" + secrets.token_urlsafe(32)
-        if not plain.startswith("sk-") or len(plain) < _MIN_KEY_LENGTH:
-            raise ConfigurationError("a key must start with 'sk-' and be at least 20 characters")
+        plain = checked_key(key) if key is not None else "sk-" + secrets.token_urlsafe(32)
         record = KeyRecord(
             key_hash=hash_key(plain),
             key_masked=mask_key(plain),
             user_id=user_id,
             team_id=team_id,
             key_alias=key_alias,
-            model_max_budget={m: usd_to_nano(v) for m, v in (model_max_budget or {}).items()},
-            expires=None if duration is None else parse_duration(duration).period_end(now),
-            **self._limit_fields(
+            model_max_budget=model_budgets(model_max_budget),
+            expires=key_expiry(duration, now),
+            **limit_fields(
                 max_budget,
                 budget_duration,
                 rpm_limit,
@@ -74,6 +68,7 @@ class RecordsMixin:
                 max_parallel_requests,
                 models,
                 metadata,
+                created_at=self.clock(),
             ),
         )
         if not await self.store.create_key(record):
@@ -102,7 +97,7 @@ class RecordsMixin:
         record = UserRecord(
             user_id=user_id,
             team_id=team_id,
-            **self._limit_fields(
+            **limit_fields(
                 max_budget,
                 budget_duration,
                 rpm_limit,
@@ -110,6 +105,7 @@ class RecordsMixin:
                 max_parallel_requests,
                 models,
                 metadata,
+                created_at=self.clock(),
             ),
         )
         if not await self.store.create_user(record):
@@ -136,7 +132,7 @@ class RecordsMixin:
         """
         record = TeamRecord(
             team_id=team_id,
-            **self._limit_fields(
+            **limit_fields(
                 max_budget,
                 budget_duration,
                 rpm_limit,
@@ -144,46 +140,10 @@ class RecordsMixin:
                 max_parallel_requests,
                 models,
                 metadata,
+                created_at=self.clock(),
             ),
         )
         if not await self.store.create_team(record):
             raise ConfigurationError(f"team {team_id!r} already exists")
         self.authenticator.invalidate_team(team_id)
         return record
-
-    def _limit_fields(
-        self,
-        max_budget: float | Decimal | None,
-        budget_duration: str | None,
-        rpm_limit: int | None,
-        tpm_limit: int | None,
-        max_parallel_requests: int | None,
-        models: Iterable[str],
-        metadata: Mapping[str, Any] | None,
-    ) -> dict[str, Any]:
-        """The fields keys, users and teams share, checked and in storage form."""
-        return {
-            "max_budget": _nano(max_budget),
-            "budget_duration": _checked_duration(budget_duration),
-            "rpm_limit": checked_limit("rpm_limit", rpm_limit),
-            "tpm_limit": checked_limit("tpm_limit", tpm_limit),
-            "max_parallel_requests": checked_limit("max_parallel_requests", max_parallel_requests),
-            "models": tuple(models),
-            "metadata": dict(metadata or {}),
-            "created_at": self.clock(),
-        }
-
-
-def _nano(usd: float | Decimal | None) -> int | None:
-    if usd is None:
-        return None
-    nano = usd_to_nano(usd)
-    if nano < 0:
-        raise ConfigurationError("a budget must not be negative")
-    return nano
-
-
-def _checked_duration(value: str | None) -> str | None:
-    if value is not None:
-        parse_duration(value)
-    return value

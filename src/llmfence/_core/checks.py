@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import limits
 
 from llmfence._duration import parse_duration
+from llmfence._fields import checked_limit
 from llmfence._money import usd_to_nano
 from llmfence.exceptions import ConfigurationError
 from llmfence.stores._types import RateKind
@@ -61,13 +62,6 @@ def _policy(value: str) -> str:
         raise ConfigurationError(
             f"on_store_error must be 'fail_open' or 'fail_closed', not {value!r}"
         )
-    return value
-
-
-def checked_limit(name: str, value: int | None) -> int | None:
-    """`value` if it is a valid limit (an int ≥ 0, or None), else a `ConfigurationError`."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ConfigurationError(f"{name} must be a non-negative int or None, not {value!r}")
     return value
 
 
