@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmfence import _counters
+from llmfence._duration import parse_duration
 from llmfence._money import usd_to_nano
 from llmfence.stores import BudgetScope, RateHit, SlotRequest
 
@@ -230,8 +231,29 @@ def budget_scopes(
 
 def _scope(timed: _Timed, now: float) -> BudgetScope:
     key, level, label, limit, duration, anchor, aligned = timed
-    end = _counters.period_end(duration, now, anchor, aligned=aligned)
+    seconds = None if aligned else _SECONDS[duration]
+    if seconds is None:
+        end = _counters.period_end(duration, now, anchor, aligned=aligned)
+    elif anchor and anchor <= now:
+        # Rolling from the budget's creation: the first `anchor + k × duration` after now
+        # (what `Duration.period_end` computes, inline: every request asks).
+        end = anchor + ((now - anchor) // seconds + 1) * seconds
+    else:
+        end = now + seconds
     return BudgetScope(key, level, label, limit, end)
+
+
+class _Seconds(dict[str, int | None]):
+    """Fixed lengths of durations in seconds (`None` for months and years), parsed once each."""
+
+    def __missing__(self, duration: str) -> int | None:
+        if len(self) >= _MAX_MODELS:
+            self.clear()
+        seconds = self[duration] = parse_duration(duration).seconds
+        return seconds
+
+
+_SECONDS = _Seconds()
 
 
 def _budgeted_model(budgets: Any, model: str) -> str | None:

@@ -59,9 +59,13 @@ def rate_limit_headers(states: Sequence[RateState]) -> list[tuple[bytes, bytes]]
         for state in states:
             if state.kind != kind:
                 continue
-            if tightest is None or (state.remaining, -state.reset_after) < (
-                tightest.remaining,
-                -tightest.reset_after,
+            if (
+                tightest is None
+                or state.remaining < tightest.remaining
+                or (
+                    state.remaining == tightest.remaining
+                    and state.reset_after > tightest.reset_after
+                )
             ):
                 tightest = state
             name, policy = _policy(state)
@@ -70,10 +74,25 @@ def rate_limit_headers(states: Sequence[RateState]) -> list[tuple[bytes, bytes]]
         if tightest is not None:
             headers.append((names[0], b"%d" % tightest.limit))
             headers.append((names[1], b"%d" % tightest.remaining))
-            headers.append((names[2], format_reset(tightest.reset_after).encode()))
+            headers.append((names[2], _reset(tightest.reset_after)))
     headers.append((b"ratelimit-policy", ", ".join(policies).encode()))
     headers.append((b"ratelimit", ", ".join(current).encode()))
     return headers
+
+
+# Reset texts by whole milliseconds: formatting one costs more than looking it up.
+_RESETS: dict[int, bytes] = {}
+
+
+def _reset(seconds: float) -> bytes:
+    millis = round(seconds * 1000)
+    text = _RESETS.get(millis)
+    if text is None:
+        text = format_reset(millis / 1000).encode()
+        if len(_RESETS) >= _MAX_POLICIES:
+            _RESETS.clear()
+        _RESETS[millis] = text
+    return text
 
 
 def _when(resets_at: float) -> str:
