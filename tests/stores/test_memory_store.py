@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
-from llmfence.stores import Admission, MemoryStore, RateHit, Settlement, SlotRequest
-from llmfence.stores.memory import _SWEEP_EVERY
+from llmfence.stores import Admission, MemoryStore, RateHit, Settlement, SlotRequest, SpendRecord
+from llmfence.stores._memory_ledger import _SWEEP_EVERY
 
 pytestmark = pytest.mark.anyio
 T0 = 1_795_000_000.0
@@ -46,11 +48,20 @@ async def test_sweeps_drop_expired_reservations_and_empty_lease_sets() -> None:
 
 
 async def test_spend_log_is_a_ring_buffer() -> None:
-    from llmfence.stores import SpendRecord
-
     store = MemoryStore(max_spend_records=3)
     for i in range(5):
         record = SpendRecord(request_id=f"r{i}", timestamp=T0, model="m", cost=1)
         await store.settle(Settlement(f"r{i}", T0, 0, record=record))
     assert [r.request_id for r in await store.spend_records()] == ["r4", "r3", "r2"]
     assert (await store.spend_totals("global")).requests == 5
+
+
+async def test_kept_records_are_not_tracked_by_the_garbage_collector() -> None:
+    store = MemoryStore()
+    for i in range(100):
+        record = SpendRecord(request_id=f"r{i}", timestamp=T0, model="m", cost=i, user_id="u")
+        await store.settle(Settlement(f"r{i}", T0, 0, record=record))
+    gc.collect()
+    assert not any(gc.is_tracked(kept) for kept in store._log)
+    [newest] = await store.spend_records(limit=1)
+    assert newest == SpendRecord(request_id="r99", timestamp=T0, model="m", cost=99, user_id="u")

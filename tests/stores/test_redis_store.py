@@ -7,6 +7,7 @@ also drives both stores through the same random history and compares every answe
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from llmfence.stores import (
     RateHit,
     Settlement,
     SlotRequest,
+    SpendGroup,
     SpendRecord,
     UserRecord,
     hash_key,
@@ -217,6 +219,61 @@ async def test_money_above_1e15_is_exact(
     assert updated.model_max_budget == {"gpt-4o": big + 2}
 
 
+@pytest.mark.parametrize(
+    "costs",
+    [
+        [1, 2, 3],
+        [10**15 - 1, 10**15 - 1, 1],  # the shortcut's edge, then past it
+        [2**53 - 1, 1, 2**53],
+        [2**63 - 1, 2**63 - 1, 5],  # past what HINCRBY could hold
+        [10**30 + 7, -(10**30), -8, 10**15],  # signs, and a sum back down to a short number
+        [0, -3, 1],
+    ],
+)
+async def test_spend_totals_are_exact_at_any_size(store: RedisStore, costs: list[int]) -> None:
+    memory = MemoryStore()
+    for i, cost in enumerate(costs):
+        record = SpendRecord(
+            request_id=f"r{i}", timestamp=T0, model="m", cost=cost, input_tokens=cost * 3,
+            output_tokens=i, user_id="u",
+        )  # fmt: skip
+        for each in (store, memory):
+            await each.settle(Settlement(f"r{i}", T0, 0, record=record))
+        groups: list[tuple[SpendGroup, str]] = [("global", ""), ("user", "u"), ("model", "m")]
+        for group, name in groups:
+            assert await store.spend_totals(group, name) == await memory.spend_totals(group, name)
+    totals = await store.spend_totals("user", "u")
+    assert (totals.cost, totals.input_tokens, totals.requests) == (
+        sum(costs),
+        3 * sum(costs),
+        len(costs),
+    )
+
+
+async def test_settle_writes_all_totals_in_one_command(
+    store: RedisStore, inspector: redis.asyncio.Redis
+) -> None:
+    # A record counted in all six groups: one read and one write of the totals, however many.
+    record = SpendRecord(
+        request_id="r", timestamp=T0, model="m", cost=5, key_hash="h", user_id="u",
+        team_id="t", end_user="e",
+    )  # fmt: skip
+    await store.settle(Settlement("warm-up", T0, 0, record=record))  # scripts loaded
+
+    async def watch() -> list[str]:
+        seen: list[str] = []
+        async with inspector.monitor() as monitor:
+            await store.settle(Settlement("r", T0, 0, record=record))
+            await inspector.echo("llmfence-done")
+            while "llmfence-done" not in (command := await monitor.next_command())["command"]:
+                if command["client_type"] == "lua" and "spend:totals" in command["command"]:
+                    seen.append(command["command"].split()[0].upper())
+        return seen
+
+    assert await watch() == ["HMGET", "HSET"]
+    assert (await store.spend_totals("end_user", "e")).requests == 2
+
+
 async def test_headroom_and_refusal_amounts_are_exact(store: RedisStore) -> None:
     limit = 2**53 - 1
     scope = BudgetScope("key:h", "key", "sk-...h", limit)
@@ -252,6 +309,21 @@ async def test_a_new_store_sees_what_another_wrote(redis_url: str) -> None:
         assert [s.spent for s in states] == [1_000, 1_000, 1_000]
     finally:
         await second.aclose()
+
+
+async def test_spend_records_are_json_arrays_and_older_objects_still_read(
+    store: RedisStore, inspector: redis.asyncio.Redis
+) -> None:
+    record = spend_record("new")
+    await store.settle(Settlement("new", T0, 0, record=record))
+    [stored] = await inspector.lrange("{llmfence}:spend:log", 0, -1)
+    assert json.loads(stored) == list(record)
+    # Records an earlier version wrote: an object, and an array without the last fields.
+    older = spend_record("object")
+    await inspector.rpush("{llmfence}:spend:log", json.dumps(older.to_dict()))
+    await inspector.rpush("{llmfence}:spend:log", json.dumps(["short", T0, "m", 3]))
+    short = SpendRecord(request_id="short", timestamp=T0, model="m", cost=3)
+    assert await store.spend_records() == [record, older, short]
 
 
 async def test_aclose_closes_only_a_client_the_store_opened(

@@ -1,8 +1,22 @@
-"""Stores: the `Store` protocol and its implementations, `MemoryStore` and `RedisStore`."""
+"""Stores: the store protocols and their implementations, `MemoryStore` and `RedisStore`.
+
+`Store` is the whole protocol; `LedgerStore`, `RegistryStore`, `SpendLogStore` and
+`ProjectStore` are its roles (see `_protocol` for what each covers and the rules every store
+follows). Importing this package never imports `redis`: `RedisStore` does, when a store is
+built.
+"""
 
 from __future__ import annotations
 
-from ._protocol import SpendGroup, Store
+from ._protocol import (
+    LedgerStore,
+    Lifecycle,
+    ProjectStore,
+    RegistryStore,
+    SpendGroup,
+    SpendLogStore,
+    Store,
+)
 from ._types import (
     Admission,
     AdmissionResult,
@@ -22,6 +36,7 @@ from ._types import (
     mask_key,
 )
 from .memory import MemoryStore
+from .redis import RedisStore
 
 __all__ = [
     "Admission",
@@ -29,13 +44,19 @@ __all__ = [
     "BudgetScope",
     "BudgetState",
     "KeyRecord",
+    "LedgerStore",
+    "Lifecycle",
     "MemoryStore",
+    "ProjectStore",
     "RateHit",
     "RateState",
+    "RedisStore",
     "Refusal",
+    "RegistryStore",
     "Settlement",
     "SlotRequest",
     "SpendGroup",
+    "SpendLogStore",
     "SpendRecord",
     "SpendTotals",
     "Store",

@@ -1,4 +1,22 @@
-"""The `Store` protocol: the only door to llmfence's state.
+"""The store protocols: the only door to llmfence's state.
+
+A store plays up to four roles, each a protocol of its own, so a backend implements only what
+its users need:
+
+`LedgerStore`
+    Admissions, settlements, leases and budget counters: what every metered request touches.
+`RegistryStore`
+    Key, user and team records and model access groups: what authentication reads.
+`SpendLogStore`
+    The spend log and its running totals: what the admin API and reports read.
+`ProjectStore`
+    BudgetManager's project documents.
+
+`Store` is all four at once, as `MemoryStore` and `RedisStore` are. A third-party backend that
+only rate-limits (no spend log, no BudgetManager) implements `LedgerStore` and `RegistryStore`;
+its `settle` may drop the spend record it is handed, since no log reads it back. Every role
+includes `ping` and `aclose` (the `Lifecycle` protocol), so a component that holds one role can
+check and close its store.
 
 Every method is one atomic step in the store — there is no "read, then write" anywhere — and
 takes the current time from its caller. The rules every store follows (and that the shared
@@ -28,6 +46,10 @@ Leases
     A concurrency lease expires on its own after its TTL, so a worker that died cannot leak
     slots; `settle` (or `release`) frees it at once.
 
+Spend log
+    The log keeps a bounded number of records, newest first; the running totals count every
+    record ever appended, so they survive the log's bound.
+
 Time bounds
     A store whose class sets `bounds_call_time = True` promises that every call ends (or raises
     `StoreError`) within its own timeout; llmfence then adds no timeout of its own. Any other
@@ -52,16 +74,39 @@ from ._types import (
     UserRecord,
 )
 
-__all__ = ["SpendGroup", "Store"]
+__all__ = [
+    "LedgerStore",
+    "Lifecycle",
+    "ProjectStore",
+    "RegistryStore",
+    "SpendGroup",
+    "SpendLogStore",
+    "Store",
+]
 
 SpendGroup = Literal["global", "key", "user", "team", "model", "end_user"]
 
 
 @runtime_checkable
-class Store(Protocol):
-    """Async storage for keys, budgets, windows, leases and spend records."""
+class Lifecycle(Protocol):
+    """What every role includes: a health check and a close."""
 
-    # -- the hot path ------------------------------------------------------------------------
+    async def ping(self) -> None:
+        """Raise `StoreError` unless the store answers."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the store may not be used afterwards."""
+        ...
+
+
+@runtime_checkable
+class LedgerStore(Lifecycle, Protocol):
+    """The ledger: admissions, settlements, leases and budget counters.
+
+    The hot path of every metered request: `admit` before the call, `settle` (or `release`)
+    after it, one atomic step each.
+    """
 
     async def admit(self, admission: Admission) -> AdmissionResult:
         """Apply every check of one request atomically: all reserved, or nothing changed."""
@@ -69,6 +114,9 @@ class Store(Protocol):
 
     async def settle(self, settlement: Settlement) -> bool:
         """Settle a reservation with the actual cost, release its leases, append its record.
+
+        The record, if any, goes to the store's spend log in the same step; a store that keeps
+        no log (it is no `SpendLogStore`) may drop it.
 
         Returns:
             True if this call settled it; False if it was already settled or is unknown (in
@@ -79,8 +127,6 @@ class Store(Protocol):
     async def release(self, request_id: str, slot_keys: Sequence[str]) -> None:
         """Free a request's leases without settling anything (e.g. after a refusal upstream)."""
         ...
-
-    # -- budgets outside a request -----------------------------------------------------------
 
     async def charge(self, scopes: Sequence[BudgetScope], cost: int, now: float) -> None:
         """Add spend at every level unconditionally (spend that needed no reservation)."""
@@ -94,7 +140,10 @@ class Store(Protocol):
         """Start a new period for one budget counter now (spend back to zero)."""
         ...
 
-    # -- key, user and team records ----------------------------------------------------------
+
+@runtime_checkable
+class RegistryStore(Lifecycle, Protocol):
+    """The registry: key, user and team records, and model access groups."""
 
     async def create_key(self, record: KeyRecord) -> bool:
         """Store a new key record; False if one with that hash exists."""
@@ -150,7 +199,10 @@ class Store(Protocol):
         """Every model access group and its models."""
         ...
 
-    # -- spend records -----------------------------------------------------------------------
+
+@runtime_checkable
+class SpendLogStore(Lifecycle, Protocol):
+    """The spend log: the records `settle` appends, and running totals that outlive them."""
 
     async def spend_records(
         self,
@@ -170,7 +222,10 @@ class Store(Protocol):
         """All-time totals of one group (`"global"` ignores `name`); survive the log's bound."""
         ...
 
-    # -- BudgetManager project documents -----------------------------------------------------
+
+@runtime_checkable
+class ProjectStore(Lifecycle, Protocol):
+    """BudgetManager's project documents: one user dict per project name."""
 
     async def get_project(self, project_name: str) -> dict[str, Any] | None:
         """A BudgetManager project's user dict, or None."""
@@ -180,12 +235,10 @@ class Store(Protocol):
         """Replace a BudgetManager project's user dict."""
         ...
 
-    # -- lifecycle ---------------------------------------------------------------------------
 
-    async def ping(self) -> None:
-        """Raise `StoreError` unless the store answers."""
-        ...
+@runtime_checkable
+class Store(LedgerStore, RegistryStore, SpendLogStore, ProjectStore, Protocol):
+    """Every role at once: async storage for keys, budgets, windows, leases and spend records.
 
-    async def aclose(self) -> None:
-        """Release connections; the store may not be used afterwards."""
-        ...
+    `MemoryStore` and `RedisStore` implement all of it.
+    """

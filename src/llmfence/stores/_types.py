@@ -10,7 +10,9 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Self
+from typing import Any, Final, Literal, NamedTuple, Self
+
+from ._quick import quick_init
 
 __all__ = [
     "Admission",
@@ -128,6 +130,7 @@ class TeamRecord(_Limits):
 # -- one request's checks --------------------------------------------------------------------
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class BudgetScope:
     """One budget level a request is charged to.
@@ -148,6 +151,7 @@ class BudgetScope:
     period_end: float | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RateHit:
     """A sliding-window counter a request hits with a cost (1 request, or N tokens).
@@ -172,6 +176,7 @@ class RateHit:
     window: float = 60.0
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SlotRequest:
     """A concurrency lease the request needs.
@@ -191,6 +196,7 @@ class SlotRequest:
     ttl: float = 600.0
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Admission:
     """Every check of one request, applied by the store as one atomic step: all or nothing.
@@ -215,6 +221,7 @@ class Admission:
     ttl: float = 86_400.0
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RateState:
     """A window's state after the admission, for the `x-ratelimit-*` headers."""
@@ -229,6 +236,7 @@ class RateState:
     window: float
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class BudgetState:
     """A budget level's state: spent in the current period, its limit and when it resets."""
@@ -243,6 +251,7 @@ class BudgetState:
     """All-time spend of this level, nano-USD."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Why an admission was refused: the first check that failed.
@@ -269,6 +278,7 @@ class Refusal:
     resets_at: float | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AdmissionResult:
     """The outcome of `Store.admit`.
@@ -293,9 +303,13 @@ class AdmissionResult:
         return self.refusal is None
 
 
-@dataclass(frozen=True, slots=True)
-class SpendRecord:
+class SpendRecord(NamedTuple):
     """One metered request, as the spend log keeps it. Never holds a key, only its hash.
+
+    A named tuple of plain values (text, numbers, `None`), so a store can keep it as the exact
+    tuple `tuple(record)`, which CPython's garbage collector stops tracking: however many
+    records a log holds, collections do not walk them. Build it with keywords; `to_dict` and
+    `from_dict` convert it for JSON.
 
     Attributes:
         provenance: `"provider-reported"` (usage from the response), `"estimated"` (counted by
@@ -323,15 +337,18 @@ class SpendRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
-        return dataclasses.asdict(self)
+        return self._asdict()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SpendRecord:
         """The record from `to_dict`'s output; unknown fields are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in _SPEND_RECORD_FIELDS})
 
 
+_SPEND_RECORD_FIELDS: Final = frozenset(SpendRecord._fields)
+
+
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SpendTotals:
     """Running all-time totals of one group of spend records."""
@@ -342,6 +359,7 @@ class SpendTotals:
     requests: int = 0
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Settlement:
     """The end of a request: the actual cost replaces the reservation.

@@ -16,18 +16,17 @@ from __future__ import annotations
 __all__ = ["fits", "remaining", "reset_after_ms", "retry_after_ms"]
 
 
-def _weighted(cur: int, prev: int, elapsed: int, window: int) -> int:
-    return cur * window + prev * (window - elapsed)
-
-
 def fits(cur: int, prev: int, elapsed: int, window: int, limit: int, cost: int) -> bool:
     """Whether `cost` more units fit under `limit` now."""
-    return _weighted(cur, prev, elapsed, window) + cost * window <= limit * window
+    # Every check of every admission comes here, so the weighted usage
+    # `cur × window + prev × (window − elapsed)` is written out rather than called.
+    return cur * window + prev * (window - elapsed) + cost * window <= limit * window
 
 
 def remaining(cur: int, prev: int, elapsed: int, window: int, limit: int) -> int:
     """Whole units still available now."""
-    return max(0, (limit * window - _weighted(cur, prev, elapsed, window)) // window)
+    left = (limit * window - cur * window - prev * (window - elapsed)) // window
+    return left if left > 0 else 0
 
 
 def reset_after_ms(cur: int, prev: int, elapsed: int, window: int) -> int:
@@ -45,7 +44,7 @@ def retry_after_ms(
     """Milliseconds until `cost` units fit, or `None` if they never can (`cost > limit`)."""
     if cost > limit:
         return None
-    excess = _weighted(cur, prev, elapsed, window) + (cost - limit) * window
+    excess = cur * window + prev * (window - elapsed) + (cost - limit) * window
     if excess <= 0:
         return 0
     left = window - elapsed

@@ -1,34 +1,105 @@
 -- settle.lua: settle one reservation with the actual cost and append its spend record.
 --
--- KEYS[1]      the reservation written by admit.lua
--- KEYS[2]      the spend log, a list of JSON records, newest first
--- KEYS[3 ..]   the running totals the record counts in, hashes
---              {cost, input_tokens, output_tokens, requests}
+-- KEYS[1]   the reservation written by admit.lua
+-- KEYS[2]   the spend log, a list of JSON records, newest first
+-- KEYS[3]   the running totals, one hash: field '<group>:<name>' (e.g. 'user:alice', 'global:')
+--           holding '<cost> <input tokens> <output tokens> <requests>', integers in decimal
 --
 -- ARGV[1] now (Unix seconds, float text)   ARGV[2] now in integer milliseconds
 -- ARGV[3] actual cost (nano-USD)   ARGV[4] actual tokens ('' to keep the reserved count)
--- ARGV[5] request id   ARGV[6] the record as JSON ('' for none)   ARGV[7] records kept
--- ARGV[8] record cost   ARGV[9] record input tokens   ARGV[10] record output tokens
--- ARGV[11] '1' to give back the request-window hits too
+-- ARGV[5] request id   ARGV[6] '1' to give back the request-window hits too
+-- ARGV[7] records kept   ARGV[8] the record as JSON ('' for none, and nothing follows)
+-- ARGV[9] record cost   ARGV[10] record input tokens   ARGV[11] record output tokens
+-- ARGV[12 ..] the totals fields the record counts in
 --
 -- The budget, window and lease keys to settle are named in the reservation: admit.lua got
 -- them in its KEYS, and they carry the same hash tag, so they live in this cluster slot too.
 -- Returns 1 if this call settled the reservation, 0 if it was already settled, expired or
 -- unknown (the record is appended either way).
 
-if ARGV[6] ~= '' then
+-- The exact sum of two integers written in decimal, for totals too large for a shortcut:
+-- Lua numbers are doubles, exact only up to 2^53, so the sum is taken in base-10^7 limbs,
+-- where every partial sum stays exact.
+local LIMB, WIDTH = 10000000, 7
+
+local function limbs(text)
+  local sign = 1
+  if string.sub(text, 1, 1) == '-' then
+    sign, text = -1, string.sub(text, 2)
+  end
+  local out = {}
+  for stop = #text, 1, -WIDTH do
+    out[#out + 1] = sign * tonumber(string.sub(text, math.max(1, stop - WIDTH + 1), stop))
+  end
+  return out
+end
+
+local function add(a, b)
+  local x, y = limbs(a), limbs(b)
+  local sum = {}
+  for i = 1, math.max(#x, #y) do
+    sum[i] = (x[i] or 0) + (y[i] or 0)
+  end
+  -- With the operands' signs equal, every limb sum has that sign; with them different, each is
+  -- within (-LIMB, LIMB), so the top non-zero limb outweighs all below it. Either way the top
+  -- non-zero limb gives the sign; then the magnitude is normalized with carries.
+  local sign = 1
+  for i = #sum, 1, -1 do
+    if sum[i] ~= 0 then
+      if sum[i] < 0 then sign = -1 end
+      break
+    end
+  end
+  local carry = 0
+  for i = 1, #sum do
+    local v = sign * sum[i] + carry
+    carry = math.floor(v / LIMB)
+    sum[i] = v - carry * LIMB
+  end
+  if carry > 0 then sum[#sum + 1] = carry end
+  local top = #sum
+  while top > 1 and sum[top] == 0 do top = top - 1 end
+  -- A negative sign was only taken from a non-zero limb, so it never yields '-0'.
+  local parts = {sign < 0 and '-' or '', string.format('%d', sum[top])}
+  for i = top - 1, 1, -1 do
+    parts[#parts + 1] = string.format('%07d', sum[i])
+  end
+  return table.concat(parts)
+end
+
+if ARGV[8] ~= '' then
   local keep = tonumber(ARGV[7])
-  if keep > 0 then
-    redis.call('LPUSH', KEYS[2], ARGV[6])
+  if keep > 0 and redis.call('LPUSH', KEYS[2], ARGV[8]) > keep then
     redis.call('LTRIM', KEYS[2], 0, string.format('%d', keep - 1))
   end
-  -- Totals survive the log's bound: they count every record ever appended.
-  for i = 3, #KEYS do
-    redis.call('HINCRBY', KEYS[i], 'cost', ARGV[8])
-    redis.call('HINCRBY', KEYS[i], 'input_tokens', ARGV[9])
-    redis.call('HINCRBY', KEYS[i], 'output_tokens', ARGV[10])
-    redis.call('HINCRBY', KEYS[i], 'requests', 1)
+  -- Totals survive the log's bound: they count every record ever appended. Each group's four
+  -- counters are packed in one field, so all groups are read in one command and written in
+  -- one, instead of one increment per counter and group.
+  local cost, input, output = ARGV[9], ARGV[10], ARGV[11]
+  -- Operands under 10^15 in size (15 characters at most) sum under 2^53: exact as Lua
+  -- numbers, and %d prints them whole. Anything longer takes the exact decimal sum.
+  local short = #cost < 16 and #input < 16 and #output < 16
+  local cost_n, input_n, output_n = tonumber(cost), tonumber(input), tonumber(output)
+  local fields = {unpack(ARGV, 12)}
+  local old = redis.call('HMGET', KEYS[3], unpack(fields))
+  local new = {}
+  for i, field in ipairs(fields) do
+    local value
+    if not old[i] then
+      value = cost .. ' ' .. input .. ' ' .. output .. ' 1'
+    else
+      local c, n, o, r = string.match(old[i], '^(%S+) (%S+) (%S+) (%S+)$')
+      if short and #c < 16 and #n < 16 and #o < 16 and #r < 16 then
+        value = string.format('%d %d %d %d', tonumber(c) + cost_n, tonumber(n) + input_n,
+          tonumber(o) + output_n, tonumber(r) + 1)
+      else
+        value = add(c, cost) .. ' ' .. add(n, input) .. ' ' .. add(o, output) .. ' '
+          .. add(r, '1')
+      end
+    end
+    new[2 * i - 1], new[2 * i] = field, value
   end
+  redis.call('HSET', KEYS[3], unpack(new))
 end
 
 local raw = redis.call('GET', KEYS[1])
@@ -92,7 +163,7 @@ if ARGV[4] ~= '' then
     adjust(entry, tokens - tonumber(entry[4]))
   end
 end
-if ARGV[11] == '1' then
+if ARGV[6] == '1' then
   -- A later check refused the request: its request-window hits go back too.
   for _, entry in ipairs(r.requests or {}) do
     adjust(entry, -tonumber(entry[4]))

@@ -1,0 +1,376 @@
+"""`MemoryStore`'s ledger: budget counters, sliding windows, leases and reservations.
+
+The state lives in plain dicts of small `__slots__` objects, and every operation runs to
+completion without awaiting, so on one event loop each is atomic by construction. `admit` is
+the hot path of every metered request: it looks each counter up once, checks and reserves in a
+few flat loops, and builds no object beyond the states its result must carry. Idle windows,
+empty lease sets and expired reservations are swept every `_SWEEP_EVERY` admissions, so memory
+stays bounded by the active keys, users and end users.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from . import _window
+from ._types import (
+    Admission,
+    AdmissionResult,
+    BudgetScope,
+    BudgetState,
+    RateHit,
+    RateState,
+    Refusal,
+    Settlement,
+    SlotRequest,
+)
+
+__all__ = ["MemoryLedger"]
+
+_SWEEP_EVERY = 4096
+# A lease ends when its request does, which no store can predict: suggest a short retry.
+_PARALLEL_RETRY = 1.0
+
+
+@dataclass(slots=True)
+class _Budget:
+    spent: int = 0
+    total: int = 0
+    end: float | None = None
+    epoch: int = 0  # bumped at every roll, so settlement can tell the period changed
+
+    def roll(self, period_end: float | None, now: float) -> None:
+        if self.end is None:
+            # First touch, or a duration configured since: the first period starts now.
+            self.end = period_end
+        elif now >= self.end:
+            self.spent = 0
+            self.end = period_end
+            self.epoch += 1
+
+
+@dataclass(slots=True)
+class _Window:
+    size_ms: int
+    index: int = 0
+    cur: int = 0
+    prev: int = 0
+
+    def idle(self, now_ms: int) -> bool:
+        """Whether neither of its windows is seen any more (both ended a window ago)."""
+        return (self.index + 2) * self.size_ms <= now_ms
+
+    def advance(self, index: int) -> None:
+        # Only ever forward: a caller whose clock is a little behind counts in the current
+        # window instead of wiping it.
+        if index <= self.index:
+            return
+        self.prev = self.cur if index == self.index + 1 else 0
+        self.cur = 0
+        self.index = index
+
+
+@dataclass(slots=True)
+class _Leases:
+    """Leases held on one key: who holds one until when, and a heap to find the expired."""
+
+    held: dict[str, float] = field(default_factory=dict)
+    heap: list[tuple[float, str]] = field(default_factory=list)
+
+    def add(self, lease_id: str, expires: float) -> None:
+        self.held[lease_id] = expires
+        heapq.heappush(self.heap, (expires, lease_id))
+
+    def expire(self, now: float) -> None:
+        # Only leases due by now are looked at, so a key with many requests in flight does not
+        # pay for all of them on every admission.
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            expires, lease_id = heapq.heappop(heap)
+            if self.held.get(lease_id) == expires:
+                del self.held[lease_id]
+        if len(heap) > 2 * len(self.held) + 64:
+            # Released leases leave stale heap entries; rebuild before they pile up.
+            self.heap = [(e, lid) for lid, e in self.held.items()]
+            heapq.heapify(self.heap)
+
+
+@dataclass(slots=True)
+class _Reservation:
+    expires: float
+    cost: int
+    # Budget counters are never dropped (they hold spend), so a reservation holds them
+    # directly, each with its epoch at reservation time.
+    budgets: list[tuple[_Budget, int]]
+    tokens: list[tuple[str, int, int, int]]  # (counter key, window ms, index, units)
+    requests: list[tuple[str, int, int, int]]  # the same, for request windows
+    slots: list[str]
+
+
+class MemoryLedger:
+    """The ledger half of `MemoryStore`: every `LedgerStore` method but `settle`'s record.
+
+    `MemoryStore.settle` appends the spend record, then calls `_settle` for the rest.
+    """
+
+    def __init__(self) -> None:
+        self._budgets: dict[str, _Budget] = {}
+        self._windows: dict[str, _Window] = {}
+        self._leases: dict[str, _Leases] = {}
+        self._reservations: OrderedDict[str, _Reservation] = OrderedDict()
+        self._until_sweep = 1  # the first admission sweeps (there is nothing to sweep yet)
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    async def admit(self, admission: Admission) -> AdmissionResult:
+        """Apply every check of one request atomically: all reserved, or nothing changed."""
+        now = admission.now
+        self._until_sweep -= 1
+        if not self._until_sweep:
+            self._until_sweep = _SWEEP_EVERY
+            self._sweep(now)
+        now_ms = int(now * 1000)
+        cost = admission.cost
+        rates = admission.rates
+        scopes = admission.budgets
+
+        # Windows advance and budgets roll whatever the verdict: advancing is path-independent,
+        # and a roll is what any later call would do first, so a refusal changes nothing seen.
+        # Every check reads the state before any reservation, so one pass finds the first
+        # refusing request window and the first refusing token window.
+        seen: list[tuple[_Window, int, int]] = []  # (window, its length ms, ms into it)
+        refused_requests = refused_tokens = -1
+        windows = self._windows
+        for i, hit in enumerate(rates):
+            size = int(hit.window * 1000)
+            window = windows.get(hit.key)
+            if window is None:
+                window = windows[hit.key] = _Window(size)
+            window.advance(now_ms // size)
+            elapsed = max(0, now_ms - window.index * size)
+            seen.append((window, size, elapsed))
+            if not _window.fits(window.cur, window.prev, elapsed, size, hit.limit, hit.cost):
+                if hit.kind == "requests":
+                    if refused_requests < 0:
+                        refused_requests = i
+                elif refused_tokens < 0:
+                    refused_tokens = i
+
+        budgets: list[_Budget] = []
+        table = self._budgets
+        for scope in scopes:
+            budget = table.get(scope.key)
+            if budget is None:
+                budget = table[scope.key] = _Budget()
+            budget.roll(scope.period_end, now)
+            budgets.append(budget)
+
+        # The checks, in order: request windows, token windows, leases, budgets.
+        refusal: Refusal | None = None
+        if refused_requests >= 0 or refused_tokens >= 0:
+            first = refused_requests if refused_requests >= 0 else refused_tokens
+            refusal = _rate_refusal(rates[first], *seen[first])
+        leases = [self._live_leases(slot.key, now) for slot in admission.slots]
+        if refusal is None:
+            for slot, held in zip(admission.slots, leases, strict=True):
+                if len(held.held) >= slot.limit:
+                    refusal = _slot_refusal(slot, len(held.held))
+                    break
+        headroom: int | None = None
+        for scope, budget in zip(scopes, budgets, strict=True):
+            limit = scope.limit
+            if limit is not None:
+                room = limit - budget.spent
+                if headroom is None or room < headroom:
+                    headroom = room
+                if refusal is None and cost > room:
+                    refusal = _budget_refusal(scope, budget, cost, now)
+
+        if refusal is None:
+            request_id = admission.request_id
+            tokens: list[tuple[str, int, int, int]] = []
+            requests: list[tuple[str, int, int, int]] = []
+            for hit, (window, size, _) in zip(rates, seen, strict=True):
+                window.cur += hit.cost
+                entry = (hit.key, size, window.index, hit.cost)
+                if hit.kind == "tokens":
+                    tokens.append(entry)
+                else:
+                    requests.append(entry)
+            for slot, held in zip(admission.slots, leases, strict=True):
+                held.add(request_id, now + slot.ttl)
+            for budget in budgets:
+                budget.spent += cost
+            self._reservations[request_id] = _Reservation(
+                now + admission.ttl,
+                cost,
+                [(budget, budget.epoch) for budget in budgets],
+                tokens,
+                requests,
+                [slot.key for slot in admission.slots],
+            )
+
+        # The states after the step (a key named twice shows both hits).
+        rate_states = [
+            RateState(
+                hit.key,
+                hit.kind,
+                hit.level,
+                hit.limit,
+                _window.remaining(window.cur, window.prev, elapsed, size, hit.limit),
+                _window.reset_after_ms(window.cur, window.prev, elapsed, size) / 1000,
+                hit.window,
+            )
+            for hit, (window, size, elapsed) in zip(rates, seen, strict=True)
+        ]
+        budget_states = [
+            BudgetState(
+                scope.key,
+                scope.level,
+                scope.label,
+                scope.limit,
+                budget.spent,
+                budget.end,
+                budget.total,
+            )
+            for scope, budget in zip(scopes, budgets, strict=True)
+        ]
+        return AdmissionResult(refusal, tuple(rate_states), tuple(budget_states), headroom)
+
+    def _settle(self, settlement: Settlement) -> bool:
+        """Replace a reservation with the actual cost and free its leases (not the record)."""
+        reservation = self._reservations.pop(settlement.request_id, None)
+        if reservation is None or reservation.expires <= settlement.now:
+            return False
+        cost = settlement.cost
+        delta = cost - reservation.cost
+        for budget, epoch in reservation.budgets:
+            if budget.epoch == epoch:
+                budget.spent = max(0, budget.spent + delta)
+            else:
+                budget.spent += cost
+            budget.total += cost
+        now_ms = int(settlement.now * 1000)
+        tokens = settlement.tokens
+        if tokens is not None:
+            for key, size, index, units in reservation.tokens:
+                self._adjust(key, size, index, tokens - units, now_ms)
+        if settlement.refund_requests:
+            for key, size, index, units in reservation.requests:
+                self._adjust(key, size, index, -units, now_ms)
+        for key in reservation.slots:
+            self._release(key, settlement.request_id)
+        return True
+
+    async def release(self, request_id: str, slot_keys: Sequence[str]) -> None:
+        """Free a request's leases without settling anything."""
+        for key in slot_keys:
+            self._release(key, request_id)
+
+    # -- budgets outside a request -----------------------------------------------------------
+
+    async def charge(self, scopes: Sequence[BudgetScope], cost: int, now: float) -> None:
+        """Add spend at every level unconditionally."""
+        for scope in scopes:
+            budget = self._budgets.setdefault(scope.key, _Budget())
+            budget.roll(scope.period_end, now)
+            budget.spent += cost
+            budget.total += cost
+
+    async def budgets(self, scopes: Sequence[BudgetScope], now: float) -> list[BudgetState]:
+        """Read budget levels; a period that has ended reads as zero spent."""
+        states = []
+        for scope in scopes:
+            budget = self._budgets.get(scope.key, _Budget())
+            ended = budget.end is not None and now >= budget.end
+            states.append(
+                BudgetState(
+                    scope.key,
+                    scope.level,
+                    scope.label,
+                    scope.limit,
+                    0 if ended else budget.spent,
+                    scope.period_end if ended or budget.end is None else budget.end,
+                    budget.total,
+                )
+            )
+        return states
+
+    async def reset_budget(self, key: str, period_end: float | None, now: float) -> None:
+        """Start a new period for one budget counter now."""
+        budget = self._budgets.setdefault(key, _Budget())
+        budget.spent = 0
+        budget.end = period_end
+        budget.epoch += 1
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _adjust(self, key: str, size: int, index: int, change: int, now_ms: int) -> None:
+        """Move a hit by `change` units in the window it was counted in, if still seen."""
+        window = self._windows.get(key)
+        if window is None:
+            return
+        window.advance(now_ms // size)
+        if index == window.index:
+            window.cur = max(0, window.cur + change)
+        elif index == window.index - 1:
+            window.prev = max(0, window.prev + change)
+
+    def _live_leases(self, key: str, now: float) -> _Leases:
+        leases = self._leases.get(key)
+        if leases is None:
+            leases = self._leases[key] = _Leases()
+        leases.expire(now)
+        return leases
+
+    def _release(self, key: str, request_id: str) -> None:
+        leases = self._leases.get(key)
+        if leases is not None:
+            leases.held.pop(request_id, None)
+
+    def _sweep(self, now: float) -> None:
+        # Idle windows and lease sets hold nothing the next request could see; dropping them
+        # keeps memory bounded by the active keys, users and end users.
+        while self._reservations:
+            request_id, reservation = next(iter(self._reservations.items()))
+            if reservation.expires > now:
+                break
+            del self._reservations[request_id]
+        now_ms = int(now * 1000)
+        stale = [k for k, w in self._windows.items() if w.idle(now_ms)]
+        for key in stale:
+            del self._windows[key]
+        for key in [k for k in self._leases if not self._live_leases(k, now).held]:
+            del self._leases[key]
+
+
+# -- refusals: built only when a check fails -------------------------------------------------
+
+
+def _rate_refusal(hit: RateHit, window: _Window, size: int, elapsed: int) -> Refusal:
+    state = (window.cur, window.prev, elapsed, size)
+    retry = _window.retry_after_ms(*state, hit.limit, hit.cost)
+    used = hit.limit - _window.remaining(*state, hit.limit)
+    return Refusal(
+        hit.kind, hit.level, hit.label, hit.limit, used, hit.cost,
+        None if retry is None else retry / 1000,
+    )  # fmt: skip
+
+
+def _slot_refusal(slot: SlotRequest, held: int) -> Refusal:
+    return Refusal(
+        "parallel_requests", slot.level, slot.label, slot.limit, held, 1,
+        _PARALLEL_RETRY if slot.limit > 0 else None,
+    )  # fmt: skip
+
+
+def _budget_refusal(scope: BudgetScope, budget: _Budget, cost: int, now: float) -> Refusal:
+    assert scope.limit is not None  # only a limited level refuses
+    resets_at = budget.end
+    return Refusal(
+        "budget", scope.level, scope.label, scope.limit, budget.spent, cost,
+        None if resets_at is None else max(0.0, resets_at - now), resets_at,
+    )  # fmt: skip

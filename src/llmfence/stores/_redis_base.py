@@ -1,0 +1,203 @@
+"""`RedisStore`'s plumbing: the client, the Lua scripts, the time bound, and value codecs.
+
+Every store call goes through `RedisBase._script` or `RedisBase._run`, which put one deadline
+(`asyncio.timeout`) over the whole call, from waiting for a pooled connection to the reply, and
+turn every Redis error into `StoreError`. Scripts ship as package data in `lua/` and are called
+by SHA (EVALSHA), loaded again when Redis answers NOSCRIPT (after a restart or a failover).
+
+Nothing here imports `redis` at module import: `RedisStore` is importable without the extra,
+and says how to install it when it is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from llmfence.exceptions import ConfigurationError, StoreError
+
+from ._types import SpendRecord
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = [
+    "RedisBase",
+    "decode_record",
+    "encode_record",
+    "import_redis",
+    "num",
+    "opt_float",
+    "opt_num",
+    "text",
+]
+
+_T = TypeVar("_T")
+
+_SCRIPTS: Final = (
+    "admit",
+    "settle",
+    "charge",
+    "budgets",
+    "reset_budget",
+    "release",
+    "record_create",
+    "record_update",
+    "record_delete",
+    "list_keys",
+)
+# Scripts that roll budget periods get the one shared definition of the roll prepended.
+_ROLLS_BUDGETS: Final = frozenset({"admit", "charge"})
+_INSTALL_HINT: Final = 'RedisStore needs the redis package: pip install "llmfence[redis]"'
+
+
+def import_redis() -> Any:
+    """The `redis` package, imported on first use; an `ImportError` that says what to install."""
+    try:
+        import redis.asyncio
+    except ImportError as exc:  # pragma: no cover - the test environment has redis
+        raise ImportError(_INSTALL_HINT) from exc
+    return redis
+
+
+@functools.cache
+def _script_source(name: str) -> str:
+    lua = resources.files("llmfence.stores").joinpath("lua")
+    source = lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    if name in _ROLLS_BUDGETS:
+        source = lua.joinpath("budget.lua").read_text(encoding="utf-8") + "\n" + source
+    return source
+
+
+@functools.cache
+def _script_sha(name: str) -> str:
+    return hashlib.sha1(_script_source(name).encode()).hexdigest()
+
+
+class _Connection:
+    """A client, and the scripts' SHAs (hashing the sources is all that happens before I/O)."""
+
+    __slots__ = ("client", "execute", "shas")
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        # Scripts are called through the client's own command path (its pool, its errors),
+        # without the two wrapper frames of `evalsha`.
+        self.execute: Callable[..., Awaitable[Any]] = client.execute_command
+        self.shas = {name: _script_sha(name) for name in _SCRIPTS}
+
+
+class RedisBase:
+    """What every part of `RedisStore` shares: key names, the connection and the time bound."""
+
+    _factory: Callable[[], Redis] | None
+    _connection: _Connection | None
+
+    def _setup(self, prefix: str, timeout: float, max_spend_records: int) -> None:
+        redis = import_redis()
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ConfigurationError(f"prefix must be non-empty without braces, not {prefix!r}")
+        if not timeout > 0:
+            raise ConfigurationError(f"timeout must be positive, not {timeout!r}")
+        if max_spend_records < 0:
+            raise ConfigurationError("max_spend_records must not be negative")
+        self._tag = "{" + prefix + "}:"
+        self._log_key = self._tag + "spend:log"
+        self._totals_key = self._tag + "spend:totals"
+        self._timeout = timeout
+        self._max_records = max_spend_records
+        # What a call may fail with: its deadline, or Redis (redis-py's errors, socket errors).
+        self._errors: tuple[type[BaseException], ...] = (TimeoutError, redis.RedisError, OSError)
+        self._noscript: type[BaseException] = redis.exceptions.NoScriptError
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _key(self, *parts: str) -> str:
+        return self._tag + ":".join(parts)
+
+    def _connect(self) -> _Connection:
+        if self._factory is None:
+            assert self._connection is not None
+            return self._connection
+        loop = asyncio.get_running_loop()
+        if self._connection is None or self._loop is not loop:
+            self._connection = _Connection(self._factory())
+            self._loop = loop
+        return self._connection
+
+    def _failure(self, what: str, exc: BaseException) -> StoreError:
+        if isinstance(exc, TimeoutError):
+            return StoreError(f"The Redis store did not answer within {self._timeout} s ({what}).")
+        # The cause keeps Redis's own message for logs; this one is safe to show anyone.
+        return StoreError(f"The Redis store failed ({what}): {type(exc).__name__}.")
+
+    async def _run(self, what: str, call: Callable[[Redis], Awaitable[_T]]) -> _T:
+        """Run `call` on the client under the store's deadline; errors become `StoreError`."""
+        try:
+            # One deadline over the whole call: the pool's wait, a connect, the command, the
+            # reply. The clients `from_url` opens set no per-read socket timeout of their own
+            # (each costs a timer, and redis-py wraps every send in a task for it).
+            async with asyncio.timeout(self._timeout):
+                return await call(self._connect().client)
+        except self._errors as exc:
+            raise self._failure(what, exc) from exc
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """One EVALSHA of a script under the store's deadline; NOSCRIPT loads it again."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                connection = self._connect()
+                sha = connection.shas[name]
+                try:
+                    return await connection.execute("EVALSHA", sha, len(keys), *keys, *args)
+                except self._noscript:
+                    await connection.client.script_load(_script_source(name))
+                    return await connection.execute("EVALSHA", sha, len(keys), *keys, *args)
+        except self._errors as exc:
+            raise self._failure(name, exc) from exc
+
+
+# -- codecs ----------------------------------------------------------------------------------
+
+# Spend records are stored as JSON arrays of their values in field order: the C encoder writes
+# a tuple as an array with no dict built first, and the array is half the size of an object.
+_encode: Final = json.JSONEncoder(separators=(",", ":")).encode
+_FIELDS: Final = len(SpendRecord._fields)
+
+
+def encode_record(record: SpendRecord) -> str:
+    """A spend record as the JSON text the log stores."""
+    return _encode(record)
+
+
+def decode_record(values: Any) -> SpendRecord:
+    """A spend record from the log's decoded JSON: an array, or an object (older layout)."""
+    if isinstance(values, dict):
+        return SpendRecord.from_dict(values)
+    # Fields a newer version appended are ignored, as `from_dict` ignores unknown ones; fields
+    # an older one lacked take their defaults.
+    return SpendRecord(*values[:_FIELDS])
+
+
+def text(value: Any) -> str:
+    """A reply value as text (replies are bytes unless the client decodes them)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def num(value: float) -> str:
+    """A time as text Lua reads back to the same double (repr round-trips it exactly)."""
+    return repr(float(value))
+
+
+def opt_num(value: float | None) -> str:
+    """`num`, or `''` for `None`."""
+    return "" if value is None else num(value)
+
+
+def opt_float(value: Any) -> float | None:
+    """A reply's float (text or bytes), or `None` for an empty reply."""
+    return float(value) if value else None

@@ -1,0 +1,243 @@
+"""`RedisStore`'s ledger: admissions, settlements, leases and budget counters, one script each.
+
+`admit` and `settle` are one EVALSHA each (`admit.lua`, `settle.lua`); the Python around them
+only names the keys, packs the arguments in the order the script's header lists them, and reads
+the reply. The scripts mirror `MemoryStore` rule for rule; the arithmetic that needs no state
+(remaining units, retry times, headroom) stays in Python, in `_window`, shared with
+`MemoryStore`.
+
+Money is integer nano-USD from end to end: it enters a script as text and is added by
+`HINCRBY` (or, for the spend totals, by the script's exact decimal addition), never by
+`INCRBYFLOAT`, and never goes through `cjson.encode` or a Lua number that Redis would format
+with 14 significant digits. Times stay the caller's float text (compared as doubles, exactly as
+`MemoryStore` compares them), except the sliding windows, which count in integer milliseconds
+as `_window` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Final
+
+from . import _window
+from ._redis_base import RedisBase, encode_record, num, opt_float, opt_num
+from ._spend import total_keys
+from ._types import (
+    Admission,
+    AdmissionResult,
+    BudgetScope,
+    BudgetState,
+    RateState,
+    Refusal,
+    Settlement,
+)
+
+__all__ = ["RedisLedger"]
+
+# A lease ends when its request does, which no store can predict: suggest a short retry.
+_PARALLEL_RETRY: Final = 1.0
+# Redis expires keys on its own clock while the scripts judge expiry by the caller's `now`
+# (a fake clock in tests, a slightly skewed one on another host). Key TTLs only reclaim
+# memory; a floor under them keeps Redis from forgetting state a short window, lease or
+# reservation still holds by the caller's clock, and the scripts' own checks make expiry exact.
+_MIN_KEY_TTL_MS: Final = 60_000
+
+_Windows = Sequence[tuple[int, int, int]]  # per rate hit: cur, prev, index (before the step)
+_Levels = Sequence[tuple[int, int, float | None]]  # per budget: spent, total, end (before)
+
+
+class RedisLedger(RedisBase):
+    """The ledger part of `RedisStore`: every `LedgerStore` method."""
+
+    async def admit(self, admission: Admission) -> AdmissionResult:
+        """Apply every check of one request atomically: all reserved, or nothing changed.
+
+        One round trip: a single EVALSHA of `admit.lua`.
+        """
+        now = admission.now
+        now_ms = int(now * 1000)
+        rates, slots, scopes = admission.rates, admission.slots, admission.budgets
+        tag = self._tag
+        keys = [tag + "reservation:" + admission.request_id]
+        args: list[Any] = [
+            num(now), now_ms, admission.request_id, admission.cost,
+            num(now + admission.ttl), _ttl_ms(admission.ttl * 1000),
+            len(rates), len(slots), len(scopes),
+        ]  # fmt: skip
+        for hit in rates:
+            size = int(hit.window * 1000)
+            keys.append(tag + "window:" + hit.key)
+            args += (hit.kind, size, now_ms // size, hit.limit, hit.cost, _ttl_ms(2 * size))
+        for slot in slots:
+            keys.append(tag + "lease:" + slot.key)
+            args += (slot.limit, num(now + slot.ttl), _ttl_ms(slot.ttl * 1000))
+        for scope in scopes:
+            keys.append(tag + "budget:" + scope.key)
+            args += ("" if scope.limit is None else scope.limit, opt_num(scope.period_end))
+
+        raw = await self._script("admit", keys, args)
+        # The script answers with the states before anything was reserved; int() and float()
+        # read a reply's bytes as well as its text.
+        split = 3 + 3 * len(rates)
+        windows = [(int(raw[i]), int(raw[i + 1]), int(raw[i + 2])) for i in range(3, split, 3)]
+        levels = [
+            (int(raw[i]), int(raw[i + 1]), opt_float(raw[i + 2])) for i in range(split, len(raw), 3)
+        ]
+        refusal = _refusal(admission, int(raw[0]), int(raw[1]) - 1, int(raw[2]), windows, levels)
+        return _admission_result(admission, refusal, windows, levels)
+
+    async def settle(self, settlement: Settlement) -> bool:
+        """Settle a reservation with the actual cost, release its leases, append its record.
+
+        One round trip: a single EVALSHA of `settle.lua`, which also appends the record and
+        adds it to its running totals.
+        """
+        now = settlement.now
+        tokens = settlement.tokens
+        record = settlement.record
+        keys = (self._tag + "reservation:" + settlement.request_id, self._log_key, self._totals_key)
+        args: list[Any] = [
+            num(now), int(now * 1000), settlement.cost, "" if tokens is None else tokens,
+            settlement.request_id, 1 if settlement.refund_requests else 0, self._max_records,
+        ]  # fmt: skip
+        if record is None:
+            args.append("")
+        else:
+            args += (encode_record(record), record.cost, record.input_tokens, record.output_tokens)
+            args += total_keys(record)
+        return bool(await self._script("settle", keys, args))
+
+    async def release(self, request_id: str, slot_keys: Sequence[str]) -> None:
+        """Free a request's leases without settling anything."""
+        if slot_keys:
+            keys = [self._tag + "lease:" + key for key in slot_keys]
+            await self._script("release", keys, [request_id])
+
+    # -- budgets outside a request -----------------------------------------------------------
+
+    async def charge(self, scopes: Sequence[BudgetScope], cost: int, now: float) -> None:
+        """Add spend at every level unconditionally."""
+        if scopes:
+            keys = [self._tag + "budget:" + scope.key for scope in scopes]
+            args: list[Any] = [num(now), cost]
+            args += [opt_num(scope.period_end) for scope in scopes]
+            await self._script("charge", keys, args)
+
+    async def budgets(self, scopes: Sequence[BudgetScope], now: float) -> list[BudgetState]:
+        """Read budget levels; a period that has ended reads as zero spent."""
+        if not scopes:
+            return []
+        keys = [self._tag + "budget:" + scope.key for scope in scopes]
+        reply = await self._script("budgets", keys, [])
+        states = []
+        for i, scope in enumerate(scopes):
+            spent, total = int(reply[3 * i]), int(reply[3 * i + 1])
+            end = opt_float(reply[3 * i + 2])
+            ended = end is not None and now >= end
+            states.append(
+                BudgetState(
+                    scope.key,
+                    scope.level,
+                    scope.label,
+                    scope.limit,
+                    0 if ended else spent,
+                    scope.period_end if ended or end is None else end,
+                    total,
+                )
+            )
+        return states
+
+    async def reset_budget(self, key: str, period_end: float | None, now: float) -> None:
+        """Start a new period for one budget counter now."""
+        await self._script("reset_budget", [self._tag + "budget:" + key], [opt_num(period_end)])
+
+
+def _refusal(
+    admission: Admission,
+    verdict: int,
+    index: int,
+    held: int,
+    windows: _Windows,
+    levels: _Levels,
+) -> Refusal | None:
+    """The refusal `admit.lua` reported, worded exactly as `MemoryStore` words it."""
+    if verdict == 0:
+        return None
+    if verdict == 1:
+        hit = admission.rates[index]
+        cur, prev, window_index = windows[index]
+        size = int(hit.window * 1000)
+        state = (cur, prev, max(0, int(admission.now * 1000) - window_index * size), size)
+        retry = _window.retry_after_ms(*state, hit.limit, hit.cost)
+        used = hit.limit - _window.remaining(*state, hit.limit)
+        return Refusal(
+            hit.kind, hit.level, hit.label, hit.limit, used, hit.cost,
+            None if retry is None else retry / 1000,
+        )  # fmt: skip
+    if verdict == 2:
+        slot = admission.slots[index]
+        return Refusal(
+            "parallel_requests", slot.level, slot.label, slot.limit, held, 1,
+            _PARALLEL_RETRY if slot.limit > 0 else None,
+        )  # fmt: skip
+    scope = admission.budgets[index]
+    spent, _, resets_at = levels[index]
+    assert scope.limit is not None  # only a limited level refuses
+    return Refusal(
+        "budget", scope.level, scope.label, scope.limit, spent, admission.cost,
+        None if resets_at is None else max(0.0, resets_at - admission.now), resets_at,
+    )  # fmt: skip
+
+
+def _admission_result(
+    admission: Admission, refusal: Refusal | None, windows: _Windows, levels: _Levels
+) -> AdmissionResult:
+    """The states after the step: what the script read, plus what an admission took."""
+    now_ms = int(admission.now * 1000)
+    # A key named twice took twice, as in MemoryStore.
+    taken: dict[str, int] = {}
+    reserved: dict[str, int] = {}
+    if refusal is None:
+        for hit in admission.rates:
+            taken[hit.key] = taken.get(hit.key, 0) + hit.cost
+        for scope in admission.budgets:
+            reserved[scope.key] = reserved.get(scope.key, 0) + admission.cost
+    rates = []
+    for hit, (cur, prev, index) in zip(admission.rates, windows, strict=True):
+        size = int(hit.window * 1000)
+        elapsed = max(0, now_ms - index * size)
+        cur += taken.get(hit.key, 0)
+        rates.append(
+            RateState(
+                hit.key,
+                hit.kind,
+                hit.level,
+                hit.limit,
+                _window.remaining(cur, prev, elapsed, size, hit.limit),
+                _window.reset_after_ms(cur, prev, elapsed, size) / 1000,
+                hit.window,
+            )
+        )
+    budgets = []
+    headroom: int | None = None
+    for scope, (spent, total, end) in zip(admission.budgets, levels, strict=True):
+        budgets.append(
+            BudgetState(
+                scope.key,
+                scope.level,
+                scope.label,
+                scope.limit,
+                spent + reserved.get(scope.key, 0),
+                end,
+                total,
+            )
+        )
+        # Headroom is measured before this request's reservation.
+        if scope.limit is not None and (headroom is None or scope.limit - spent < headroom):
+            headroom = scope.limit - spent
+    return AdmissionResult(refusal, tuple(rates), tuple(budgets), headroom)
+
+
+def _ttl_ms(milliseconds: float) -> int:
+    return max(_MIN_KEY_TTL_MS, math.ceil(milliseconds))
