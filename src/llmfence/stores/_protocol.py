@@ -53,7 +53,9 @@ Spend log
 Time bounds
     A store whose class sets `bounds_call_time = True` promises that every call ends (or raises
     `StoreError`) within its own timeout; llmfence then adds no timeout of its own. Any other
-    store's calls are bounded by the caller.
+    store's calls are bounded by the caller. A store whose class sets `never_suspends = True`
+    promises that no call yields to the event loop (it runs to completion once awaited), so a
+    cancellation cannot interrupt one: settlements over it need no shield from cancellation.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ class MemoryStore(MemoryLedger, MemoryRecords):
     """
 
     bounds_call_time = True  # nothing here ever waits
+    never_suspends = True  # no call yields to the event loop: nothing can cancel one halfway
 
     def __init__(self, *, max_spend_records: int = 100_000) -> None:
         MemoryLedger.__init__(self)
