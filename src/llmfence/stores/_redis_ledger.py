@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from . import _window
-from ._redis_base import RedisBase, encode_record, num, opt_float, opt_num
+from ._redis_base import RedisBase, encode_record, num, opt_float, opt_num, text
 from ._spend import total_keys
 from ._types import (
     Admission,
@@ -76,15 +76,18 @@ class RedisLedger(RedisBase):
             keys.append(tag + "budget:" + scope.key)
             args += ("" if scope.limit is None else scope.limit, opt_num(scope.period_end))
 
-        raw = await self._script("admit", keys, args)
-        # The script answers with the states before anything was reserved; int() and float()
-        # read a reply's bytes as well as its text.
+        # The script answers with the states before anything was reserved, in one string.
+        reply = text(await self._script("admit", keys, args)).split()
         split = 3 + 3 * len(rates)
-        windows = [(int(raw[i]), int(raw[i + 1]), int(raw[i + 2])) for i in range(3, split, 3)]
-        levels = [
-            (int(raw[i]), int(raw[i + 1]), opt_float(raw[i + 2])) for i in range(split, len(raw), 3)
+        windows = [
+            (int(reply[i]), int(reply[i + 1]), int(reply[i + 2])) for i in range(3, split, 3)
         ]
-        refusal = _refusal(admission, int(raw[0]), int(raw[1]) - 1, int(raw[2]), windows, levels)
+        levels = [
+            (int(reply[i]), int(reply[i + 1]), None if reply[i + 2] == "-" else float(reply[i + 2]))
+            for i in range(split, len(reply), 3)
+        ]
+        verdict, position, held = int(reply[0]), int(reply[1]) - 1, int(reply[2])
+        refusal = _refusal(admission, verdict, position, held, windows, levels)
         return _admission_result(admission, refusal, windows, levels)
 
     async def settle(self, settlement: Settlement) -> bool:

@@ -17,11 +17,13 @@
 -- Money never passes through a Lua number into a command: it goes in as the caller's text
 -- (HINCRBY) or through string.format('%d'), because Lua 5.1 formats numbers with %.14g.
 --
--- Returns {verdict, position, current, then per window: cur, prev, index, then per budget: spent,
--- total, end}, the states after the windows advanced and the budgets rolled and before
--- anything was reserved. verdict: 0 admitted, 1 a window refused, 2 a lease set refused,
--- 3 a budget refused; position is the 1-based position of the refusing check in its group;
--- current is the leases held when a lease set refused.
+-- Returns 'verdict position current', then per window 'cur prev index', then per budget
+-- 'spent total end' ('-' for no end), all in one space-separated string: the states after the
+-- windows advanced and the budgets rolled and before anything was reserved. One string, not
+-- an array, because the client parses a reply element by element, and that cost more than the
+-- script. verdict: 0 admitted, 1 a window refused, 2 a lease set refused, 3 a budget refused;
+-- position is the 1-based position of the refusing check in its group; current is the leases
+-- held when a lease set refused.
 
 local now = tonumber(ARGV[1])
 local now_ms = tonumber(ARGV[2])
@@ -73,7 +75,7 @@ for i = 1, nb do
 end
 
 local function reply(verdict, position, current)
-  local out = {verdict, position, current}
+  local out = {string.format('%d %d %d', verdict, position, current)}
   for i = 1, nr do
     out[#out + 1] = string.format('%d', rates[i].window.cur)
     out[#out + 1] = string.format('%d', rates[i].window.prev)
@@ -82,9 +84,9 @@ local function reply(verdict, position, current)
   for i = 1, nb do
     out[#out + 1] = string.format('%d', budgets[i].spent)
     out[#out + 1] = budgets[i].total
-    out[#out + 1] = budgets[i].ends or ''
+    out[#out + 1] = budgets[i].ends or '-'
   end
-  return out
+  return table.concat(out, ' ')
 end
 
 -- The checks, in MemoryStore's order: request windows, token windows, leases, budgets.
