@@ -60,7 +60,10 @@ class Fence(RecordsMixin, RoutesMixin):
         prices: Price overrides per model, USD per million tokens
             (`{"my-llama": {"input": 0.2, "output": 0.6}}`).
         fallback_price: Price of models nobody knows; without it they are refused (400).
-        default_max_tokens: Output allowance reserved when a request names none.
+        default_max_tokens: Output allowance reserved when a request names none. When it does
+            not fit the tightest token window or budget, the request goes upstream with the
+            `max_tokens` that does fit (`x-llmfence-max-tokens-clamped` says which).
+        min_output_tokens: Below this many output tokens, such a request is refused instead.
         calendar_aligned: Align budget periods to UTC calendar boundaries instead of rolling.
         clamp_max_tokens: Lower `max_tokens` to what the tightest budget can pay for instead of
             refusing.
@@ -98,6 +101,7 @@ class Fence(RecordsMixin, RoutesMixin):
         prices: Mapping[str, PriceSpec] | None = None,
         fallback_price: PriceSpec | None = None,
         default_max_tokens: int = 4096,
+        min_output_tokens: int = 16,
         calendar_aligned: bool = False,
         clamp_max_tokens: bool = False,
         metered_paths: Iterable[str] | None = None,
@@ -124,6 +128,7 @@ class Fence(RecordsMixin, RoutesMixin):
             prices=PriceBook(overrides=prices, fallback=fallback_price, clock=clock),
             counter=TokenCounter(),
             default_max_tokens=default_max_tokens,
+            min_output_tokens=min_output_tokens,
             store_timeout=store_timeout,
             disconnect_extra_tokens=disconnect_extra_tokens,
             clock=clock,

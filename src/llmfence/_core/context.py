@@ -59,6 +59,7 @@ class RequestContext:
         "completed",
         "cost",
         "finished",
+        "fit",
         "hide_usage",
         "json_parts",
         "meter",
@@ -114,6 +115,7 @@ class RequestContext:
         self.app_called = False  # the app read the body or began a response
         self.app_failed = False
         self.finished = False
+        self.fit: int | None = None  # the largest max_tokens that fitted, when one was refused
 
     @property
     def end_user(self) -> str | None:

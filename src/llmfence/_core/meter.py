@@ -17,7 +17,7 @@ from typing import TypeVar
 import anyio
 
 from llmfence._pricing import PriceBook
-from llmfence._request import amend
+from llmfence._request import LLMRequest, amend
 from llmfence._tokens import TokenCounter
 from llmfence.exceptions import LLMFenceError, StoreError
 from llmfence.stores import Admission, AdmissionResult, BudgetScope, RateHit, RateState, Store
@@ -33,6 +33,9 @@ logger = logging.getLogger("llmfence")
 _T = TypeVar("_T")
 
 _RELAXED = 1 << 62
+# How many times an admission may be retried with a smaller output allowance: once for the
+# tightest level reported, once more if another level turns out tighter still.
+_FITTINGS = 3
 _CLAMP_HEADER = b"x-llmfence-max-tokens-clamped"
 _SHADOW_HEADER = b"x-llmfence-shadow-refusal"
 DEGRADED_HEADER = (b"x-llmfence-degraded", b"store-unavailable")
@@ -45,7 +48,10 @@ class Meter:
         store: Where limits, budgets and spend live.
         prices: Model prices.
         counter: Token counter.
-        default_max_tokens: Output allowance reserved when a request names none.
+        default_max_tokens: Output allowance reserved when a request names none; lowered to
+            what the tightest token window or budget can still take when it does not fit.
+        min_output_tokens: The smallest such lowered allowance worth sending upstream; a request
+            that cannot get even this much is refused.
         store_timeout: Seconds any one store call may take.
         disconnect_extra_tokens: Output tokens charged on top of what was streamed when the
             client disconnects mid-stream (the upstream may have generated more).
@@ -59,6 +65,7 @@ class Meter:
         prices: PriceBook | None = None,
         counter: TokenCounter | None = None,
         default_max_tokens: int = 4096,
+        min_output_tokens: int = 16,
         store_timeout: float = 2.0,
         disconnect_extra_tokens: int = 0,
         clock: Callable[[], float] = time.time,
@@ -67,6 +74,7 @@ class Meter:
         self.prices = prices or PriceBook()
         self.counter = counter or TokenCounter()
         self.default_max_tokens = default_max_tokens
+        self.min_output_tokens = min_output_tokens
         self.store_timeout = store_timeout
         self.disconnect_extra_tokens = disconnect_extra_tokens
         self.clock = clock
@@ -182,7 +190,8 @@ class Meter:
         if refusal is not None:
             owner = plan.owner(refusal.reason, refusal.level, refusal.label)
             window = getattr(owner, "window", 60.0)
-            return refusal_error(refusal, window)
+            named = request.max_output_tokens is not None
+            return refusal_error(refusal, window, max_tokens=named, fit=ctx.fit if named else None)
         ctx.reservations.append(request_id)
         return None
 
@@ -204,45 +213,63 @@ class Meter:
         self, ctx: RequestContext, plan: Plan, admission: Admission
     ) -> AdmissionResult:
         result = await self.call(self.store.admit(admission))
-        refusal = result.refusal
-        if refusal is None:
-            return result
-        owner = plan.owner(refusal.reason, refusal.level, refusal.label)
-        if owner is not None and owner.shadow:
-            # Shadow checks never refuse: say what they would have done, then admit again with
-            # every shadow check's limits lifted, so their usage is still counted.
-            ctx.response_headers.append((_SHADOW_HEADER, refusal.reason.encode()))
-            logger.info("llmfence shadow refusal: %s on %s", refusal.reason, refusal.level)
-            relaxed = _relax(admission, plan)
-            again = await self.call(self.store.admit(relaxed))
-            return replace(again, rates=_unrelax(again.rates, admission))
-        if isinstance(owner, BudgetCheck) and owner.clamp_max_tokens and result.headroom:
-            clamped = self._clamp(ctx, result.headroom)
-            if clamped:
-                tokens = (ctx.prompt_tokens or 0) + ctx.allowance
-                rates = tuple(
-                    replace(hit, cost=tokens) if hit.kind == "tokens" else hit
-                    for hit in admission.rates
-                )
-                retry = replace(admission, rates=rates, cost=ctx.cost)
-                again = await self.call(self.store.admit(retry))
-                if again.refusal is None:
-                    ctx.response_headers.append((_CLAMP_HEADER, str(clamped).encode()))
-                return again
+        for _ in range(_FITTINGS):
+            refusal = result.refusal
+            if refusal is None:
+                return result
+            owner = plan.owner(refusal.reason, refusal.level, refusal.label)
+            if owner is not None and owner.shadow:
+                # Shadow checks never refuse: say what they would have done, then admit again
+                # with every shadow check's limits lifted, so their usage is still counted.
+                ctx.response_headers.append((_SHADOW_HEADER, refusal.reason.encode()))
+                logger.info("llmfence shadow refusal: %s on %s", refusal.reason, refusal.level)
+                relaxed = _relax(admission, plan)
+                again = await self.call(self.store.admit(relaxed))
+                return replace(again, rates=_unrelax(again.rates, admission))
+            request = ctx.request
+            if refusal.reason not in ("tokens", "budget") or request is None:
+                return result
+            fit = self._fit(ctx, result)
+            ctx.fit = fit
+            # An allowance the client did not ask for shrinks to what fits, as does one it
+            # asked for when the app clamps; a request that names a `max_tokens` is refused.
+            if request.max_output_tokens is not None and not plan.clamp:
+                return result
+            if fit is None or fit < self._min_fit(request) or fit * request.n >= ctx.allowance:
+                return result
+            ctx.allowance = fit * request.n
+            if ctx.price is not None:
+                ctx.cost = ctx.price.projected(ctx.prompt_tokens or 0, ctx.allowance)
+            ctx.request, ctx.body = amend(request, max_tokens=fit)
+            tokens = (ctx.prompt_tokens or 0) + ctx.allowance
+            rates = tuple(
+                replace(hit, cost=tokens) if hit.kind == "tokens" else hit
+                for hit in admission.rates
+            )
+            admission = replace(admission, rates=rates, cost=ctx.cost)
+            result = await self.call(self.store.admit(admission))
+            if result.refusal is None:
+                ctx.response_headers.append((_CLAMP_HEADER, b"%d" % fit))
         return result
 
-    def _clamp(self, ctx: RequestContext, headroom: int) -> int:
-        """Lower the output allowance to what `headroom` pays for; the new max_tokens, or 0."""
-        request, price = ctx.request, ctx.price
-        if request is None or price is None or request.endpoint == "embeddings" or headroom <= 0:
-            return 0
-        per_choice = price.max_output_tokens_for(headroom, ctx.prompt_tokens or 0) // request.n
-        if per_choice < 1 or per_choice * request.n >= ctx.allowance:
-            return 0
-        ctx.allowance = per_choice * request.n
-        ctx.cost = price.projected(ctx.prompt_tokens or 0, ctx.allowance)
-        ctx.request, ctx.body = amend(request, max_tokens=per_choice)
-        return per_choice
+    def _min_fit(self, request: LLMRequest) -> int:
+        # A clamped explicit max_tokens may go down to 1; an implicit allowance no lower than
+        # the configured minimum (below it, the answer would be cut too short to be useful).
+        return 1 if request.max_output_tokens is not None else self.min_output_tokens
+
+    def _fit(self, ctx: RequestContext, result: AdmissionResult) -> int | None:
+        """The largest `max_tokens` (per choice) every token window and budget can take now,
+        or None when the request's output is not what limits it."""
+        request = ctx.request
+        if request is None or request.endpoint == "embeddings":
+            return None
+        prompt = ctx.prompt_tokens or 0
+        rooms = [state.remaining - prompt for state in result.rates if state.kind == "tokens"]
+        if result.headroom is not None and ctx.price is not None:
+            rooms.append(ctx.price.max_output_tokens_for(max(0, result.headroom), prompt))
+        if not rooms:
+            return None
+        return max(0, min(rooms)) // request.n
 
 
 def _relax(admission: Admission, plan: Plan) -> Admission:

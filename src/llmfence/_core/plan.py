@@ -63,6 +63,8 @@ class Plan:
             `""` for budgets: end users and models are named by requests).
         fail_closed: Whether a check that asks anything of the store fails closed: then a
             store outage refuses the request (503).
+        clamp: Whether a `max_tokens` the client named is lowered to what fits instead of
+            refused (`clamp_max_tokens`).
     """
 
     __slots__ = (
@@ -71,6 +73,7 @@ class Plan:
         "_models",
         "_static",
         "_timed",
+        "clamp",
         "fail_closed",
         "owners",
         "requests",
@@ -117,6 +120,7 @@ class Plan:
         if budgets:
             self._budgets([c for c in checks if isinstance(c, BudgetCheck)], principal)
         self.fail_closed = any(c.on_store_error == "fail_closed" for c in self.owners.values())
+        self.clamp = any(isinstance(c, BudgetCheck) and c.clamp_max_tokens for c in checks)
 
     def owner(self, reason: str, level: str, label: str) -> Check | None:
         """The check a refusal of `reason` at a level belongs to (the first that names it)."""

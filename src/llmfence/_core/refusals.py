@@ -26,8 +26,19 @@ def _when(resets_at: float) -> str:
     return datetime.fromtimestamp(resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def refusal_error(refusal: Refusal, window: float = 60.0) -> LLMFenceError:
-    """The exception a refusal is answered with (its `to_openai()` is the response body)."""
+def refusal_error(
+    refusal: Refusal, window: float = 60.0, *, max_tokens: bool = True, fit: int | None = None
+) -> LLMFenceError:
+    """The exception a refusal is answered with (its `to_openai()` is the response body).
+
+    Args:
+        refusal: What the store refused.
+        window: The refusing window's length, in seconds.
+        max_tokens: Whether the client named a `max_tokens` (a message never names one the
+            client did not send).
+        fit: The largest `max_tokens` that would fit now, to tell the client.
+    """
+    hint = f" The largest max_tokens that fits now is {fit}." if max_tokens and fit else ""
     who = f"{refusal.level} {refusal.label}" if refusal.level != "global" else "this service"
     if refusal.reason == "budget":
         resets = (
@@ -40,7 +51,7 @@ def refusal_error(refusal: Refusal, window: float = 60.0) -> LLMFenceError:
             nano_to_usd(refusal.limit),
             f"Budget exceeded for {who}: spent {_usd(refusal.current)} of "
             f"{_usd(refusal.limit)}; this request needs up to {_usd(refusal.requested)}."
-            f"{resets}",
+            f"{hint}{resets}",
             scope=refusal.level,
             resets_at=refusal.resets_at,
         )
@@ -55,13 +66,15 @@ def refusal_error(refusal: Refusal, window: float = 60.0) -> LLMFenceError:
         if refusal.retry_after is None:
             message = (
                 f"Request too large for {who} on {unit} {per}: limit {refusal.limit}, "
-                f"requested {refusal.requested}. Reduce the input or max_tokens."
+                f"requested {refusal.requested}. "
+                f"{'Reduce the input or max_tokens.' if max_tokens else 'Reduce the input.'}"
+                f"{hint}"
             )
         else:
             message = (
                 f"Rate limit reached for {who} on {unit} {per}: limit {refusal.limit}, "
                 f"used {refusal.current}, requested {refusal.requested}. Please try again in "
-                f"{format_reset(refusal.retry_after)}."
+                f"{format_reset(refusal.retry_after)}.{hint}"
             )
     return RateLimitExceededError(
         message,
