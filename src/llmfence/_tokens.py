@@ -23,7 +23,6 @@ from typing import Any
 
 import anyio.to_thread
 import tiktoken
-from cachetools import LRUCache
 
 from ._request import LLMRequest
 
@@ -135,7 +134,17 @@ def encoding_name_for_model(model: str | None) -> str:
 
 def encoding_for_model(model: str | None) -> tiktoken.Encoding:
     """The bundled tiktoken encoding for a model (see `encoding_name_for_model`)."""
-    return get_encoding(encoding_name_for_model(model))
+    found = _BY_MODEL.get(model)
+    if found is None:
+        found = get_encoding(encoding_name_for_model(model))
+        if len(_BY_MODEL) >= 4096:  # model names come from request bodies
+            _BY_MODEL.clear()
+        _BY_MODEL[model] = found
+    return found
+
+
+# Every request asks for its model's encoding: a dict read, without the loading lock.
+_BY_MODEL: dict[str | None, tiktoken.Encoding] = {}
 
 
 # OpenAI's cookbook constants for counting tool definitions.
@@ -160,8 +169,9 @@ _THREAD_THRESHOLD = 16_384
 class TokenCounter:
     """Counts the prompt tokens of a `LLMRequest`, remembering each message's count.
 
-    A multi-turn chat resends its whole history on every call; the per-message cache (an LRU
-    keyed by a hash of the message and the encoding) means only the new messages are encoded.
+    A multi-turn chat resends its whole history on every call; the per-message cache (keyed by
+    a hash of the message and the encoding; the oldest half dropped when it is full) means only
+    the new messages are encoded.
     The counter is safe to share between the event loop and worker threads.
 
     Args:
@@ -171,8 +181,12 @@ class TokenCounter:
     """
 
     def __init__(self, *, cache_size: int = 65_536, thread_threshold: int = _THREAD_THRESHOLD):
-        self._cache: LRUCache[int, int] = LRUCache(maxsize=cache_size)
-        self._lock = threading.Lock()
+        # A plain dict rather than cachetools' LRUCache behind a lock: every request reads it
+        # once per message, and a dict read or write is atomic under the GIL (worker threads
+        # count large prompts too). When full, the oldest half is dropped (insertion order),
+        # which keeps the messages of conversations still going.
+        self._cache: dict[int, int] = {}
+        self._cache_size = cache_size
         self._thread_threshold = thread_threshold
 
     def count_text(self, text: str, model: str | None = None) -> int:
@@ -215,22 +229,27 @@ class TokenCounter:
 
     def _message(self, enc: tiktoken.Encoding, message: Mapping[str, Any]) -> int:
         key = self._key(enc, message)
-        with self._lock:
-            cached = self._cache.get(key)
+        cached = self._cache.get(key)
         if cached is not None:
             return cached
         count = _count_message(enc, message)
-        with self._lock:
-            self._cache[key] = count
+        if len(self._cache) >= self._cache_size:
+            self._evict()
+        self._cache[key] = count
         return count
+
+    def _evict(self) -> None:
+        with _lock:  # one thread evicts at a time; readers never wait
+            keep = self._cache_size // 2
+            if len(self._cache) >= self._cache_size:
+                self._cache = dict(list(self._cache.items())[-keep:]) if keep else {}
 
     def _uncached_chars(self, request: LLMRequest) -> int:
         enc = encoding_for_model(request.model)
         chars = sum(len(t) for t in request.texts)
         for message in request.messages:
-            with self._lock:
-                if self._key(enc, message) in self._cache:
-                    continue
+            if self._key(enc, message) in self._cache:
+                continue
             chars += len(str(message.get("content", "")))
         return chars
 
