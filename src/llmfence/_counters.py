@@ -60,10 +60,7 @@ def route_rate(name: str, kind: str, window: float, ident: str) -> str:
 
 def route_budget(name: str, duration: Duration | None, ident: str) -> str:
     """A route guard's budget: `route:{name}:budget:{period}:{identity}`."""
-    if duration is None:
-        period = "ever"
-    else:
-        period = f"{duration}{'-aligned' if duration.aligned else ''}"
+    period = "ever" if duration is None else f"{duration}{'-aligned' if duration.aligned else ''}"
     return f"route:{name}:budget:{period}:{ident}"
 
 

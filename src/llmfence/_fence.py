@@ -139,6 +139,7 @@ class Fence(RecordsMixin, RoutesMixin):
             access_groups=access_groups,
             cache_ttl=cache_ttl,
             clock=clock,
+            call=self.meter.call,
         )
         self.paths = PathRules(
             None if metered_paths is None else tuple(metered_paths), tuple(exempt_paths)

@@ -18,7 +18,10 @@ from typing import Any, Literal, NoReturn
 from ._json import loads_strict
 from .exceptions import InvalidRequestError
 
-__all__ = ["Endpoint", "LLMRequest", "amend", "endpoint_for_path", "parse_request"]
+__all__ = ["MAX_END_USER", "Endpoint", "LLMRequest", "amend", "endpoint_for_path", "parse_request"]
+
+MAX_END_USER = 256
+"""The longest end-user id accepted: each one names a budget counter in the store."""
 
 Endpoint = Literal["chat", "completions", "embeddings", "responses", "messages"]
 
@@ -299,7 +302,7 @@ def parse_request(body: bytes, path: str) -> LLMRequest:
     texts: tuple[str, ...] = ()
     token_ids = 0
     tools: tuple[Mapping[str, Any], ...] = ()
-    end_user = _str(data, "user")
+    end_user = _str(data, "user", max_length=MAX_END_USER)
 
     if endpoint == "chat":
         if "messages" not in data:
@@ -314,7 +317,7 @@ def parse_request(body: bytes, path: str) -> LLMRequest:
         if metadata is not None:
             if not isinstance(metadata, dict):
                 _fail("'metadata' must be an object.", "metadata")
-            end_user = _str(metadata, "user_id") or end_user
+            end_user = _str(metadata, "user_id", max_length=MAX_END_USER) or end_user
     elif endpoint == "completions":
         if "prompt" not in data:
             _fail("'prompt' is required.", "prompt")

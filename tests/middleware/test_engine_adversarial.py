@@ -357,12 +357,6 @@ async def test_a_large_prompt_settlement_over_redis_survives_a_cancel(redis_url:
     await store.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settle.finish runs unshielded over MemoryStore, but _settle awaits "
-    "meter.tokens(), which counts a large prompt in a worker thread: a cancel there aborts "
-    "the settlement (lease leaked for lease_ttl, no spend record)",
-)
 async def test_a_large_prompt_settlement_over_memory_survives_a_cancel() -> None:
     store = MemoryStore()
     limiter = ParallelRequestLimitMiddleware(mock_llm_app(), store=store, limit=1)
@@ -431,12 +425,6 @@ async def test_a_hanging_admission_is_cut_by_the_store_timeout(policy: str, expe
     assert fence.meter.degraded_count == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Authenticator reads key/user/team records with store.get_key() directly, not "
-    "through Meter.call: a driver error that is not StoreError escapes as a 500 (and the "
-    "call has no timeout) instead of a counted 503",
-)
 async def test_a_store_driver_error_during_auth_is_a_503() -> None:
     fence = Fence(store=BrokenDriver(MemoryStore()), master_key=MASTER)
     sent = await drive(fence.wrap(mock_llm_app()), chat_body(), key="sk-" + "k" * 40)
@@ -505,12 +493,6 @@ async def test_a_joined_limiter_meters_its_own_paths() -> None:
     assert statuses == [200, 429]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a KeyAuthMiddleware given no store builds its Authenticator over a private "
-    "MemoryStore in _configure; joined behind a foreign middleware it never uses the outer "
-    "request's store (fused, it does), so every real key is a 401",
-)
 async def test_a_joined_key_auth_without_a_store_reads_the_outer_store() -> None:
     store = MemoryStore()
     fence = Fence(store=store, master_key=MASTER)
@@ -609,12 +591,6 @@ async def test_a_second_rpm_layer_does_not_count_each_request_twice() -> None:
     assert statuses == [200, 200, 200, 429]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settle._cost prices an unknown model at 0 ('unknown') when no budget guard "
-    "admitted it: a SpendRecorder without a BudgetGuard lands an unpriced call as $0 at every "
-    "level (DESIGN: unknown models are rejected or priced by a fallback, never silently free)",
-)
 async def test_a_recorded_call_to_an_unknown_model_is_not_free() -> None:
     store = MemoryStore()
     app = SpendRecorderMiddleware(mock_llm_app(), store=store)
@@ -707,12 +683,6 @@ async def test_an_invalidated_access_group_applies_at_once() -> None:
     assert status(await drive(app, chat_body(), key=key)) == 403
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Authenticator.authenticate caches the principal it resolved after awaiting the "
-    "store: an invalidate_key() (key deleted) that lands meanwhile is undone, and the deleted "
-    "key keeps working for a whole cache_ttl in the process that deleted it",
-)
 async def test_a_key_deleted_while_it_is_being_resolved_stops_working() -> None:
     gated = GatedKeyRead(MemoryStore())
     fence = Fence(store=gated, master_key=MASTER, cache_ttl=3600)
@@ -735,12 +705,6 @@ async def test_a_key_deleted_while_it_is_being_resolved_stops_working() -> None:
     assert status(await drive(app, chat_body(), key=key)) == 401
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model decisions are memoized on the principal (Principal.models) from access "
-    "groups cached up to cache_ttl earlier, so a group change by another instance can take "
-    "up to 2 x cache_ttl to be seen",
-)
 async def test_an_access_group_change_elsewhere_is_seen_within_cache_ttl() -> None:
     clock = FakeClock(T0)
     store = MemoryStore()
@@ -859,11 +823,6 @@ async def test_request_ids_are_unique_and_on_every_metered_answer() -> None:
     assert header(refused, "x-ratelimit-remaining-requests") == "0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the engine answers an unreadable body (400/413) on a metered path through the "
-    "raw send, before the responder: no x-llmfence-request-id (DESIGN: every metered response)",
-)
 async def test_a_bad_body_on_a_metered_path_names_its_request_id() -> None:
     app = Fence(master_key=MASTER).wrap(mock_llm_app())
     sent = await drive(app, b"{not json", key=MASTER)
@@ -875,12 +834,6 @@ def _child_request_id(queue: Any) -> None:
     queue.put(new_request_id())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="context.new_request_id is a per-process random prefix drawn at import plus a "
-    "counter: processes forked after import (gunicorn --preload) draw the same ids, and "
-    "reservations, leases and spend records collide in a shared store",
-)
 def test_request_ids_stay_unique_across_forked_workers() -> None:
     fork = multiprocessing.get_context("fork")
     queue = fork.Queue()
@@ -1039,12 +992,6 @@ async def test_path_and_header_caches_stay_bounded() -> None:
     assert len(_http._RESETS) <= _http._MAX_POLICIES
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the body's `user` has no length cap on metered paths (_request._str without "
-    "max_length; route guards cap it at 256): every distinct end user, however long, becomes "
-    "a budget counter that MemoryStore never drops",
-)
 async def test_an_end_user_id_cannot_be_megabytes_long() -> None:
     store = MemoryStore()
     app = Fence(store=store, master_key=MASTER).wrap(Echo())

@@ -10,7 +10,8 @@ import fnmatch
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from cachetools import TTLCache
 
@@ -61,7 +62,17 @@ class Principal:
         is_master: Whether the master key was used.
     """
 
-    __slots__ = ("is_master", "key", "key_hash", "key_masked", "models", "plans", "team", "user")
+    __slots__ = (
+        "groups",
+        "is_master",
+        "key",
+        "key_hash",
+        "key_masked",
+        "models",
+        "plans",
+        "team",
+        "user",
+    )
 
     def __init__(
         self,
@@ -82,6 +93,8 @@ class Principal:
         """Whatever an engine derived from this principal, by engine (see `_core.plan`)."""
         self.models: dict[str, bool] = {}
         """Model access decided so far (bounded: models come from request bodies)."""
+        self.groups: object = None
+        """The access groups those decisions were made with."""
 
     def __repr__(self) -> str:
         return f"Principal(key={self.key_masked!r}, user={self.user_id!r}, team={self.team_id!r})"
@@ -151,6 +164,7 @@ class Authenticator:
         cache_ttl: Seconds a record (or an unknown key) is kept.
         cache_size: How many principals (and unknown keys) are kept.
         clock: Unix time (a fake clock in tests).
+        call: Runs each store call (the meter's: bounded in time, failures as `StoreError`).
     """
 
     def __init__(
@@ -162,8 +176,13 @@ class Authenticator:
         cache_ttl: float = 5.0,
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.time,
+        call: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
     ) -> None:
         self.store = store
+        self._call = call or _direct
+        # Bumped by every invalidation: a principal resolved while one happened is not cached
+        # (the store may have answered before the change).
+        self._generation = 0
         self._master_hash = hash_key(master_key).encode() if master_key else None
         self._static_groups = {k: tuple(v) for k, v in (access_groups or {}).items()}
         self._clock = clock
@@ -199,11 +218,13 @@ class Authenticator:
         key_hash = hash_key(api_key)  # the only hash of the key a request computes
         principal = self._principals.get(key_hash)
         if principal is None:
+            generation = self._generation
             if self._is_master_hash(key_hash):
                 principal = Principal(key_masked=mask_key(api_key), is_master=True)
             else:
                 principal = await self._resolve(key_hash, api_key)
-            self._principals[key_hash] = principal
+            if generation == self._generation:
+                self._principals[key_hash] = principal
         record = principal.key
         if record is not None and record.expires is not None and record.expires <= self._clock():
             raise AuthError(f"The API key {record.key_masked} has expired.")
@@ -212,13 +233,16 @@ class Authenticator:
     async def _resolve(self, key_hash: str, api_key: str) -> Principal:
         # Read from the store, not from another cache: the principal is the cache, so a
         # change made by another instance is seen within one `cache_ttl`.
-        record = None if key_hash in self._unknown else await self.store.get_key(key_hash)
+        generation = self._generation
+        call, store = self._call, self.store
+        record = None if key_hash in self._unknown else await call(store.get_key(key_hash))
         if record is None:
-            self._unknown[key_hash] = None
+            if generation == self._generation:
+                self._unknown[key_hash] = None
             raise AuthError(f"Incorrect API key provided: {mask_key(api_key)}.")
-        user = await self.store.get_user(record.user_id) if record.user_id else None
+        user = await call(store.get_user(record.user_id)) if record.user_id else None
         team_id = record.team_id or (user.team_id if user is not None else None)
-        team = await self.store.get_team(team_id) if team_id else None
+        team = await call(store.get_team(team_id)) if team_id else None
         return Principal(key_hash, record.key_masked, record, user, team)
 
     async def check_model(self, principal: Principal, model: str) -> None:
@@ -230,9 +254,13 @@ class Authenticator:
         ]
         if not lists:
             return
+        groups = await self.access_groups()
+        if principal.groups is not groups:
+            # Decisions made with access groups since re-read are stale.
+            principal.models.clear()
+            principal.groups = groups
         allowed = principal.models.get(model)
         if allowed is None:
-            groups = await self.access_groups()
             allowed = all(model_allowed(model, names, groups) for names in lists)
             if len(principal.models) >= _MAX_MODELS:
                 principal.models.clear()
@@ -244,24 +272,32 @@ class Authenticator:
         """Access groups: those defined in code, then the store's (which win)."""
         groups = self._groups.get("all")
         if groups is None:
-            groups = {**self._static_groups, **await self.store.access_groups()}
+            groups = {**self._static_groups, **await self._call(self.store.access_groups())}
             self._groups["all"] = groups
         return groups
 
     def invalidate_key(self, key_hash: str) -> None:
         """Forget a cached key record (after an admin change)."""
+        self._generation += 1
         self._unknown.pop(key_hash, None)
         self._principals.pop(key_hash, None)
 
     def invalidate_user(self, user_id: str) -> None:
         """Forget a cached user record (after an admin change)."""
+        self._generation += 1
         self._principals.clear()  # every key of the user; admin changes are rare
 
     def invalidate_team(self, team_id: str) -> None:
         """Forget a cached team record (after an admin change)."""
+        self._generation += 1
         self._principals.clear()
 
     def invalidate_groups(self) -> None:
         """Forget the cached access groups (after an admin change)."""
+        self._generation += 1
         self._groups.clear()
         self._principals.clear()  # their model decisions used the old groups
+
+
+async def _direct(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable

@@ -8,6 +8,7 @@ in. It is a plain `__slots__` class: a request builds one, not a tree of datacla
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -28,6 +29,16 @@ __all__ = ["RequestContext", "new_request_id"]
 # prefix and a counter are unique across them, and cheaper than a uuid4 per request.
 _PREFIX = secrets.token_hex(6)
 _COUNTER = itertools.count(1)
+
+
+def _reseed() -> None:
+    # A forked worker (gunicorn --preload) starts with its parent's prefix and count.
+    global _PREFIX, _COUNTER
+    _PREFIX = secrets.token_hex(6)
+    _COUNTER = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed)
 
 
 def new_request_id() -> str:

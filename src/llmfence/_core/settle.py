@@ -95,17 +95,21 @@ async def finish(ctx: RequestContext) -> None:
     if not ctx.reservations and not ctx.uncertain and not ctx.record_spend:
         return
     meter = ctx.meter
-    with protected(meter):
+    # Counting a prompt nobody counted yet may go to a worker thread: a suspension point.
+    with protected(meter, suspends=ctx.prompt_tokens is None and ctx.request is not None):
         try:
             await _settle(meter, ctx)
         except StoreError as error:
             meter.degraded("settle", error)
 
 
-def protected(meter: Meter) -> AbstractContextManager[Any]:
+def protected(meter: Meter, *, suspends: bool = False) -> AbstractContextManager[Any]:
     """Shield a settlement from cancellation (a client disconnect cancels the request's task),
-    unless the store never suspends: then nothing can interrupt it, and a shield is waste."""
-    return nullcontext() if meter.never_suspends else anyio.CancelScope(shield=True)
+    unless neither the store nor the settlement itself (`suspends`) ever yields to the event
+    loop: then nothing can interrupt it, and a shield is waste."""
+    if meter.never_suspends and not suspends:
+        return nullcontext()
+    return anyio.CancelScope(shield=True)
 
 
 async def _settle(meter: Meter, ctx: RequestContext) -> None:

@@ -87,16 +87,11 @@ class Engine:
 
             self.meter = Meter(MemoryStore())
         checks = [check for layer in layers for check in layer.checks]
-        auth = next((c for c in checks if isinstance(c, AuthCheck)), None)
+        self._auth = next((c for c in checks if isinstance(c, AuthCheck)), None)
         self.authenticator = None
-        if auth is not None:
-            self.authenticator = auth.authenticator or Authenticator(
-                self.meter.store,
-                master_key=auth.master_key,
-                access_groups=auth.access_groups,
-                cache_ttl=auth.cache_ttl,
-                clock=self.meter.clock,
-            )
+        self._joined_authenticator: Authenticator | None = None
+        if self._auth is not None:
+            self.authenticator = self._auth.authenticator or self._new_authenticator(self.meter)
         self._checks: tuple[StoreCheck, ...] = tuple(
             c for c in checks if isinstance(c, RateCheck | ParallelCheck | BudgetCheck)
         )
@@ -107,6 +102,29 @@ class Engine:
             for c in checks
         )
         self._anonymous: Plan | None = None
+
+    def _new_authenticator(self, meter: Meter) -> Authenticator:
+        assert self._auth is not None
+        return Authenticator(
+            meter.store,
+            master_key=self._auth.master_key,
+            access_groups=self._auth.access_groups,
+            cache_ttl=self._auth.cache_ttl,
+            clock=meter.clock,
+            call=meter.call,
+        )
+
+    def _authenticator_for(self, meter: Meter) -> Authenticator | None:
+        """The authenticator for a request on `meter`'s store: this layer's own, or, for a
+        layer given no store that joined an outer one, one over the outer layers' store."""
+        if self._explicit or meter is self.meter or self._auth is None:
+            return self.authenticator
+        if self._auth.authenticator is not None:
+            return self._auth.authenticator
+        joined = self._joined_authenticator
+        if joined is None or joined.store is not meter.store:
+            joined = self._joined_authenticator = self._new_authenticator(meter)
+        return joined
 
     def _names(self) -> str:
         return " + ".join(layer.name for layer in self.layers)
@@ -143,7 +161,7 @@ class Engine:
                 ctx.body = await _read_body(scope, receive, self.max_body_size)
                 ctx.request = parse_request(ctx.body, path)
             except LLMFenceError as bad_request:
-                await send_error(send, bad_request, ctx.now)
+                await send_error(send, bad_request, ctx.now, _request_id(ctx))
                 return
         # A per-request copy of the lifespan state: servers and test transports may hand every
         # request the same dict, and one request's context must never leak into the next.
@@ -188,7 +206,7 @@ class Engine:
     async def _check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
         """Authenticate (if this engine does), then admit every check in one store call."""
         meter = ctx.meter
-        authenticator = self.authenticator
+        authenticator = self._authenticator_for(meter)
         if authenticator is not None:
             try:
                 principal = await authenticator.authenticate(_api_key(scope["headers"]))
@@ -200,9 +218,15 @@ class Engine:
             except LLMFenceError as error:
                 return error
             ctx.principal = principal
-        if not self._checks or ctx.request is None:
+        request = ctx.request
+        if request is None:
             return None
         try:
+            if not self._checks:
+                if self._record and ctx.price is None:
+                    # Never silently free: an unknown model is refused, recorded or not.
+                    ctx.price = meter.prices.price_for(request.model)
+                return None
             return await meter.admit(ctx, self._plan(ctx.principal))
         except LLMFenceError as error:  # an unknown model, say
             return error
@@ -224,6 +248,10 @@ class Engine:
             options["include_usage"] = True
             ctx.request, ctx.body = amend(request, stream_options=options)
             ctx.hide_usage = True
+
+
+def _request_id(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    return [(_REQUEST_ID, ctx.request_id.encode())]
 
 
 def _api_key(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
@@ -347,5 +375,5 @@ def _start(ctx: RequestContext, message: Message) -> Message:
     if ctx.rate_states:
         headers += rate_limit_headers(ctx.rate_states)
     headers += ctx.response_headers
-    headers.append((_REQUEST_ID, ctx.request_id.encode()))
+    headers += _request_id(ctx)
     return {**message, "headers": headers}
