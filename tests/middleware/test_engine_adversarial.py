@@ -510,34 +510,18 @@ async def test_a_joined_key_auth_without_a_store_reads_the_outer_store() -> None
 # -- two checks of one kind in one stack ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Plan.owners is keyed by (reason, level, label): with a shadow and a real limiter "
-    "of one kind, the first one's shadow flag decides for both, so a shadowed limiter in "
-    "front lifts the real one (meter._relax) and the real limit is never enforced",
-)
 async def test_a_shadow_limiter_in_front_does_not_lift_a_real_one() -> None:
     real = RequestRateLimitMiddleware(mock_llm_app(), limit=2, window=120)
     app = RequestRateLimitMiddleware(real, limit=1, window=60, shadow=True)
     assert [status(await drive(app, chat_body())) for _ in range(3)] == [200, 200, 429]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Plan.owners is keyed by (reason, level, label): a shadow limiter behind a real "
-    "limiter of the same kind refuses requests, because its refusal is owned by the real one",
-)
 async def test_a_shadow_limiter_behind_a_real_one_never_refuses() -> None:
     shadow = RequestRateLimitMiddleware(mock_llm_app(), limit=1, window=1, shadow=True)
     app = RequestRateLimitMiddleware(shadow, limit=5, window=60)
     assert [status(await drive(app, chat_body())) for _ in range(3)] == [200, 200, 200]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Plan._budgets charges a level once with the FIRST budget check's limit, even "
-    "when that limit is None: a whole-app max_budget behind an end-user-only guard is ignored",
-)
 async def test_a_fused_global_budget_holds_behind_an_end_user_guard() -> None:
     tiny = 0.000001  # $1e-6: no call fits
     alone = BudgetGuardMiddleware(mock_llm_app(), max_budget=tiny)
@@ -548,11 +532,6 @@ async def test_a_fused_global_budget_holds_behind_an_end_user_guard() -> None:
     assert status(await drive(app, chat_body())) == 429
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Plan._budgets takes every end user's limit from checks[0]: an inner guard's "
-    "max_end_user_budget is ignored when fused behind a guard that sets none",
-)
 async def test_a_fused_end_user_budget_holds_behind_a_global_guard() -> None:
     app = BudgetGuardMiddleware(
         BudgetGuardMiddleware(mock_llm_app(), max_end_user_budget=0.000001), max_budget=10.0
@@ -573,12 +552,6 @@ async def test_a_joined_global_budget_holds_behind_an_end_user_guard() -> None:
     assert status(await drive(app, chat_body())) == 429
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two rate checks of one kind and window name the same counter "
-    "(_counters.rate has no check identity) and Plan sends both hits: each request counts "
-    "twice, so a key's rpm_limit is halved by a second RPM layer (e.g. a default limit)",
-)
 async def test_a_second_rpm_layer_does_not_count_each_request_twice() -> None:
     store = MemoryStore()
     fence = Fence(store=store, master_key=MASTER)

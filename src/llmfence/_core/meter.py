@@ -22,7 +22,7 @@ from llmfence._tokens import TokenCounter
 from llmfence.exceptions import LLMFenceError, StoreError
 from llmfence.stores import Admission, AdmissionResult, BudgetScope, RateHit, RateState, Store
 
-from .checks import BudgetCheck, Check
+from .checks import BudgetCheck
 from .context import RequestContext
 from .plan import Plan
 from .refusals import refusal_error
@@ -217,15 +217,18 @@ class Meter:
             refusal = result.refusal
             if refusal is None:
                 return result
-            owner = plan.owner(refusal.reason, refusal.level, refusal.label)
-            if owner is not None and owner.shadow:
-                # Shadow checks never refuse: say what they would have done, then admit again
-                # with every shadow check's limits lifted, so their usage is still counted.
-                ctx.response_headers.append((_SHADOW_HEADER, refusal.reason.encode()))
-                logger.info("llmfence shadow refusal: %s on %s", refusal.reason, refusal.level)
-                relaxed = _relax(admission, plan)
+            if plan.shadow_keys:
+                # Shadow checks never refuse: admit again with their limits lifted. Admitted
+                # now, the refusal was theirs: say what they would have done; their usage is
+                # still counted. Refused again, the refusal is a real check's.
+                relaxed = _relax(admission, plan.shadow_keys)
                 again = await self.call(self.store.admit(relaxed))
-                return replace(again, rates=_unrelax(again.rates, admission))
+                again = replace(again, rates=_unrelax(again.rates, admission))
+                if again.refusal is None:
+                    ctx.response_headers.append((_SHADOW_HEADER, refusal.reason.encode()))
+                    logger.info("llmfence shadow refusal: %s on %s", refusal.reason, refusal.level)
+                    return again
+                result, refusal = again, again.refusal
             request = ctx.request
             if refusal.reason not in ("tokens", "budget") or request is None:
                 return result
@@ -272,27 +275,19 @@ class Meter:
         return max(0, min(rooms)) // request.n
 
 
-def _relax(admission: Admission, plan: Plan) -> Admission:
-    """The admission with every shadow check's limits lifted."""
-
-    def shadowed(reason: str, level: str, label: str) -> bool:
-        owner: Check | None = plan.owner(reason, level, label)
-        return owner is not None and owner.shadow
-
+def _relax(admission: Admission, shadowed: frozenset[str]) -> Admission:
+    """The admission with the limits of the counters only shadow checks enforce lifted."""
     return replace(
         admission,
         rates=tuple(
-            replace(hit, limit=_RELAXED) if shadowed(hit.kind, hit.level, hit.label) else hit
-            for hit in admission.rates
+            replace(hit, limit=_RELAXED) if hit.key in shadowed else hit for hit in admission.rates
         ),
         slots=tuple(
-            replace(slot, limit=_RELAXED)
-            if shadowed("parallel_requests", slot.level, slot.label)
-            else slot
+            replace(slot, limit=_RELAXED) if slot.key in shadowed else slot
             for slot in admission.slots
         ),
         budgets=tuple(
-            replace(scope, limit=None) if shadowed("budget", scope.level, scope.label) else scope
+            replace(scope, limit=None) if scope.key in shadowed else scope
             for scope in admission.budgets
         ),
     )

@@ -77,6 +77,7 @@ class Plan:
         "fail_closed",
         "owners",
         "requests",
+        "shadow_keys",
         "slots",
         "tokens",
     )
@@ -85,40 +86,46 @@ class Plan:
         self, checks: Sequence[Check], principal: Principal | None, *, budgets: bool = True
     ) -> None:
         self.owners: dict[tuple[str, str, str], Check] = {}
-        requests: list[RateHit] = []
-        tokens: list[tuple[str, str, str, int, float]] = []
-        slots: list[SlotRequest] = []
+        # Counters by name, merged: two checks that name one counter (two RPM layers with one
+        # window) hit it once, with the tightest limit of the checks that enforce it.
+        merged = _Merged()
         for check in checks:
             if isinstance(check, RateCheck):
                 attr = "rpm_limit" if check.kind == "requests" else "tpm_limit"
                 for level, ident, label, limit in _levels(principal, attr, check.default_limit):
-                    if limit is None:
-                        continue
-                    key = _counters.rate(check.kind, check.window, level, ident)
-                    self.owners.setdefault((check.kind, level, label), check)
-                    if check.kind == "requests":
-                        requests.append(
-                            RateHit(key, "requests", level, label, limit, 1, check.window)
-                        )
-                    else:
-                        tokens.append((key, level, label, limit, check.window))
+                    if limit is not None:
+                        key = _counters.rate(check.kind, check.window, level, ident)
+                        self.owners.setdefault((check.kind, level, label), check)
+                        merged.add(key, (check.kind, level, label, check.window), limit, check)
             elif isinstance(check, ParallelCheck):
                 levels = _levels(principal, "max_parallel_requests", check.default_limit)
                 for level, ident, label, limit in levels:
                     if limit is not None:
                         key = _counters.parallel(level, ident)
                         self.owners.setdefault(("parallel_requests", level, label), check)
-                        slots.append(SlotRequest(key, level, label, limit, check.lease_ttl))
+                        merged.add(key, ("parallel", level, label, check.lease_ttl), limit, check)
+        requests: list[RateHit] = []
+        tokens: list[tuple[str, str, str, int, float]] = []
+        slots: list[SlotRequest] = []
+        for key, (kind, level, label, span), limit in merged.items():
+            if kind == "requests":
+                requests.append(RateHit(key, "requests", level, label, limit, 1, span))
+            elif kind == "tokens":
+                tokens.append((key, level, label, limit, span))
+            else:
+                slots.append(SlotRequest(key, level, label, limit, span))
         self.requests = tuple(requests)
         self.tokens = tuple(tokens)
         self.slots = tuple(slots)
         self._static: list[BudgetScope] = []
         self._timed: list[_Timed] = []
-        self._end_user: list[tuple[BudgetCheck, int | None]] = []
+        self._end_user: tuple[BudgetCheck, int | None] | None = None
         self._model: tuple[Any, ...] | None = None
         self._models: dict[str, tuple[BudgetScope | _Timed, ...]] = {}
         if budgets:
-            self._budgets([c for c in checks if isinstance(c, BudgetCheck)], principal)
+            self._budgets([c for c in checks if isinstance(c, BudgetCheck)], principal, merged)
+        self.shadow_keys = merged.shadowed
+        """Counters only shadow checks enforce: a refusal there is reported, not answered."""
         self.fail_closed = any(c.on_store_error == "fail_closed" for c in self.owners.values())
         self.clamp = any(isinstance(c, BudgetCheck) and c.clamp_max_tokens for c in checks)
 
@@ -131,46 +138,45 @@ class Plan:
         """Whether a budget check runs (every request is then charged to its levels)."""
         return bool(self._static or self._timed or self._end_user)
 
-    def _budgets(self, checks: list[BudgetCheck], principal: Principal | None) -> None:
-        seen: set[str] = set()
-
-        def add(key: str, level: str, label: str, limit: int | None, check: BudgetCheck,
-                duration: str | None, anchor: float | None = None) -> None:  # fmt: skip
-            # A level is charged once per request: when two budget checks name the same level
-            # (both track the whole app, say), the first one's limit applies.
-            if key in seen:
-                return
-            seen.add(key)
-            self.owners.setdefault(("budget", level, ""), check)
-            if duration is None:
-                self._static.append(BudgetScope(key, level, label, limit, None))
-            else:
-                timed = (key, level, label, limit, duration, anchor, check.calendar_aligned)
-                self._timed.append(timed)
-
+    def _budgets(
+        self, checks: list[BudgetCheck], principal: Principal | None, merged: _Merged
+    ) -> None:
+        # A level is charged once per request, however many budget checks name it (both track
+        # the whole app, say), with the tightest limit among them: a check without a limit
+        # there only tracks the spend.
+        levels: dict[str, tuple[str, str, str | None, float | None, bool]] = {}
         for check in checks:
-            add(_counters.GLOBAL, "global", "global", _nano(check.max_budget), check,
-                check.budget_duration)  # fmt: skip
-            if principal is None or principal.is_master:
-                continue
-            records: list[tuple[str, str, str, Any]] = []
-            if principal.team is not None:
-                team_id = principal.team.team_id
-                records.append(("team", team_id, team_id, principal.team))
-            if principal.user is not None:
-                user_id = principal.user.user_id
-                records.append(("user", user_id, user_id, principal.user))
-            key = principal.key
-            if key is not None and principal.key_hash is not None:
-                records.append(("key", principal.key_hash, principal.key_masked or "key", key))
-                if key.model_max_budget and self._model is None:
+            found: list[tuple[str, str, str, Any, Any]] = [
+                ("global", _counters.GLOBAL, "global", check.max_budget, None)
+            ]
+            if principal is not None and not principal.is_master:
+                found += _record_levels(principal)
+                key = principal.key
+                if key is not None and key.model_max_budget and self._model is None:
                     self._model = (key, principal.key_hash, principal.key_masked, check)
-            for level, ident, label, record in records:
-                add(_counters.budget(level, ident), level, label, record.max_budget, check,
-                    record.budget_duration, record.created_at)  # fmt: skip
-        if checks:
-            self._end_user.append((checks[0], _nano(checks[0].max_end_user_budget)))
-            self.owners.setdefault(("budget", "end_user", ""), checks[0])
+            for level, counter, label, limit, record in found:
+                nano = _nano(limit) if record is None else limit
+                merged.add(counter, ("budget", level, label, 0.0), nano, check, unlimited=True)
+                if counter not in levels:
+                    self.owners.setdefault(("budget", level, ""), check)
+                    if record is None:
+                        duration, anchor = check.budget_duration, None
+                    else:
+                        duration, anchor = record.budget_duration, record.created_at
+                    levels[counter] = (level, label, duration, anchor, check.calendar_aligned)
+        for counter, (level, label, duration, anchor, aligned) in levels.items():
+            limit = merged.limit(counter)
+            if duration is None:
+                self._static.append(BudgetScope(counter, level, label, limit, None))
+            else:
+                self._timed.append((counter, level, label, limit, duration, anchor, aligned))
+        # End users: the tightest end-user budget among the checks, with that check's period.
+        limited = [c for c in checks if c.max_end_user_budget is not None]
+        chosen = min(limited, key=lambda c: _nano(c.max_end_user_budget) or 0, default=None)
+        chosen = chosen or (checks[0] if checks else None)
+        if chosen is not None:
+            self._end_user = (chosen, _nano(chosen.max_end_user_budget))
+            self.owners.setdefault(("budget", "end_user", ""), chosen)
 
     def budget_scopes(
         self, end_user: str | None, model: str | None, now: float
@@ -182,9 +188,8 @@ class Plan:
                 scope if isinstance(scope, BudgetScope) else _scope(scope, now)
                 for scope in self._model_scopes(model)
             )
-        if end_user and self._end_user:
-            # One end-user level per request, with the first budget check's limit and period.
-            check, limit = self._end_user[0]
+        if end_user and self._end_user is not None:
+            check, limit = self._end_user
             key = _counters.budget("end_user", end_user)
             duration = check.end_user_budget_duration
             end = _counters.period_end(duration, now, aligned=check.calendar_aligned)
@@ -213,6 +218,61 @@ class Plan:
                 self._models.clear()
             self._models[model] = found
         return found
+
+
+class _Merged:
+    """Counters by name, each with the tightest limit of the checks that enforce it."""
+
+    def __init__(self) -> None:
+        self._what: dict[str, tuple[str, str, str, float]] = {}
+        self._real: dict[str, int | None] = {}  # limits of the checks that refuse
+        self._shadow: dict[str, int | None] = {}  # limits of shadow checks (only report)
+
+    def add(
+        self,
+        key: str,
+        what: tuple[str, str, str, float],
+        limit: int | None,
+        check: Check,
+        *,
+        unlimited: bool = False,
+    ) -> None:
+        self._what.setdefault(key, what)
+        table = self._shadow if check.shadow else self._real
+        if key not in table:
+            table[key] = limit
+        elif limit is not None:
+            current = table[key]
+            table[key] = limit if current is None else min(current, limit)
+        elif not unlimited:
+            table[key] = None
+
+    def limit(self, key: str) -> Any:
+        """The limit a counter is enforced with: the real checks', else the shadow ones'."""
+        return self._real[key] if key in self._real else self._shadow[key]
+
+    def items(self) -> list[tuple[str, tuple[str, str, str, float], Any]]:
+        return [(key, what, self.limit(key)) for key, what in self._what.items()]
+
+    @property
+    def shadowed(self) -> frozenset[str]:
+        return frozenset(key for key in self._shadow if key not in self._real)
+
+
+def _record_levels(principal: Principal) -> list[tuple[str, str, str, Any, Any]]:
+    """The team, user and key budget levels: (level, counter, label, limit, record)."""
+    found: list[tuple[str, str, str, Any, Any]] = []
+    if principal.team is not None:
+        team_id = principal.team.team_id
+        found.append(("team", _counters.budget("team", team_id), team_id, None, principal.team))
+    if principal.user is not None:
+        user_id = principal.user.user_id
+        found.append(("user", _counters.budget("user", user_id), user_id, None, principal.user))
+    if principal.key is not None and principal.key_hash is not None:
+        label = principal.key_masked or "key"
+        counter = _counters.budget("key", principal.key_hash)
+        found.append(("key", counter, label, None, principal.key))
+    return [(lv, c, lb, rec.max_budget, rec) for lv, c, lb, _, rec in found]
 
 
 def budget_scopes(
