@@ -43,6 +43,7 @@ from llmfence._core.checks import check_window
 from llmfence._core.context import new_request_id
 from llmfence._core.refusals import refusal_error
 from llmfence._core.services import Services
+from llmfence._core.settle import protected, settle_reservations
 from llmfence._duration import parse_duration
 from llmfence._money import usd_to_nano
 from llmfence._route_identity import PERS, Per, Who, who_is
@@ -54,7 +55,7 @@ from llmfence._route_ledger import (
     SettlingResponse,
     ledger_of,
 )
-from llmfence.exceptions import ConfigurationError, LLMFenceError
+from llmfence.exceptions import ConfigurationError, LLMFenceError, StoreError
 from llmfence.middleware._http import error_headers, rate_limit_headers
 from llmfence.stores import (
     Admission,
@@ -341,7 +342,17 @@ async def _admit(
         rates and services.limits_on_store_error == "fail_closed"
     )
     meter = services.meter
-    result = await meter.reserve(meter.call(meter.store.admit(admission)), bool(fail_closed))
+    try:
+        result = await meter.reserve(meter.call(meter.store.admit(admission)), bool(fail_closed))
+    except BaseException:
+        # A lost reply or a cancel: the store may have applied the admission. Give back what
+        # it may have taken (settling an id it never saw changes nothing).
+        with protected(meter):
+            try:
+                await settle_reservations(meter, [held.request_id], 0, 0, None, refund=True)
+            except StoreError as error:
+                meter.degraded("settle", error)
+        raise
     if result is None:
         held.reserved = False
     else:

@@ -699,11 +699,6 @@ async def test_an_access_group_change_elsewhere_is_seen_within_cache_ttl() -> No
 # -- route guards beside the middlewares ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guards._admit does not track an admission whose outcome is unknown (the engine's "
-    "ctx.uncertain): a cancel after the store applied it leaves the estimate spent for good",
-)
 async def test_a_guard_cancelled_after_its_admission_keeps_nothing_reserved(
     store: Store,
 ) -> None:
@@ -718,17 +713,7 @@ async def test_a_guard_cancelled_after_its_admission_keeps_nothing_reserved(
         assert permit.identity == "alice"
 
 
-LOST_GUARD_REPLY = pytest.mark.xfail(
-    strict=True,
-    reason="guards._admit raises StoreError (fail_closed) without settling an admission whose "
-    "reply was lost: the estimate the store did reserve is never given back (the engine "
-    "settles such admissions, see test_faults)",
-)
-
-
-@pytest.mark.parametrize(
-    "policy", [pytest.param("fail_closed", marks=LOST_GUARD_REPLY), "fail_open"]
-)
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
 async def test_a_guard_whose_admission_reply_is_lost_charges_once(
     store: Store, policy: str
 ) -> None:
