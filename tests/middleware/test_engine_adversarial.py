@@ -469,11 +469,6 @@ async def test_bad_keys_do_not_use_up_an_anonymous_bucket_outside_key_auth() -> 
     assert [status(await drive(app, chat_body(), key=key)) for _ in range(3)] == [200, 200, 429]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Engine._join only admits when the outer engine parsed a request: a layer whose "
-    "PathRules meter a path the outer layer does not is silently skipped when joined",
-)
 async def test_a_joined_limiter_meters_its_own_paths() -> None:
     async def endpoint(request: Request) -> JSONResponse:
         await request.body()

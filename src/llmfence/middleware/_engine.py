@@ -151,11 +151,19 @@ class Engine:
             return
         state = scope.get("state")
         joined = state.get(STATE_KEY) if state else None
-        if isinstance(joined, RequestContext):
-            await self._join(joined, scope, receive, send)
-            return
-        ctx = self.meter.context(path)
         metered = metered and scope["method"] == "POST"
+        meter = self.meter
+        if isinstance(joined, RequestContext):
+            self._same_store(joined)
+            if joined.request is not None or not metered:
+                await self._join(joined, scope, receive, send)
+                return
+            # The outer layers do not meter this path, this one does: it meters the request
+            # itself, on the outer store, for the caller the outer layers resolved.
+            meter = joined.meter
+        ctx = meter.context(path)
+        if isinstance(joined, RequestContext):
+            ctx.principal = joined.principal
         if metered:
             try:
                 ctx.body = await _read_body(scope, receive, self.max_body_size)
@@ -189,11 +197,6 @@ class Engine:
 
     async def _join(self, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
         """Run this layer's checks in the request an outer llmfence layer owns."""
-        if self._explicit and ctx.meter.store is not self.meter.store:
-            raise ConfigurationError(
-                f"{self._names()} uses another store than the llmfence layer in front of it: "
-                "one stack keeps its state in one store (pass the same store= or meter=)."
-            )
         error = await self._check(ctx, scope)
         if error is not None:
             ctx.refused = True
@@ -202,6 +205,13 @@ class Engine:
         if ctx.request is not None:
             self._prepare(ctx)
         await self.app(scope, receive, send)
+
+    def _same_store(self, outer: RequestContext) -> None:
+        if self._explicit and outer.meter.store is not self.meter.store:
+            raise ConfigurationError(
+                f"{self._names()} uses another store than the llmfence layer in front of it: "
+                "one stack keeps its state in one store (pass the same store= or meter=)."
+            )
 
     async def _check(self, ctx: RequestContext, scope: Scope) -> LLMFenceError | None:
         """Authenticate (if this engine does), then admit every check in one store call."""
