@@ -152,7 +152,7 @@ async def test_access_groups_and_projects(store: Store) -> None:
     assert await store.get_project("p") == {}
 
 
-# -- windows ---------------------------------------------------------------------------------
+# -- rate buckets ----------------------------------------------------------------------------
 
 
 async def test_rpm_admits_exactly_the_limit(store: Store, clock: FakeClock) -> None:
@@ -161,29 +161,35 @@ async def test_rpm_admits_exactly_the_limit(store: Store, clock: FakeClock) -> N
         assert result.admitted
         assert result.rates[0].remaining == 4 - i
         assert result.rates[0].limit == 5
+        assert result.rates[0].reset_after == 12 * (i + 1)  # one request drains in 12 s
     refused = await store.admit(Admission(rid(), clock.now(), rates=(rpm(5),)))
     assert refused.refusal is not None
     assert refused.refusal.reason == "requests"
     assert refused.refusal.level == "key"
     assert refused.refusal.limit == 5
     assert refused.refusal.current == 5
-    assert refused.refusal.retry_after is not None
-    assert 0 < refused.refusal.retry_after <= 120
+    assert refused.refusal.retry_after == 12  # one request's room, not the whole window
     assert refused.rates[0].remaining == 0
+    assert refused.rates[0].reset_after == 60
 
 
-async def test_window_slides(store: Store, clock: FakeClock) -> None:
-    clock.set(T0 + 30)  # halfway into a window
+async def test_bucket_drains_at_the_rate(store: Store, clock: FakeClock) -> None:
+    clock.set(T0 + 30)  # window edges mean nothing to a bucket
     for _ in range(10):
         assert (await store.admit(Admission(rid(), clock.now(), rates=(rpm(10),)))).admitted
     assert not (await store.admit(Admission(rid(), clock.now(), rates=(rpm(10),)))).admitted
-    # 45 s later the previous window (10 hits) is seen with weight 45/60: 7.5 used.
+    # 45 s later 7.5 of the 10 have drained (one per 6 s): 7 whole requests fit.
     clock.advance(45)
-    results = [await store.admit(Admission(rid(), clock.now(), rates=(rpm(10),))) for _ in range(3)]
-    assert [r.admitted for r in results] == [True, True, False]
-    # A burst across the boundary never gets twice the limit: at most 10 in any 60 s.
-    clock.advance(120)
-    assert (await store.admit(Admission(rid(), clock.now(), rates=(rpm(10),)))).admitted
+    results = [await store.admit(Admission(rid(), clock.now(), rates=(rpm(10),))) for _ in range(8)]
+    assert [r.admitted for r in results] == [True] * 7 + [False]
+    refusal = results[-1].refusal
+    assert refusal is not None
+    assert refusal.retry_after == 3  # the half request still in the bucket drains in 3 s
+    # A full window later the bucket is empty: a whole burst again, and no more.
+    clock.advance(60)
+    for _ in range(10):
+        assert (await store.admit(Admission(rid(), clock.now(), rates=(rpm(10),)))).admitted
+    assert not (await store.admit(Admission(rid(), clock.now(), rates=(rpm(10),)))).admitted
 
 
 async def test_retry_after_is_when_it_fits(store: Store, clock: FakeClock) -> None:
@@ -227,7 +233,7 @@ async def test_tpm_settles_to_actual_tokens(store: Store, clock: FakeClock) -> N
     assert result.rates[0].remaining == 0
     # A top-up: settle above the reservation.
     second = rid()
-    clock.advance(120)
+    clock.advance(60)  # the bucket is empty again
     assert (await store.admit(Admission(second, clock.now(), rates=(tpm(1000, 10),)))).admitted
     await store.settle(Settlement(second, clock.now(), cost=0, tokens=600))
     after = await store.admit(Admission(rid(), clock.now(), rates=(tpm(1000, 1),)))

@@ -539,7 +539,7 @@ async def test_the_plain_key_is_never_stored(
         assert plain[3:] not in value
 
 
-async def test_windows_and_leases_expire_on_their_own(
+async def test_buckets_and_leases_expire_on_their_own(
     store: RedisStore, inspector: redis.asyncio.Redis
 ) -> None:
     admission = Admission(
@@ -548,7 +548,8 @@ async def test_windows_and_leases_expire_on_their_own(
         slots=(SlotRequest("parallel:k", "key", "k", 2, ttl=7200.0),),
     )  # fmt: skip
     assert (await store.admit(admission)).admitted
-    assert 0 < await inspector.pttl("{llmfence}:window:rpm:k") <= 2 * 3600 * 1000
+    # A bucket is empty one window after its last write; its key outlives it.
+    assert 3600 * 1000 < await inspector.pttl("{llmfence}:bucket:rpm:k") <= 2 * 3600 * 1000
     assert 3600 * 1000 < await inspector.pttl("{llmfence}:lease:parallel:k") <= 7200 * 1000
     assert 0 < await inspector.pttl("{llmfence}:reservation:r") <= 86_400 * 1000
     assert await store.settle(Settlement("r", T0, cost=0))

@@ -1,9 +1,9 @@
-"""`MemoryStore`'s ledger: budget counters, sliding windows, leases and reservations.
+"""`MemoryStore`'s ledger: budget counters, rate buckets, leases and reservations.
 
 The state lives in plain dicts of small `__slots__` objects, and every operation runs to
 completion without awaiting, so on one event loop each is atomic by construction. `admit` is
 the hot path of every metered request: it looks each counter up once, checks and reserves in a
-few flat loops, and builds no object beyond the states its result must carry. Idle windows,
+few flat loops, and builds no object beyond the states its result must carry. Empty buckets,
 empty lease sets and expired reservations are swept every `_SWEEP_EVERY` admissions, so memory
 stays bounded by the active keys, users and end users.
 """
@@ -53,24 +53,16 @@ class _Budget:
 
 
 @dataclass(slots=True)
-class _Window:
+class _Bucket:
+    """A rate counter (see `_window`): its level in units × window ms, written at `t` ms."""
+
     size_ms: int
-    index: int = 0
-    cur: int = 0
-    prev: int = 0
+    level: int = 0
+    t: int = 0
 
     def idle(self, now_ms: int) -> bool:
-        """Whether neither of its windows is seen any more (both ended a window ago)."""
-        return (self.index + 2) * self.size_ms <= now_ms
-
-    def advance(self, index: int) -> None:
-        # Only ever forward: a caller whose clock is a little behind counts in the current
-        # window instead of wiping it.
-        if index <= self.index:
-            return
-        self.prev = self.cur if index == self.index + 1 else 0
-        self.cur = 0
-        self.index = index
+        """Whether it is empty whatever the limit (it reads as full at most: one window)."""
+        return now_ms - self.t >= self.size_ms
 
 
 @dataclass(slots=True)
@@ -105,8 +97,8 @@ class _Reservation:
     # Budget counters are never dropped (they hold spend), so a reservation holds them
     # directly, each with its epoch at reservation time.
     budgets: list[tuple[_Budget, int]]
-    tokens: list[tuple[str, int, int, int]]  # (counter key, window ms, index, units)
-    requests: list[tuple[str, int, int, int]]  # the same, for request windows
+    tokens: list[tuple[str, int, int, int]]  # (counter key, window ms, limit, units)
+    requests: list[tuple[str, int, int, int]]  # the same, for request buckets
     slots: list[str]
 
 
@@ -118,7 +110,7 @@ class MemoryLedger:
 
     def __init__(self) -> None:
         self._budgets: dict[str, _Budget] = {}
-        self._windows: dict[str, _Window] = {}
+        self._buckets: dict[str, _Bucket] = {}
         self._leases: dict[str, _Leases] = {}
         self._reservations: OrderedDict[str, _Reservation] = OrderedDict()
         self._until_sweep = 1  # the first admission sweeps (there is nothing to sweep yet)
@@ -132,27 +124,28 @@ class MemoryLedger:
         if not self._until_sweep:
             self._until_sweep = _SWEEP_EVERY
             self._sweep(now)
-        now_ms = int(now * 1000)
+        now_ms = _window.to_ms(now)
         cost = admission.cost
         rates = admission.rates
         scopes = admission.budgets
 
-        # Windows advance and budgets roll whatever the verdict: advancing is path-independent,
-        # and a roll is what any later call would do first, so a refusal changes nothing seen.
-        # Every check reads the state before any reservation, so one pass finds the first
-        # refusing request window and the first refusing token window.
-        seen: list[tuple[_Window, int, int]] = []  # (window, its length ms, ms into it)
+        # Budgets roll whatever the verdict: a roll is what any later call would do first, so
+        # a refusal changes nothing seen. Buckets are only read here (draining depends on the
+        # limit, so a refusal writes none). Every check reads the state before any
+        # reservation, so one pass finds the first refusing request and token buckets.
+        seen: list[tuple[_Bucket, int]] = []  # (bucket, window ms)
         refused_requests = refused_tokens = -1
-        windows = self._windows
+        buckets = self._buckets
+        drained = _window.drained
         for i, hit in enumerate(rates):
             size = int(hit.window * 1000)
-            window = windows.get(hit.key)
-            if window is None:
-                window = windows[hit.key] = _Window(size)
-            window.advance(now_ms // size)
-            elapsed = max(0, now_ms - window.index * size)
-            seen.append((window, size, elapsed))
-            if not _window.fits(window.cur, window.prev, elapsed, size, hit.limit, hit.cost):
+            bucket = buckets.get(hit.key)
+            if bucket is None:
+                bucket = buckets[hit.key] = _Bucket(size)
+            seen.append((bucket, size))
+            # _window: a hit fits iff level_now + cost × W ≤ limit × W.
+            level = drained(bucket.level, bucket.t, now_ms, size, hit.limit)
+            if level + hit.cost * size > hit.limit * size:
                 if hit.kind == "requests":
                     if refused_requests < 0:
                         refused_requests = i
@@ -168,11 +161,12 @@ class MemoryLedger:
             budget.roll(scope.period_end, now)
             budgets.append(budget)
 
-        # The checks, in order: request windows, token windows, leases, budgets.
+        # The checks, in order: request buckets, token buckets, leases, budgets.
         refusal: Refusal | None = None
         if refused_requests >= 0 or refused_tokens >= 0:
             first = refused_requests if refused_requests >= 0 else refused_tokens
-            refusal = _rate_refusal(rates[first], *seen[first])
+            bucket, size = seen[first]
+            refusal = _rate_refusal(rates[first], bucket, size, now_ms)
         leases = [self._live_leases(slot.key, now) for slot in admission.slots]
         if refusal is None:
             for slot, held in zip(admission.slots, leases, strict=True):
@@ -193,9 +187,14 @@ class MemoryLedger:
             request_id = admission.request_id
             tokens: list[tuple[str, int, int, int]] = []
             requests: list[tuple[str, int, int, int]] = []
-            for hit, (window, size, _) in zip(rates, seen, strict=True):
-                window.cur += hit.cost
-                entry = (hit.key, size, window.index, hit.cost)
+            for hit, (bucket, size) in zip(rates, seen, strict=True):
+                # Hit by hit, so a key named twice takes both, as in admit.lua.
+                bucket.level = (
+                    drained(bucket.level, bucket.t, now_ms, size, hit.limit) + hit.cost * size
+                )
+                if now_ms > bucket.t:  # never backwards: a caller behind counts at `t`
+                    bucket.t = now_ms
+                entry = (hit.key, size, hit.limit, hit.cost)
                 if hit.kind == "tokens":
                     tokens.append(entry)
                 else:
@@ -214,18 +213,20 @@ class MemoryLedger:
             )
 
         # The states after the step (a key named twice shows both hits).
-        rate_states = [
-            RateState(
-                hit.key,
-                hit.kind,
-                hit.level,
-                hit.limit,
-                _window.remaining(window.cur, window.prev, elapsed, size, hit.limit),
-                _window.reset_after_ms(window.cur, window.prev, elapsed, size) / 1000,
-                hit.window,
+        rate_states = []
+        for hit, (bucket, size) in zip(rates, seen, strict=True):
+            level = drained(bucket.level, bucket.t, now_ms, size, hit.limit)
+            rate_states.append(
+                RateState(
+                    hit.key,
+                    hit.kind,
+                    hit.level,
+                    hit.limit,
+                    _window.remaining(level, size, hit.limit),
+                    _window.reset_after_ms(level, hit.limit) / 1000,
+                    hit.window,
+                )
             )
-            for hit, (window, size, elapsed) in zip(rates, seen, strict=True)
-        ]
         budget_states = [
             BudgetState(
                 scope.key,
@@ -253,14 +254,14 @@ class MemoryLedger:
             else:
                 budget.spent += cost
             budget.total += cost
-        now_ms = int(settlement.now * 1000)
+        now_ms = _window.to_ms(settlement.now)
         tokens = settlement.tokens
         if tokens is not None:
-            for key, size, index, units in reservation.tokens:
-                self._adjust(key, size, index, tokens - units, now_ms)
+            for key, size, limit, units in reservation.tokens:
+                self._adjust(key, size, limit, tokens - units, now_ms)
         if settlement.refund_requests:
-            for key, size, index, units in reservation.requests:
-                self._adjust(key, size, index, -units, now_ms)
+            for key, size, limit, units in reservation.requests:
+                self._adjust(key, size, limit, -units, now_ms)
         for key in reservation.slots:
             self._release(key, settlement.request_id)
         return True
@@ -308,16 +309,22 @@ class MemoryLedger:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _adjust(self, key: str, size: int, index: int, change: int, now_ms: int) -> None:
-        """Move a hit by `change` units in the window it was counted in, if still seen."""
-        window = self._windows.get(key)
-        if window is None:
+    def _adjust(self, key: str, size: int, limit: int, change: int, now_ms: int) -> None:
+        """Move a bucket's level by `change` units now (never below empty).
+
+        It drains by the limit the hit was admitted under: a settlement names no limit.
+        """
+        if not change:
             return
-        window.advance(now_ms // size)
-        if index == window.index:
-            window.cur = max(0, window.cur + change)
-        elif index == window.index - 1:
-            window.prev = max(0, window.prev + change)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if change < 0:
+                return  # a swept bucket was empty: nothing to give back
+            bucket = self._buckets[key] = _Bucket(size)
+        level = _window.drained(bucket.level, bucket.t, now_ms, size, limit) + change * size
+        bucket.level = level if level > 0 else 0
+        if now_ms > bucket.t:
+            bucket.t = now_ms
 
     def _live_leases(self, key: str, now: float) -> _Leases:
         leases = self._leases.get(key)
@@ -332,17 +339,17 @@ class MemoryLedger:
             leases.held.pop(request_id, None)
 
     def _sweep(self, now: float) -> None:
-        # Idle windows and lease sets hold nothing the next request could see; dropping them
+        # Empty buckets and lease sets hold nothing the next request could see; dropping them
         # keeps memory bounded by the active keys, users and end users.
         while self._reservations:
             request_id, reservation = next(iter(self._reservations.items()))
             if reservation.expires > now:
                 break
             del self._reservations[request_id]
-        now_ms = int(now * 1000)
-        stale = [k for k, w in self._windows.items() if w.idle(now_ms)]
+        now_ms = _window.to_ms(now)
+        stale = [k for k, b in self._buckets.items() if b.idle(now_ms)]
         for key in stale:
-            del self._windows[key]
+            del self._buckets[key]
         for key in [k for k in self._leases if not self._live_leases(k, now).held]:
             del self._leases[key]
 
@@ -350,10 +357,10 @@ class MemoryLedger:
 # -- refusals: built only when a check fails -------------------------------------------------
 
 
-def _rate_refusal(hit: RateHit, window: _Window, size: int, elapsed: int) -> Refusal:
-    state = (window.cur, window.prev, elapsed, size)
-    retry = _window.retry_after_ms(*state, hit.limit, hit.cost)
-    used = hit.limit - _window.remaining(*state, hit.limit)
+def _rate_refusal(hit: RateHit, bucket: _Bucket, size: int, now_ms: int) -> Refusal:
+    level = _window.drained(bucket.level, bucket.t, now_ms, size, hit.limit)
+    retry = _window.retry_after_ms(level, size, hit.limit, hit.cost)
+    used = hit.limit - _window.remaining(level, size, hit.limit)
     return Refusal(
         hit.kind, hit.level, hit.label, hit.limit, used, hit.cost,
         None if retry is None else retry / 1000,

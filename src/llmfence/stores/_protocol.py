@@ -36,11 +36,18 @@ Settlement
     period: a call's cost is never lost, and never counted twice. Spend never goes below zero.
 
 Windows
-    RPM and TPM use a sliding-window counter: the usage is the current fixed window's count plus
-    the previous window's count weighted by how much of it still overlaps the sliding window. It
-    slides, so a burst cannot take twice the limit across a window boundary. Counters are keyed by
-    scope and never by limit, so changing a limit keeps what was used. Settlement moves a TPM hit
-    to the actual token count in the window it was counted in.
+    RPM and TPM are exact token buckets (GCRA in integers, see `_window`): a bucket holds a level
+    in units × window ms that drains at `limit` per ms, and a hit of `cost` fits iff the level
+    now plus `cost × window` is at most `limit × window`. A client at or under its rate is never
+    refused, a burst of up to the limit is allowed, and a refusal's `retry_after` is the exact
+    wait until the hit fits, never more than the window (`None` only when `cost > limit`).
+    `RateState.remaining` (whole units that fit now) and `reset_after` (until the bucket is
+    empty) agree with it. Counters are keyed by scope and never by limit, and the level does not
+    depend on the limit, so changing a limit keeps what was used. A refused admission writes no
+    bucket. Settlement moves a TPM hit to the actual token count (and `refund_requests` gives
+    request hits back) by adjusting the level at settlement time, never below empty. Time never
+    runs backwards for a bucket: a caller whose clock is behind its last write reads it as of
+    that write.
 
 Leases
     A concurrency lease expires on its own after its TTL, so a worker that died cannot leak

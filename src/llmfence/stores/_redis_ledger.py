@@ -10,7 +10,7 @@ Money is integer nano-USD from end to end: it enters a script as text and is add
 `HINCRBY` (or, for the spend totals, by the script's exact decimal addition), never by
 `INCRBYFLOAT`, and never goes through `cjson.encode` or a Lua number that Redis would format
 with 14 significant digits. Times stay the caller's float text (compared as doubles, exactly as
-`MemoryStore` compares them), except the sliding windows, which count in integer milliseconds
+`MemoryStore` compares them), except the rate buckets, which count in integer milliseconds
 as `_window` does.
 """
 
@@ -39,11 +39,12 @@ __all__ = ["RedisLedger"]
 _PARALLEL_RETRY: Final = 1.0
 # Redis expires keys on its own clock while the scripts judge expiry by the caller's `now`
 # (a fake clock in tests, a slightly skewed one on another host). Key TTLs only reclaim
-# memory; a floor under them keeps Redis from forgetting state a short window, lease or
+# memory; a floor under them keeps Redis from forgetting state a short bucket, lease or
 # reservation still holds by the caller's clock, and the scripts' own checks make expiry exact.
+# A bucket is empty one window after its last write (see `_window`); its key lives two.
 _MIN_KEY_TTL_MS: Final = 60_000
 
-_Windows = Sequence[tuple[int, int, int]]  # per rate hit: cur, prev, index (before the step)
+_Buckets = Sequence[tuple[int, int]]  # per rate hit: level, t (as stored, before the step)
 _Levels = Sequence[tuple[int, int, float | None]]  # per budget: spent, total, end (before)
 
 
@@ -56,7 +57,7 @@ class RedisLedger(RedisBase):
         One round trip: a single EVALSHA of `admit.lua`.
         """
         now = admission.now
-        now_ms = int(now * 1000)
+        now_ms = _window.to_ms(now)
         rates, slots, scopes = admission.rates, admission.slots, admission.budgets
         tag = self._tag
         keys = [tag + "reservation:" + admission.request_id]
@@ -67,8 +68,8 @@ class RedisLedger(RedisBase):
         ]  # fmt: skip
         for hit in rates:
             size = int(hit.window * 1000)
-            keys.append(tag + "window:" + hit.key)
-            args += (hit.kind, size, now_ms // size, hit.limit, hit.cost, _ttl_ms(2 * size))
+            keys.append(tag + "bucket:" + hit.key)
+            args += (hit.kind, size, hit.limit, hit.cost, _ttl_ms(2 * size))
         for slot in slots:
             keys.append(tag + "lease:" + slot.key)
             args += (slot.limit, num(now + slot.ttl), _ttl_ms(slot.ttl * 1000))
@@ -78,17 +79,15 @@ class RedisLedger(RedisBase):
 
         # The script answers with the states before anything was reserved, in one string.
         reply = text(await self._script("admit", keys, args)).split()
-        split = 3 + 3 * len(rates)
-        windows = [
-            (int(reply[i]), int(reply[i + 1]), int(reply[i + 2])) for i in range(3, split, 3)
-        ]
+        split = 3 + 2 * len(rates)
+        buckets = [(int(reply[i]), int(reply[i + 1])) for i in range(3, split, 2)]
         levels = [
             (int(reply[i]), int(reply[i + 1]), None if reply[i + 2] == "-" else float(reply[i + 2]))
             for i in range(split, len(reply), 3)
         ]
         verdict, position, held = int(reply[0]), int(reply[1]) - 1, int(reply[2])
-        refusal = _refusal(admission, verdict, position, held, windows, levels)
-        return _admission_result(admission, refusal, windows, levels)
+        refusal = _refusal(admission, verdict, position, held, buckets, levels)
+        return _admission_result(admission, refusal, buckets, levels)
 
     async def settle(self, settlement: Settlement) -> bool:
         """Settle a reservation with the actual cost, release its leases, append its record.
@@ -101,7 +100,7 @@ class RedisLedger(RedisBase):
         record = settlement.record
         keys = (self._tag + "reservation:" + settlement.request_id, self._log_key, self._totals_key)
         args: list[Any] = [
-            num(now), int(now * 1000), settlement.cost, "" if tokens is None else tokens,
+            num(now), _window.to_ms(now), settlement.cost, "" if tokens is None else tokens,
             settlement.request_id, 1 if settlement.refund_requests else 0, self._max_records,
         ]  # fmt: skip
         if record is None:
@@ -161,7 +160,7 @@ def _refusal(
     verdict: int,
     index: int,
     held: int,
-    windows: _Windows,
+    buckets: _Buckets,
     levels: _Levels,
 ) -> Refusal | None:
     """The refusal `admit.lua` reported, worded exactly as `MemoryStore` words it."""
@@ -169,11 +168,11 @@ def _refusal(
         return None
     if verdict == 1:
         hit = admission.rates[index]
-        cur, prev, window_index = windows[index]
+        level, t = buckets[index]
         size = int(hit.window * 1000)
-        state = (cur, prev, max(0, int(admission.now * 1000) - window_index * size), size)
-        retry = _window.retry_after_ms(*state, hit.limit, hit.cost)
-        used = hit.limit - _window.remaining(*state, hit.limit)
+        level = _window.drained(level, t, _window.to_ms(admission.now), size, hit.limit)
+        retry = _window.retry_after_ms(level, size, hit.limit, hit.cost)
+        used = hit.limit - _window.remaining(level, size, hit.limit)
         return Refusal(
             hit.kind, hit.level, hit.label, hit.limit, used, hit.cost,
             None if retry is None else retry / 1000,
@@ -194,31 +193,35 @@ def _refusal(
 
 
 def _admission_result(
-    admission: Admission, refusal: Refusal | None, windows: _Windows, levels: _Levels
+    admission: Admission, refusal: Refusal | None, buckets: _Buckets, levels: _Levels
 ) -> AdmissionResult:
     """The states after the step: what the script read, plus what an admission took."""
-    now_ms = int(admission.now * 1000)
-    # A key named twice took twice, as in MemoryStore.
-    taken: dict[str, int] = {}
+    now_ms = _window.to_ms(admission.now)
+    drained = _window.drained
+    after: dict[str, tuple[int, int]] = {}  # per key: level, t after the step
     reserved: dict[str, int] = {}
     if refusal is None:
-        for hit in admission.rates:
-            taken[hit.key] = taken.get(hit.key, 0) + hit.cost
+        # What admit.lua wrote, hit by hit: a key named twice took twice, as in MemoryStore.
+        for hit, stored in zip(admission.rates, buckets, strict=True):
+            level, t = after.get(hit.key, stored)
+            size = int(hit.window * 1000)
+            level = drained(level, t, now_ms, size, hit.limit) + hit.cost * size
+            after[hit.key] = (level, now_ms if now_ms > t else t)
         for scope in admission.budgets:
             reserved[scope.key] = reserved.get(scope.key, 0) + admission.cost
     rates = []
-    for hit, (cur, prev, index) in zip(admission.rates, windows, strict=True):
+    for hit, stored in zip(admission.rates, buckets, strict=True):
         size = int(hit.window * 1000)
-        elapsed = max(0, now_ms - index * size)
-        cur += taken.get(hit.key, 0)
+        level, t = after.get(hit.key, stored)
+        level = drained(level, t, now_ms, size, hit.limit)
         rates.append(
             RateState(
                 hit.key,
                 hit.kind,
                 hit.level,
                 hit.limit,
-                _window.remaining(cur, prev, elapsed, size, hit.limit),
-                _window.reset_after_ms(cur, prev, elapsed, size) / 1000,
+                _window.remaining(level, size, hit.limit),
+                _window.reset_after_ms(level, hit.limit) / 1000,
                 hit.window,
             )
         )

@@ -154,7 +154,7 @@ class BudgetScope:
 @quick_init
 @dataclass(frozen=True, slots=True)
 class RateHit:
-    """A sliding-window counter a request hits with a cost (1 request, or N tokens).
+    """A rate bucket (RPM or TPM) a request hits with a cost (1 request, or N tokens).
 
     Attributes:
         key: Storage id of the counter, e.g. `"rpm:key:<hash>"`; not limit-specific, so a new
@@ -162,7 +162,7 @@ class RateHit:
         kind: `"requests"` or `"tokens"`.
         level: The level, for messages.
         label: What messages may show.
-        limit: Units allowed per window.
+        limit: Units allowed per window: the bucket's burst, and its rate per window.
         cost: Units this request takes.
         window: Window length in seconds.
     """
@@ -224,7 +224,7 @@ class Admission:
 @quick_init
 @dataclass(frozen=True, slots=True)
 class RateState:
-    """A window's state after the admission, for the `x-ratelimit-*` headers."""
+    """A rate bucket's state after the admission, for the `x-ratelimit-*` headers."""
 
     key: str
     kind: RateKind
@@ -232,7 +232,7 @@ class RateState:
     limit: int
     remaining: int
     reset_after: float
-    """Seconds until the window holds nothing of the current usage any more."""
+    """Seconds until the bucket is empty again (`remaining` is back to `limit`)."""
     window: float
 
 
@@ -261,7 +261,7 @@ class Refusal:
         level: The level that refused.
         label: What messages may show for that level.
         limit: Its limit (units, leases, or nano-USD).
-        current: What it holds now (units in the window, leases held, nano-USD spent).
+        current: What it holds now (units in the bucket, leases held, nano-USD spent).
         requested: What this request asked of it.
         retry_after: Seconds until the request could pass, or `None` when it never can (it
             asks for more than the whole limit). For budgets: until the period resets.

@@ -34,7 +34,7 @@ class RedisStore(RedisLedger, RedisRecords):
     keys reads the records an index names) only reach keys under the same tag.
 
     Layout, under `{prefix}:`: `budget:<scope>` hashes (spent, total, period end, epoch),
-    `window:<scope>` hashes (index, cur, prev; expiring after two windows, or a minute if
+    `bucket:<scope>` rate-bucket hashes (level, t; expiring after two windows, or a minute if
     that is longer), `lease:<scope>` sorted sets (request id scored by expiry),
     `reservation:<request id>` (expiring with the admission's TTL), `key:<hash>`,
     `user:<id>`, `team:<id>` record hashes (one JSON value per field; only a key's hash and
@@ -46,7 +46,9 @@ class RedisStore(RedisLedger, RedisRecords):
 
     The layout may change before 1.0. Earlier development versions stored each record as a
     JSON object (still read) and each group's totals as its own `spend:totals:<group>:<name>`
-    hash of four fields (no longer read: totals start again from zero).
+    hash of four fields (no longer read: totals start again from zero), and sliding-window
+    counters as `window:<scope>` hashes (no longer read: rate buckets start empty; the old
+    hashes expire on their own).
 
     Every call is bounded by `timeout`, as a whole: waiting for a pooled connection,
     connecting, the command and its reply. A Redis error or a timeout raises `StoreError`

@@ -1,15 +1,14 @@
 -- admit.lua: every check of one request, then every reservation: all or nothing.
 --
 -- KEYS[1]                   the reservation, kept for settle.lua
--- KEYS[2 .. 1+nr]           window counters, hashes {index, cur, prev}
+-- KEYS[2 .. 1+nr]           rate buckets, hashes {level, t} (see stores/_window.py)
 -- KEYS[2+nr .. 1+nr+ns]     lease sets, sorted sets {request id -> expiry (Unix seconds)}
 -- KEYS[2+nr+ns .. ]         budget counters (see budget.lua)
 --
 -- ARGV[1] now (Unix seconds, float text)   ARGV[2] now in integer milliseconds
 -- ARGV[3] request id   ARGV[4] cost (nano-USD)   ARGV[5] reservation expiry (Unix seconds)
 -- ARGV[6] reservation key TTL (ms)   ARGV[7] nr   ARGV[8] ns   ARGV[9] nb
--- then per window (6):  kind ('requests'|'tokens'), window ms, window index, limit, cost,
---                       key TTL (ms)
+-- then per bucket (5):  kind ('requests'|'tokens'), window ms, limit, cost, key TTL (ms)
 -- then per lease (3):   limit, lease expiry (Unix seconds), key TTL (ms)
 -- then per budget (2):  limit ('' for none), period end ('' for none)
 --
@@ -17,11 +16,11 @@
 -- Money never passes through a Lua number into a command: it goes in as the caller's text
 -- (HINCRBY) or through string.format('%d'), because Lua 5.1 formats numbers with %.14g.
 --
--- Returns 'verdict position current', then per window 'cur prev index', then per budget
--- 'spent total end' ('-' for no end), all in one space-separated string: the states after the
--- windows advanced and the budgets rolled and before anything was reserved. One string, not
+-- Returns 'verdict position current', then per bucket 'level t' (as stored; '0 0' for none),
+-- then per budget 'spent total end' ('-' for no end), all in one space-separated string: the
+-- states after the budgets rolled and before anything was reserved. One string, not
 -- an array, because the client parses a reply element by element, and that cost more than the
--- script. verdict: 0 admitted, 1 a window refused, 2 a lease set refused, 3 a budget refused;
+-- script. verdict: 0 admitted, 1 a bucket refused, 2 a lease set refused, 3 a budget refused;
 -- position is the 1-based position of the refusing check in its group; current is the leases
 -- held when a lease set refused.
 
@@ -31,37 +30,40 @@ local request_id = ARGV[3]
 local cost_text = ARGV[4]
 local cost = tonumber(cost_text)
 local nr, ns, nb = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local rate_base, slot_base = 9, 9 + 6 * nr
+local rate_base, slot_base = 9, 9 + 5 * nr
 local budget_base = slot_base + 3 * ns
 
--- Windows: read and advance to the current window. A key named twice shares one state, as
--- it does in MemoryStore. Nothing is written unless the request is admitted: advancing is
--- path-independent, so a refused request that leaves the counter alone changes nothing.
-local windows, window_order, rates = {}, {}, {}
+-- _window.drained: the level now of a bucket, in units × window ms. A level above the
+-- bucket's size reads as full; a caller whose clock is behind `t` (another host) reads it as
+-- at `t`, so it neither wipes nor inflates it.
+local function drained(b, size, limit)
+  local level, full = b.level, limit * size
+  if level > full then level = full end
+  if now_ms > b.t then level = level - (now_ms - b.t) * limit end
+  if level < 0 then return 0 end
+  return level
+end
+
+-- Buckets: read only. A key named twice shares one state, as it does in MemoryStore. Nothing
+-- is written unless the request is admitted (draining depends on the limit).
+local buckets, rates = {}, {}
 for i = 1, nr do
   local key = KEYS[1 + i]
-  local a = rate_base + 6 * (i - 1)
+  local a = rate_base + 5 * (i - 1)
   local rate = {
-    key = key, kind = ARGV[a + 1], size = tonumber(ARGV[a + 2]), index = tonumber(ARGV[a + 3]),
-    limit = tonumber(ARGV[a + 4]), cost = tonumber(ARGV[a + 5]), ttl = ARGV[a + 6],
-    index_text = ARGV[a + 3], size_text = ARGV[a + 2], cost_text = ARGV[a + 5],
+    key = key, kind = ARGV[a + 1], size = tonumber(ARGV[a + 2]), limit = tonumber(ARGV[a + 3]),
+    cost = tonumber(ARGV[a + 4]), ttl = ARGV[a + 5],
+    size_text = ARGV[a + 2], limit_text = ARGV[a + 3], cost_text = ARGV[a + 4],
   }
   rates[i] = rate
-  local w = windows[key]
-  if not w then
-    local v = redis.call('HMGET', key, 'index', 'cur', 'prev')
-    w = {index = tonumber(v[1] or '0'), cur = tonumber(v[2] or '0'), prev = tonumber(v[3] or '0')}
-    windows[key] = w
-    window_order[#window_order + 1] = key
+  local b = buckets[key]
+  if not b then
+    local v = redis.call('HMGET', key, 'level', 't')
+    local level_text, t_text = v[1] or '0', v[2] or '0'
+    b = {level = tonumber(level_text), t = tonumber(t_text), text = level_text .. ' ' .. t_text}
+    buckets[key] = b
   end
-  -- Only ever forward: a caller whose clock is a little behind (another host) counts in the
-  -- current window instead of wiping it.
-  if rate.index > w.index then
-    w.prev = (rate.index == w.index + 1) and w.cur or 0
-    w.cur = 0
-    w.index = rate.index
-  end
-  rate.window = w
+  rate.bucket = b
 end
 
 -- Budgets: roll every level first (MemoryStore rolls before it checks anything).
@@ -77,9 +79,7 @@ end
 local function reply(verdict, position, current)
   local out = {string.format('%d %d %d', verdict, position, current)}
   for i = 1, nr do
-    out[#out + 1] = string.format('%d', rates[i].window.cur)
-    out[#out + 1] = string.format('%d', rates[i].window.prev)
-    out[#out + 1] = string.format('%d', rates[i].window.index)
+    out[#out + 1] = rates[i].bucket.text
   end
   for i = 1, nb do
     out[#out + 1] = string.format('%d', budgets[i].spent)
@@ -89,18 +89,13 @@ local function reply(verdict, position, current)
   return table.concat(out, ' ')
 end
 
--- The checks, in MemoryStore's order: request windows, token windows, leases, budgets.
+-- The checks, in MemoryStore's order: request buckets, token buckets, leases, budgets.
 for _, kind in ipairs({'requests', 'tokens'}) do
   for i = 1, nr do
     local r = rates[i]
-    if r.kind == kind then
-      local w = r.window
-      local elapsed = math.max(0, now_ms - w.index * r.size)
-      -- _window.fits, scaled by the window length so the test is exact in integers.
-      local used = w.cur * r.size + w.prev * (r.size - elapsed)
-      if used + r.cost * r.size > r.limit * r.size then
-        return reply(1, i, 0)
-      end
+    -- A hit fits iff level_now + cost × W <= limit × W.
+    if r.kind == kind and drained(r.bucket, r.size, r.limit) + r.cost * r.size > r.limit * r.size then
+      return reply(1, i, 0)
     end
   end
 end
@@ -128,19 +123,24 @@ end
 local out = reply(0, 0, 0)
 local tokens, requests = {}, {}
 for i = 1, nr do
+  -- Hit by hit, so a key named twice takes both, as in MemoryStore; never backwards in time.
   local r = rates[i]
-  r.window.cur = r.window.cur + r.cost
+  local b = r.bucket
+  b.level = drained(b, r.size, r.limit) + r.cost * r.size
+  if now_ms > b.t then b.t = now_ms end
   local hits = (r.kind == 'tokens') and tokens or requests
-  hits[#hits + 1] = {r.key, r.size_text, string.format('%d', r.window.index), r.cost_text, r.ttl}
+  -- The limit goes with the hit: settle.lua drains by it, as no settlement names one.
+  hits[#hits + 1] = {r.key, r.size_text, r.limit_text, r.cost_text, r.ttl}
 end
 for i = 1, nr do
   local key = rates[i].key
-  local w = windows[key]
-  if w then
-    redis.call('HSET', key, 'index', string.format('%d', w.index),
-      'cur', string.format('%d', w.cur), 'prev', string.format('%d', w.prev))
+  local b = buckets[key]
+  if b then
+    -- %.0f, not %d: a level may pass 2^63 under an absurd limit, and %d would wrap it.
+    redis.call('HSET', key, 'level', string.format('%.0f', b.level),
+      't', string.format('%d', b.t))
     redis.call('PEXPIRE', key, rates[i].ttl)
-    windows[key] = nil
+    buckets[key] = nil
   end
 end
 

@@ -7,12 +7,12 @@
 --
 -- ARGV[1] now (Unix seconds, float text)   ARGV[2] now in integer milliseconds
 -- ARGV[3] actual cost (nano-USD)   ARGV[4] actual tokens ('' to keep the reserved count)
--- ARGV[5] request id   ARGV[6] '1' to give back the request-window hits too
+-- ARGV[5] request id   ARGV[6] '1' to give back the request-bucket hits too
 -- ARGV[7] records kept   ARGV[8] the record as JSON ('' for none, and nothing follows)
 -- ARGV[9] record cost   ARGV[10] record input tokens   ARGV[11] record output tokens
 -- ARGV[12 ..] the totals fields the record counts in
 --
--- The budget, window and lease keys to settle are named in the reservation: admit.lua got
+-- The budget, bucket and lease keys to settle are named in the reservation: admit.lua got
 -- them in its KEYS, and they carry the same hash tag, so they live in this cluster slot too.
 -- Returns 1 if this call settled the reservation, 0 if it was already settled, expired or
 -- unknown (the record is appended either way).
@@ -131,29 +131,32 @@ for _, entry in ipairs(r.budgets) do
 end
 
 local now_ms = tonumber(ARGV[2])
--- Move a window hit by `change` units in the window it was counted in, if still seen.
+-- Move a bucket's level by `change` units now, never below empty (MemoryLedger._adjust).
+-- entry: {key, window ms, the limit it was admitted under, units, key TTL (ms)}; it drains by
+-- that limit, as a settlement names none.
 local function adjust(entry, change)
-  local key = entry[1]
-  local size, index = tonumber(entry[2]), tonumber(entry[3])
-  local v = redis.call('HMGET', key, 'index', 'cur', 'prev')
-  -- A counter that is gone expired with its windows: nothing left to adjust.
-  if not v[1] then
+  if change == 0 then
     return
   end
-  local w = {index = tonumber(v[1]), cur = tonumber(v[2] or '0'), prev = tonumber(v[3] or '0')}
-  local target = math.max(w.index, math.floor(now_ms / size))
-  if target ~= w.index then
-    w.prev = (target == w.index + 1) and w.cur or 0
-    w.cur = 0
-    w.index = target
+  local key = entry[1]
+  local size, limit = tonumber(entry[2]), tonumber(entry[3])
+  local v = redis.call('HMGET', key, 'level', 't')
+  -- A bucket that is gone expired empty: nothing to give back.
+  if not v[1] and change < 0 then
+    return
   end
-  if index == w.index then
-    w.cur = math.max(0, w.cur + change)
-  elseif index == w.index - 1 then
-    w.prev = math.max(0, w.prev + change)
+  local level, t = tonumber(v[1] or '0'), tonumber(v[2] or '0')
+  -- _window.drained, then the change.
+  local full = limit * size
+  if level > full then level = full end
+  if now_ms > t then
+    level = level - (now_ms - t) * limit
+    t = now_ms
   end
-  redis.call('HSET', key, 'index', string.format('%d', w.index),
-    'cur', string.format('%d', w.cur), 'prev', string.format('%d', w.prev))
+  if level < 0 then level = 0 end
+  level = level + change * size
+  if level < 0 then level = 0 end
+  redis.call('HSET', key, 'level', string.format('%.0f', level), 't', string.format('%d', t))
   redis.call('PEXPIRE', key, entry[5])
 end
 
@@ -164,7 +167,7 @@ if ARGV[4] ~= '' then
   end
 end
 if ARGV[6] == '1' then
-  -- A later check refused the request: its request-window hits go back too.
+  -- A later check refused the request: its request-bucket hits go back too.
   for _, entry in ipairs(r.requests or {}) do
     adjust(entry, -tonumber(entry[4]))
   end
