@@ -13,6 +13,7 @@ from ._core.auth import Authenticator
 from ._core.checks import BudgetCheck
 from ._core.meter import Meter
 from ._core.services import Services
+from ._fields import checked_limit
 from ._fence_records import RecordsMixin
 from ._fence_routes import RoutesMixin
 from ._pricing import ModelPrice, PriceBook, PriceOverride
@@ -54,6 +55,11 @@ class Fence(RecordsMixin, RoutesMixin):
         budget_duration: How often the whole-app budget resets (`"30d"`, `"monthly"`…).
         max_end_user_budget: Budget of each end user (the body's `user`) in USD, or `None`.
         end_user_budget_duration: How often end-user budgets reset.
+        end_user_rpm_limit: Requests per minute of each end user, or `None`.
+        end_user_tpm_limit: Tokens per minute of each end user, or `None`.
+        end_user_scope: Whose namespace end-user ids are in: `"global"` (default, as LiteLLM:
+            a `bob` named by any key is one end user) or `"team"` / `"key"` (each team's, or
+            each key's, end users are its own: pick one for a multi-tenant gateway).
         rpm_limit: Default requests per minute of a key whose record sets none.
         tpm_limit: Default tokens per minute of a key whose record sets none.
         max_parallel_requests: Default requests in flight of a key whose record sets none.
@@ -79,6 +85,10 @@ class Fence(RecordsMixin, RoutesMixin):
         cache_ttl: Seconds key records are cached (bounded staleness across instances).
         disconnect_extra_tokens: Output tokens charged beyond what was streamed when a client
             disconnects mid-stream.
+        deployments: The model each Azure-style deployment runs (`{"prod-4o": "gpt-4o"}`): on
+            `/openai/deployments/{name}/...` paths the deployment decides what is checked,
+            priced and counted, whatever the body's `model` says; a deployment not named here
+            runs the model of its own name.
         trusted_proxies: How many reverse proxies in front of the app append to
             `X-Forwarded-For`; route guards with `per="ip"` then count the address the
             outermost of them saw (the N-th from the right). 0 (default) uses the client
@@ -95,6 +105,9 @@ class Fence(RecordsMixin, RoutesMixin):
         budget_duration: str | None = None,
         max_end_user_budget: float | None = None,
         end_user_budget_duration: str | None = None,
+        end_user_rpm_limit: int | None = None,
+        end_user_tpm_limit: int | None = None,
+        end_user_scope: str = "global",
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
         max_parallel_requests: int | None = None,
@@ -114,6 +127,7 @@ class Fence(RecordsMixin, RoutesMixin):
         store_timeout: float = 2.0,
         cache_ttl: float = 5.0,
         disconnect_extra_tokens: int = 0,
+        deployments: Mapping[str, str] | None = None,
         trusted_proxies: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -131,6 +145,7 @@ class Fence(RecordsMixin, RoutesMixin):
             min_output_tokens=min_output_tokens,
             store_timeout=store_timeout,
             disconnect_extra_tokens=disconnect_extra_tokens,
+            deployments=deployments,
             clock=clock,
         )
         self.authenticator = Authenticator(
@@ -155,12 +170,17 @@ class Fence(RecordsMixin, RoutesMixin):
             end_user_budget_duration=end_user_budget_duration,
             calendar_aligned=calendar_aligned,
             clamp_max_tokens=clamp_max_tokens,
+            end_user_scope=end_user_scope,
         )
         self.meter.tracking = self.budget_check
         self._limits = {
             "requests": rpm_limit,
             "tokens": tpm_limit,
             "parallel_requests": max_parallel_requests,
+        }
+        self._end_user_limits = {
+            "requests": checked_limit("end_user_rpm_limit", end_user_rpm_limit),
+            "tokens": checked_limit("end_user_tpm_limit", end_user_tpm_limit),
         }
         self._shadow = frozenset(shadow)
         self._limits_policy = limits_on_store_error
@@ -225,6 +245,7 @@ class Fence(RecordsMixin, RoutesMixin):
             "max_body_size": self._max_body_size,
         }
         limits = {"on_store_error": self._limits_policy, **common}
+        end_users = {"end_user_scope": self.budget_check.end_user_scope}
         budget = self.budget_check
         return [
             (KeyAuthMiddleware, {"authenticator": self.authenticator, **common}),
@@ -232,13 +253,21 @@ class Fence(RecordsMixin, RoutesMixin):
                 RequestRateLimitMiddleware,
                 {
                     "limit": self._limits["requests"],
+                    "end_user_limit": self._end_user_limits["requests"],
                     "shadow": "requests" in self._shadow,
+                    **end_users,
                     **limits,
                 },
             ),
             (
                 TokenRateLimitMiddleware,
-                {"limit": self._limits["tokens"], "shadow": "tokens" in self._shadow, **limits},
+                {
+                    "limit": self._limits["tokens"],
+                    "end_user_limit": self._end_user_limits["tokens"],
+                    "shadow": "tokens" in self._shadow,
+                    **end_users,
+                    **limits,
+                },
             ),
             (
                 ParallelRequestLimitMiddleware,
@@ -257,6 +286,7 @@ class Fence(RecordsMixin, RoutesMixin):
                     "end_user_budget_duration": budget.end_user_budget_duration,
                     "calendar_aligned": budget.calendar_aligned,
                     "clamp_max_tokens": budget.clamp_max_tokens,
+                    "end_user_scope": budget.end_user_scope,
                     "on_store_error": budget.on_store_error,
                     "shadow": budget.shadow,
                     **common,

@@ -249,11 +249,13 @@ def _system_texts(value: object, param: str) -> tuple[str, ...]:
 
 def _azure_deployment(path: str) -> str | None:
     # Azure OpenAI names the model in the path: /openai/deployments/{deployment}/chat/completions
-    parts = path.split("/")
-    try:
-        return parts[parts.index("deployments") + 1] or None
-    except (ValueError, IndexError):
+    if "/deployments/" not in path:
         return None
+    parts = path.split("/")
+    name = parts[parts.index("deployments") + 1]
+    if len(name) > MAX_MODEL_LENGTH:
+        _fail(f"The deployment name is longer than {MAX_MODEL_LENGTH} characters.", "model")
+    return name or None
 
 
 def _infer_endpoint(data: Mapping[str, Any]) -> Endpoint | None:
@@ -269,7 +271,9 @@ def _infer_endpoint(data: Mapping[str, Any]) -> Endpoint | None:
     return None
 
 
-def parse_request(body: bytes, path: str) -> LLMRequest:
+def parse_request(
+    body: bytes, path: str, deployments: Mapping[str, str] | None = None
+) -> LLMRequest:
     """Parse the raw body of an LLM request.
 
     Args:
@@ -278,6 +282,10 @@ def parse_request(body: bytes, path: str) -> LLMRequest:
             API the body belongs to. On other paths the body's fields decide: `messages` is a
             chat (Anthropic's if `system` is beside it), `prompt` a completion, `input` an
             embedding (for a model named `*embed*`) or a Responses API call.
+        deployments: Azure-style deployment names (`/openai/deployments/{name}/...`) and the
+            model each one runs. On such a path the deployment decides the model (a body
+            `model` that says otherwise does not change it); a deployment not in the map is
+            the model of its own name.
 
     Returns:
         The typed request.
@@ -294,7 +302,11 @@ def parse_request(body: bytes, path: str) -> LLMRequest:
             "meter it."
         )
 
-    model = _str(data, "model", max_length=MAX_MODEL_LENGTH) or _azure_deployment(path)
+    model = _str(data, "model", max_length=MAX_MODEL_LENGTH)
+    deployment = _azure_deployment(path)
+    if deployment is not None:
+        # What runs is the deployment, whatever the body says: check and price that.
+        model = (deployments or {}).get(deployment, deployment)
     if not model:
         _fail("'model' is required.", "model")
 

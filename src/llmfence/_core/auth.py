@@ -15,6 +15,7 @@ from typing import Any
 
 from cachetools import TTLCache
 
+from llmfence._models import same_model
 from llmfence.exceptions import LLMFenceError
 from llmfence.stores import KeyRecord, Store, TeamRecord, UserRecord, hash_key, mask_key
 
@@ -138,13 +139,17 @@ def api_key_from_headers(headers: Mapping[str, str]) -> str | None:
 
 
 def model_allowed(model: str, allowed: Sequence[str], groups: Mapping[str, Sequence[str]]) -> bool:
-    """Whether `model` is in an allow-list of names, access groups and `fnmatch` patterns."""
+    """Whether `model` is in an allow-list of names, access groups and `fnmatch` patterns.
+
+    A name covers the model's other names too (`gpt-4o` covers `gpt-4o-2024-08-06` and
+    `openai/gpt-4o`; see `_models`).
+    """
     if not allowed:
         return True
     for entry in allowed:
         members = groups.get(entry)
         for pattern in members if members is not None else (entry,):
-            if pattern == model or pattern == "*" or fnmatch.fnmatchcase(model, pattern):
+            if pattern == "*" or same_model(pattern, model) or fnmatch.fnmatchcase(model, pattern):
                 return True
     return False
 

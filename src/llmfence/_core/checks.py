@@ -29,6 +29,7 @@ __all__ = [
     "ParallelCheck",
     "RateCheck",
     "RecordCheck",
+    "check_end_user_scope",
     "check_window",
     "checked_limit",
     "parse_rate",
@@ -55,6 +56,15 @@ def check_window(window: float) -> None:
     """Refuse a window that is not a finite number of seconds of at least a millisecond."""
     if not isinstance(window, int | float) or not math.isfinite(window) or window < 0.001:
         raise ConfigurationError(f"window must be at least 0.001 seconds, not {window!r}")
+
+
+END_USER_SCOPES = ("global", "team", "key")
+
+
+def check_end_user_scope(value: str) -> None:
+    """Refuse an `end_user_scope` that is not `"global"`, `"team"` or `"key"`."""
+    if value not in END_USER_SCOPES:
+        raise ConfigurationError(f"end_user_scope must be one of {END_USER_SCOPES}, not {value!r}")
 
 
 def _policy(value: str) -> str:
@@ -91,18 +101,25 @@ class RateCheck(Check):
         default_limit: Applies per key when the key's record sets none (and to unauthenticated
             requests as one shared bucket).
         window: Window length in seconds.
+        end_user_limit: The limit of each end user the request bodies name, or `None`.
+        end_user_scope: Whose namespace an end-user id is in: `"global"` (one `bob` for every
+            tenant, as LiteLLM), `"team"` or `"key"` (each tenant its own `bob`).
     """
 
     kind: RateKind = "requests"
     default_limit: int | None = None
     window: float = 60.0
+    end_user_limit: int | None = None
+    end_user_scope: str = "global"
 
     def __post_init__(self) -> None:
         Check.__post_init__(self)
         if self.kind not in ("requests", "tokens"):
             raise ConfigurationError(f"kind must be 'requests' or 'tokens', not {self.kind!r}")
         checked_limit("default_limit", self.default_limit)
+        checked_limit("end_user_limit", self.end_user_limit)
         check_window(self.window)
+        check_end_user_scope(self.end_user_scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +151,7 @@ class BudgetCheck(Check):
         calendar_aligned: Align periods to UTC calendar boundaries instead of rolling.
         clamp_max_tokens: Lower `max_tokens` to what the tightest budget can pay for instead
             of refusing.
+        end_user_scope: Whose namespace an end-user id is in (see `RateCheck`).
     """
 
     on_store_error: str = "fail_closed"
@@ -143,9 +161,11 @@ class BudgetCheck(Check):
     end_user_budget_duration: str | None = None
     calendar_aligned: bool = False
     clamp_max_tokens: bool = False
+    end_user_scope: str = "global"
 
     def __post_init__(self) -> None:
         Check.__post_init__(self)
+        check_end_user_scope(self.end_user_scope)
         for name in ("max_budget", "max_end_user_budget"):
             value = getattr(self, name)
             if value is not None and usd_to_nano(value) < 0:

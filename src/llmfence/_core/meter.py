@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import TypeVar
 
@@ -55,6 +55,8 @@ class Meter:
         store_timeout: Seconds any one store call may take.
         disconnect_extra_tokens: Output tokens charged on top of what was streamed when the
             client disconnects mid-stream (the upstream may have generated more).
+        deployments: The model each Azure-style deployment (`/openai/deployments/{name}/...`)
+            runs; on such paths the deployment, not the body, decides the model.
         clock: Unix time.
     """
 
@@ -68,9 +70,13 @@ class Meter:
         min_output_tokens: int = 16,
         store_timeout: float = 2.0,
         disconnect_extra_tokens: int = 0,
+        deployments: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.deployments = dict(deployments or {})
+        """The model each Azure-style deployment runs (a deployment not named runs the model of
+        its own name)."""
         self.prices = prices or PriceBook()
         self.counter = counter or TokenCounter()
         self.default_max_tokens = default_max_tokens
@@ -161,6 +167,13 @@ class Meter:
             rates += tuple(
                 RateHit(k, "tokens", v, b, m, tokens, w) for k, v, b, m, w in plan.tokens
             )
+        end_user = request.end_user
+        if end_user and plan.end_user_rates:
+            for kind, window, limit in plan.end_user_rates:
+                cost = 1 if kind == "requests" else await self.tokens(ctx)
+                key = plan.end_user_counter(kind, window, end_user)
+                hit = RateHit(key, kind, "end_user", end_user, limit, cost, window)  # type: ignore[arg-type]
+                rates += (hit,)
         budgets: tuple[BudgetScope, ...] = ()
         if plan.has_budgets:
             await self.projected_cost(ctx)
@@ -217,11 +230,11 @@ class Meter:
             refusal = result.refusal
             if refusal is None:
                 return result
-            if plan.shadow_keys:
+            if plan.shadow_keys or plan.shadow_prefixes:
                 # Shadow checks never refuse: admit again with their limits lifted. Admitted
                 # now, the refusal was theirs: say what they would have done; their usage is
                 # still counted. Refused again, the refusal is a real check's.
-                relaxed = _relax(admission, plan.shadow_keys)
+                relaxed = _relax(admission, plan)
                 again = await self.call(self.store.admit(relaxed))
                 again = replace(again, rates=_unrelax(again.rates, admission))
                 if again.refusal is None:
@@ -275,19 +288,20 @@ class Meter:
         return max(0, min(rooms)) // request.n
 
 
-def _relax(admission: Admission, shadowed: frozenset[str]) -> Admission:
+def _relax(admission: Admission, plan: Plan) -> Admission:
     """The admission with the limits of the counters only shadow checks enforce lifted."""
+    shadowed = plan.shadowed
     return replace(
         admission,
         rates=tuple(
-            replace(hit, limit=_RELAXED) if hit.key in shadowed else hit for hit in admission.rates
+            replace(hit, limit=_RELAXED) if shadowed(hit.key) else hit for hit in admission.rates
         ),
         slots=tuple(
-            replace(slot, limit=_RELAXED) if slot.key in shadowed else slot
+            replace(slot, limit=_RELAXED) if shadowed(slot.key) else slot
             for slot in admission.slots
         ),
         budgets=tuple(
-            replace(scope, limit=None) if scope.key in shadowed else scope
+            replace(scope, limit=None) if shadowed(scope.key) else scope
             for scope in admission.budgets
         ),
     )

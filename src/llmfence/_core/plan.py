@@ -15,6 +15,7 @@ from typing import Any
 
 from llmfence import _counters
 from llmfence._duration import parse_duration
+from llmfence._models import same_model
 from llmfence._money import usd_to_nano
 from llmfence.stores import BudgetScope, RateHit, SlotRequest
 
@@ -74,10 +75,13 @@ class Plan:
         "_static",
         "_timed",
         "clamp",
+        "end_user_ns",
+        "end_user_rates",
         "fail_closed",
         "owners",
         "requests",
         "shadow_keys",
+        "shadow_prefixes",
         "slots",
         "tokens",
     )
@@ -104,6 +108,31 @@ class Plan:
                         key = _counters.parallel(level, ident)
                         self.owners.setdefault(("parallel_requests", level, label), check)
                         merged.add(key, ("parallel", level, label, check.lease_ttl), limit, check)
+        # End users: one namespace per tenant unless global, and their own rate limits (per
+        # kind and window, the tightest), named per request.
+        scope = next((c.end_user_scope for c in checks if isinstance(c, RateCheck | BudgetCheck)),
+                     "global")  # fmt: skip
+        self.end_user_ns = _namespace(scope, principal)
+        end_user: dict[tuple[str, float], tuple[int, bool]] = {}
+        for check in checks:
+            if isinstance(check, RateCheck) and check.end_user_limit is not None:
+                self.owners.setdefault((check.kind, "end_user", ""), check)
+                known = end_user.get((check.kind, check.window))
+                if (
+                    known is None
+                    or (known[1] and not check.shadow)
+                    or (known[1] == check.shadow and check.end_user_limit < known[0])
+                ):
+                    end_user[(check.kind, check.window)] = (check.end_user_limit, check.shadow)
+        self.end_user_rates = tuple(
+            (kind, window, limit) for (kind, window), (limit, _) in end_user.items()
+        )
+        """Per end user: `(kind, window, limit)`; counters named per request."""
+        self.shadow_prefixes = tuple(
+            f"{_counters.rate(kind, window, 'end_user', '')}"
+            for (kind, window), (_, shadow) in end_user.items()
+            if shadow
+        )
         requests: list[RateHit] = []
         tokens: list[tuple[str, str, str, int, float]] = []
         slots: list[SlotRequest] = []
@@ -131,7 +160,16 @@ class Plan:
 
     def owner(self, reason: str, level: str, label: str) -> Check | None:
         """The check a refusal of `reason` at a level belongs to (the first that names it)."""
-        return self.owners.get((reason, level, "" if reason == "budget" else label))
+        named = reason != "budget" and level != "end_user"
+        return self.owners.get((reason, level, label if named else ""))
+
+    def shadowed(self, key: str) -> bool:
+        """Whether only shadow checks enforce a counter (its refusals are reported only)."""
+        return key in self.shadow_keys or key.startswith(self.shadow_prefixes)
+
+    def end_user_counter(self, kind: str, window: float, end_user: str) -> str:
+        """The counter of one end user's window, in this caller's end-user namespace."""
+        return _counters.rate(kind, window, "end_user", self.end_user_ns + end_user)
 
     @property
     def has_budgets(self) -> bool:
@@ -190,7 +228,7 @@ class Plan:
             )
         if end_user and self._end_user is not None:
             check, limit = self._end_user
-            key = _counters.budget("end_user", end_user)
+            key = _counters.budget("end_user", self.end_user_ns + end_user)
             duration = check.end_user_budget_duration
             end = _counters.period_end(duration, now, aligned=check.calendar_aligned)
             scopes.append(BudgetScope(key, "end_user", end_user, limit, end))
@@ -218,6 +256,15 @@ class Plan:
                 self._models.clear()
             self._models[model] = found
         return found
+
+
+def _namespace(scope: str, principal: Principal | None) -> str:
+    """The prefix of a caller's end-user ids: none when they are global, else the tenant's."""
+    if scope == "global" or principal is None or principal.is_master:
+        return ""
+    if scope == "team" and principal.team_id:
+        return f"team:{principal.team_id}:"
+    return f"key:{principal.key_hash}:" if principal.key_hash else ""
 
 
 class _Merged:
@@ -321,12 +368,11 @@ _SECONDS = _Seconds()
 
 
 def _budgeted_model(budgets: Any, model: str) -> str | None:
-    """The per-model budget a request's model falls under, names compared as prices compare
-    them: case aside, with or without a `provider/` prefix (`OpenAI/gpt-4o` is `gpt-4o`)."""
+    """The per-model budget a request's model falls under: the entry of the same model, in
+    any of its names (`_models`: snapshots, provider prefixes and case count as the base)."""
     if model in budgets:
         return model
-    wanted = model.rsplit("/", 1)[-1].lower()
-    return next((name for name in budgets if name.rsplit("/", 1)[-1].lower() == wanted), None)
+    return next((name for name in budgets if same_model(name, model)), None)
 
 
 def _nano(usd: float | None) -> int | None:

@@ -167,7 +167,7 @@ class Engine:
         if metered:
             try:
                 ctx.body = await _read_body(scope, receive, self.max_body_size)
-                ctx.request = parse_request(ctx.body, path)
+                ctx.request = parse_request(ctx.body, path, meter.deployments)
             except LLMFenceError as bad_request:
                 await send_error(send, bad_request, ctx.now, _request_id(ctx))
                 return

@@ -32,6 +32,8 @@ class BudgetGuardMiddleware(FenceMiddleware):
         calendar_aligned: Align periods to UTC calendar boundaries instead of rolling them.
         clamp_max_tokens: Lower `max_tokens` to what the tightest budget can still pay for
             instead of refusing (the response says so in `x-llmfence-max-tokens-clamped`).
+        end_user_scope: `"global"` (default: one end user `bob` for every tenant, as LiteLLM)
+            or `"team"` / `"key"` (each tenant's end users have budgets of their own).
         on_store_error: `"fail_closed"` (default: 503 while the store is down) or `"fail_open"`.
         shadow: Evaluate and record, but never refuse.
         defer: Ignored, kept for compatibility (adjacent layers are admitted together).
@@ -51,6 +53,7 @@ class BudgetGuardMiddleware(FenceMiddleware):
         end_user_budget_duration: str | None = None,
         calendar_aligned: bool = False,
         clamp_max_tokens: bool = False,
+        end_user_scope: str = "global",
         on_store_error: str = "fail_closed",
         shadow: bool = False,
         defer: bool = False,
@@ -67,6 +70,7 @@ class BudgetGuardMiddleware(FenceMiddleware):
             end_user_budget_duration=end_user_budget_duration,
             calendar_aligned=calendar_aligned,
             clamp_max_tokens=clamp_max_tokens,
+            end_user_scope=end_user_scope,
         )
         super().__init__(
             app, (check,), store=store, meter=meter, paths=paths, max_body_size=max_body_size

@@ -51,6 +51,8 @@ class _RateLimitMiddleware(_CheckMiddleware):
         limit: int | None = None,
         window: float = 60.0,
         rate: str | None = None,
+        end_user_limit: int | None = None,
+        end_user_scope: str = "global",
         on_store_error: str = "fail_open",
         shadow: bool = False,
         defer: bool = False,
@@ -60,7 +62,9 @@ class _RateLimitMiddleware(_CheckMiddleware):
     ) -> None:
         if rate is not None:
             limit, window = parse_rate(rate)
-        check = RateCheck(on_store_error, shadow, self.kind, limit, window)
+        check = RateCheck(
+            on_store_error, shadow, self.kind, limit, window, end_user_limit, end_user_scope
+        )
         super().__init__(
             app, check, store=store, meter=meter, paths=paths, max_body_size=max_body_size
         )
@@ -78,6 +82,10 @@ class RequestRateLimitMiddleware(_RateLimitMiddleware):
         limit: The default requests per window, or `None` for records' limits only.
         window: Window length in seconds.
         rate: `limit` and `window` at once, in the `limits` notation: `"100/minute"`.
+        end_user_limit: The requests per window of each end user a request body names (`user`),
+            or `None`.
+        end_user_scope: `"global"` (default: one `bob` for every tenant, as LiteLLM) or
+            `"team"` / `"key"` (each tenant's end users are its own).
         on_store_error: `"fail_open"` (default) or `"fail_closed"` while the store is down.
         shadow: Evaluate and emit headers, but never refuse.
         defer: Ignored, kept for compatibility: adjacent llmfence middlewares always send
@@ -102,6 +110,10 @@ class TokenRateLimitMiddleware(_RateLimitMiddleware):
         limit: The default tokens per window, or `None` for records' limits only.
         window: Window length in seconds.
         rate: `limit` and `window` at once, in the `limits` notation: `"20000/minute"`.
+        end_user_limit: The tokens per window of each end user a request body names (`user`),
+            or `None`.
+        end_user_scope: `"global"` (default: one `bob` for every tenant, as LiteLLM) or
+            `"team"` / `"key"` (each tenant's end users are its own).
         on_store_error: `"fail_open"` (default) or `"fail_closed"` while the store is down.
         shadow: Evaluate and emit headers, but never refuse.
         defer: Ignored, kept for compatibility (adjacent layers are admitted together).
