@@ -130,6 +130,7 @@ def test_json_fields_in_storage_form() -> None:
         "key_alias": "ci",
         "duration": "1h",
         "model_max_budget": {"gpt-4o": 500_000_000},
+        "model_budget_duration": {},
     }
     # Lookup fields may ride along where a route does not take them.
     assert json_fields({"key": "sk-x", "keys": [], "max_budget": 0}, RECORD_FIELDS) == {
@@ -155,8 +156,8 @@ def test_json_fields_in_storage_form() -> None:
         ({"models": [1]}, "models", "'models' must be an array of strings."),
         ({"metadata": []}, "metadata", "'metadata' must be an object."),
         ({"model_max_budget": []}, "model_max_budget", "'model_max_budget' must be an object."),
-        ({"model_max_budget": {"m": -1}}, "model_max_budget", "values must be ≥ 0."),
-        ({"model_max_budget": {"m": "1"}}, "model_max_budget", "values must be ≥ 0."),
+        ({"model_max_budget": {"m": -1}}, "model_max_budget", "must be an amount ≥ 0"),
+        ({"model_max_budget": {"m": "1"}}, "model_max_budget", "must be an amount ≥ 0"),
         ({"user_id": 5}, "user_id", "'user_id' must be a non-empty string."),
         ({"key_alias": ""}, "key_alias", "'key_alias' must be a non-empty string."),
         ({"team_id": "x" * 257}, "team_id", "'team_id' must be a non-empty string."),

@@ -87,8 +87,12 @@ def as_usd(fields: dict[str, Any]) -> dict[str, Any]:
     if out.get("max_budget") is not None:
         out["max_budget"] = nano_to_decimal(out["max_budget"])
     if "model_max_budget" in out:
+        periods = out.pop("model_budget_duration", {})
         out["model_max_budget"] = {
-            m: nano_to_decimal(v) for m, v in out["model_max_budget"].items()
+            m: {"budget_limit": nano_to_decimal(v), "time_period": periods[m]}
+            if m in periods
+            else nano_to_decimal(v)
+            for m, v in out["model_max_budget"].items()
         }
     return out
 
@@ -113,7 +117,14 @@ def key_view(record: KeyRecord, state: BudgetState) -> dict[str, Any]:
         "max_budget": usd(record.max_budget),
         "budget_duration": record.budget_duration,
         "budget_reset_at": spend["budget_reset_at"],
-        "model_max_budget": {m: nano_to_usd(v) for m, v in record.model_max_budget.items()},
+        "model_max_budget": {
+            m: {"budget_limit": nano_to_usd(v), "time_period": record.model_budget_duration[m]}
+            if m in record.model_budget_duration
+            else nano_to_usd(v)
+            for m, v in record.model_max_budget.items()
+        },
+        "model_rpm_limit": dict(record.model_rpm_limit),
+        "model_tpm_limit": dict(record.model_tpm_limit),
         "rpm_limit": record.rpm_limit,
         "tpm_limit": record.tpm_limit,
         "max_parallel_requests": record.max_parallel_requests,

@@ -13,9 +13,9 @@ from ._core.auth import Authenticator
 from ._core.checks import BudgetCheck
 from ._core.meter import Meter
 from ._core.services import Services
-from ._fields import checked_limit
 from ._fence_records import RecordsMixin
 from ._fence_routes import RoutesMixin
+from ._fields import checked_limit
 from ._pricing import ModelPrice, PriceBook, PriceOverride
 from ._tokens import TokenCounter
 from .exceptions import ConfigurationError

@@ -8,7 +8,15 @@ from decimal import Decimal
 from typing import Any
 
 from ._core.auth import Authenticator
-from ._fields import checked_key, key_expiry, limit_fields, model_budgets
+from ._fields import (
+    ModelBudget,
+    checked_key,
+    key_expiry,
+    limit_fields,
+    model_budget_periods,
+    model_budgets,
+    model_limits,
+)
 from .exceptions import ConfigurationError
 from .stores import KeyRecord, Store, TeamRecord, UserRecord, hash_key, mask_key
 
@@ -32,7 +40,9 @@ class RecordsMixin:
         key_alias: str | None = None,
         max_budget: float | Decimal | None = None,
         budget_duration: str | None = None,
-        model_max_budget: Mapping[str, float | Decimal] | None = None,
+        model_max_budget: Mapping[str, ModelBudget] | None = None,
+        model_rpm_limit: Mapping[str, int] | None = None,
+        model_tpm_limit: Mapping[str, int] | None = None,
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
         max_parallel_requests: int | None = None,
@@ -46,6 +56,10 @@ class RecordsMixin:
             key: A caller-chosen key for migrations (`sk-` and at least 20 characters);
                 default a new random `sk-` key.
             duration: Key lifetime (`"30d"`…); `None` never expires.
+            model_max_budget: Budgets per model in USD: an amount (the key's period), or
+                LiteLLM's `{"budget_limit": 0.5, "time_period": "1d"}` (a period of its own).
+            model_rpm_limit: Requests per minute per model (`{"gpt-4o": 10}`).
+            model_tpm_limit: Tokens per minute per model.
 
         Raises:
             ConfigurationError: A field is invalid, or the key already exists.
@@ -59,6 +73,9 @@ class RecordsMixin:
             team_id=team_id,
             key_alias=key_alias,
             model_max_budget=model_budgets(model_max_budget),
+            model_budget_duration=model_budget_periods(model_max_budget),
+            model_rpm_limit=model_limits("model_rpm_limit", model_rpm_limit),
+            model_tpm_limit=model_limits("model_tpm_limit", model_tpm_limit),
             expires=key_expiry(duration, now),
             **limit_fields(
                 max_budget,

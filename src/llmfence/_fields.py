@@ -27,6 +27,7 @@ __all__ = [
     "RECORD_FIELDS",
     "TEAM_FIELDS",
     "USER_FIELDS",
+    "ModelBudget",
     "budget_nano",
     "checked_duration",
     "checked_key",
@@ -35,7 +36,9 @@ __all__ = [
     "json_key",
     "key_expiry",
     "limit_fields",
+    "model_budget_periods",
     "model_budgets",
+    "model_limits",
 ]
 
 LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "max_parallel_requests")
@@ -50,6 +53,8 @@ KEY_FIELDS = (
     "duration",
     "key",
     "model_max_budget",
+    "model_rpm_limit",
+    "model_tpm_limit",
 )
 """The fields of a key (`/key/generate`, `/key/update`)."""
 USER_FIELDS = (*RECORD_FIELDS, "user_id", "team_id", "key_alias", "duration")
@@ -102,13 +107,59 @@ def checked_key(key: str) -> str:
     return key
 
 
-def model_budgets(budgets: Mapping[str, float | Decimal] | None) -> dict[str, int]:
+ModelBudget = float | Decimal | str | Mapping[str, Any]
+"""A per-model budget: USD, or LiteLLM's `{"budget_limit": USD, "time_period": "1d"}`."""
+
+
+def model_budgets(budgets: Mapping[str, ModelBudget] | None) -> dict[str, int]:
     """A key's per-model budgets (`model_max_budget`), in USD, as nano-USD.
 
+    Each is an amount, or LiteLLM's `{"budget_limit": amount, "time_period": duration}` (see
+    `model_budget_periods` for the periods).
+
     Raises:
-        ConfigurationError: A budget is not a finite number, or is negative.
+        ConfigurationError: A budget is not a finite number, or is negative, or an object
+            without `budget_limit`.
     """
-    return {model: _nano(usd) for model, usd in (budgets or {}).items()}
+    out = {}
+    for model, value in (budgets or {}).items():
+        if isinstance(value, Mapping):
+            if value.get("budget_limit") is None:
+                raise ConfigurationError(f"model_max_budget[{model!r}] needs a budget_limit")
+            value = value["budget_limit"]
+        out[model] = _nano(value)
+    return out
+
+
+def model_budget_periods(budgets: Mapping[str, ModelBudget] | None) -> dict[str, str]:
+    """The periods per-model budgets give themselves (`time_period`); others use the key's.
+
+    Raises:
+        ConfigurationError: A period `parse_duration` does not read.
+    """
+    out = {}
+    for model, value in (budgets or {}).items():
+        if isinstance(value, Mapping) and value.get("time_period") is not None:
+            period = value["time_period"]
+            if not isinstance(period, str):
+                raise ConfigurationError(f"model_max_budget[{model!r}].time_period: a duration")
+            out[model] = checked_duration(period) or period
+    return out
+
+
+def model_limits(name: str, limits: Mapping[str, int] | None) -> dict[str, int]:
+    """Per-model rate limits (`model_rpm_limit`, `model_tpm_limit`): model → int ≥ 0.
+
+    Raises:
+        ConfigurationError: A limit that is not an int ≥ 0.
+    """
+    out = {}
+    for model, limit in (limits or {}).items():
+        checked = checked_limit(f"{name}[{model!r}]", limit)
+        if checked is None:
+            raise ConfigurationError(f"{name}[{model!r}] must be an int ≥ 0")
+        out[str(model)] = checked
+    return out
 
 
 def key_expiry(duration: str | None, now: float) -> float | None:
@@ -196,10 +247,17 @@ def json_fields(body: Mapping[str, Any], allowed: Collection[str]) -> dict[str, 
     if unknown:
         raise InvalidRequestError(f"Unknown field {unknown[0]!r}.", param=unknown[0])
     out: dict[str, Any] = {}
+    metadata = body.get("metadata")
     for name in allowed:
         value = body.get(name)
+        if value is None and name in _IN_METADATA and isinstance(metadata, dict):
+            value = metadata.get(name)  # where LiteLLM also takes them
         if value is not None:
             out[name] = _JSON_CHECKS.get(name, _json_name)(name, value)
+    if "model_max_budget" in out:
+        budgets = out.pop("model_max_budget")
+        out["model_max_budget"] = model_budgets(budgets)
+        out["model_budget_duration"] = model_budget_periods(budgets)
     return out
 
 
@@ -262,14 +320,53 @@ def _json_object(name: str, value: Any) -> dict[str, Any]:
     return value
 
 
-def _json_model_budgets(name: str, value: Any) -> dict[str, int]:
-    budgets = _json_object(name, value)
-    if not all(_is_number(v) and v >= 0 for v in budgets.values()):
-        raise InvalidRequestError(f"'{name}' values must be ≥ 0.", param=name)
+def _json_model_budgets(name: str, value: Any) -> dict[str, Any]:
+    """Per-model budgets as given (checked): amounts, or LiteLLM's objects."""
+    budgets = dict(_json_object(name, value))
+    for model, budget in budgets.items():
+        if isinstance(budget, dict):
+            extra = set(budget) - {"budget_limit", "time_period"}
+            limit = budget.get("budget_limit")
+            amount = limit
+            if isinstance(limit, str):  # LiteLLM's examples send "0.5": read it exactly
+                try:
+                    amount = Decimal(limit)
+                except ArithmeticError:
+                    amount = None
+            if isinstance(amount, Decimal):
+                valid = amount.is_finite() and amount >= 0
+            else:
+                valid = isinstance(amount, int | float) and _is_number(amount) and amount >= 0
+            if extra or not valid:
+                raise InvalidRequestError(
+                    f"'{name}.{model}' must be an amount ≥ 0 or an object with budget_limit "
+                    "(an amount ≥ 0) and time_period (a duration like '1d').",
+                    param=name,
+                )
+            period = budget.get("time_period")
+            if period is not None:
+                _json_duration(f"{name}.{model}.time_period", period)
+        elif not (_is_number(budget) and budget >= 0):
+            raise InvalidRequestError(
+                f"'{name}.{model}' must be an amount ≥ 0 or an object with budget_limit and "
+                "time_period.",
+                param=name,
+            )
     try:
-        return model_budgets(budgets)
+        model_budgets(budgets)
     except ConfigurationError as error:
-        raise InvalidRequestError(f"'{name}' values must be ≥ 0.", param=name) from error
+        raise InvalidRequestError(f"'{name}' amounts must be finite.", param=name) from error
+    return budgets
+
+
+def _json_model_limits(name: str, value: Any) -> dict[str, int]:
+    limits = _json_object(name, value)
+    try:
+        return model_limits(name, limits)
+    except ConfigurationError:
+        raise InvalidRequestError(
+            f"'{name}' must map model names to integers ≥ 0.", param=name
+        ) from None
 
 
 def _json_name(name: str, value: Any) -> str:
@@ -287,4 +384,8 @@ _JSON_CHECKS = {
     "models": _json_models,
     "metadata": _json_object,
     "model_max_budget": _json_model_budgets,
+    "model_rpm_limit": _json_model_limits,
+    "model_tpm_limit": _json_model_limits,
 }
+# LiteLLM takes these at the top level or in `metadata`.
+_IN_METADATA = frozenset({"model_rpm_limit", "model_tpm_limit", "model_max_budget"})

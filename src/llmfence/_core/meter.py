@@ -167,6 +167,9 @@ class Meter:
             rates += tuple(
                 RateHit(k, "tokens", v, b, m, tokens, w) for k, v, b, m, w in plan.tokens
             )
+        for key, kind, label, limit, window in plan.model_rates(request.model):
+            cost = 1 if kind == "requests" else await self.tokens(ctx)
+            rates += (RateHit(key, kind, "model", label, limit, cost, window),)  # type: ignore[arg-type]
         end_user = request.end_user
         if end_user and plan.end_user_rates:
             for kind, window, limit in plan.end_user_rates:

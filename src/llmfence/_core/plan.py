@@ -15,7 +15,7 @@ from typing import Any
 
 from llmfence import _counters
 from llmfence._duration import parse_duration
-from llmfence._models import same_model
+from llmfence._models import base_model, same_model
 from llmfence._money import usd_to_nano
 from llmfence.stores import BudgetScope, RateHit, SlotRequest
 
@@ -70,8 +70,11 @@ class Plan:
 
     __slots__ = (
         "_end_user",
+        "_key_ref",
         "_model",
+        "_model_rates",
         "_models",
+        "_rate_checks",
         "_static",
         "_timed",
         "clamp",
@@ -146,6 +149,18 @@ class Plan:
         self.requests = tuple(requests)
         self.tokens = tuple(tokens)
         self.slots = tuple(slots)
+        # Per-model limits on the key: worked out per model, the first time it is asked for.
+        key_record = principal.key if principal is not None else None
+        per_model = key_record is not None and (
+            key_record.model_rpm_limit or key_record.model_tpm_limit
+        )
+        self._rate_checks = [c for c in checks if isinstance(c, RateCheck)] if per_model else []
+        self._key_ref: tuple[Any, str, str] = (
+            key_record,
+            (principal.key_hash or "") if principal is not None else "",
+            (principal.key_masked or "") if principal is not None else "",
+        )
+        self._model_rates: dict[str, tuple[tuple[str, str, str, int, float], ...]] = {}
         self._static: list[BudgetScope] = []
         self._timed: list[_Timed] = []
         self._end_user: tuple[BudgetCheck, int | None] | None = None
@@ -234,6 +249,31 @@ class Plan:
             scopes.append(BudgetScope(key, "end_user", end_user, limit, end))
         return tuple(scopes)
 
+    def model_rates(self, model: str) -> tuple[tuple[str, str, str, int, float], ...]:
+        """The key's per-model windows a request for `model` hits: `(key, kind, label,
+        limit, window)`, one per rate check of the kind (`model_rpm_limit`, `model_tpm_limit`).
+        """
+        if not self._rate_checks:
+            return ()
+        found = self._model_rates.get(model)
+        if found is None:
+            key, key_hash, masked = self._key_ref
+            rates = []
+            for check in self._rate_checks:
+                limits = key.model_rpm_limit if check.kind == "requests" else key.model_tpm_limit
+                limit = _per_model(limits, model)
+                if limit is not None:
+                    ident = f"key:{key_hash}:{base_model(model)}"
+                    counter = _counters.rate(check.kind, check.window, "model", ident)
+                    label = f"{base_model(model)} on {masked}"
+                    self.owners.setdefault((check.kind, "model", label), check)
+                    rates.append((counter, check.kind, label, limit, check.window))
+            found = tuple(rates)
+            if len(self._model_rates) >= _MAX_MODELS:
+                self._model_rates.clear()
+            self._model_rates[model] = found
+        return found
+
     def _model_scopes(self, model: str) -> tuple[BudgetScope | _Timed, ...]:
         found = self._models.get(model)
         if found is None:
@@ -246,16 +286,26 @@ class Plan:
                 self.owners.setdefault(("budget", "model", ""), check)
                 counter = _counters.key_model(key_hash, budgeted)
                 limit = key.model_max_budget[budgeted]
-                if key.budget_duration is None:
+                # A budget with its own period (LiteLLM's time_period) rolls on it; the others
+                # roll with the key's budget.
+                duration = key.model_budget_duration.get(budgeted, key.budget_duration)
+                if duration is None:
                     found = (BudgetScope(counter, "model", label, limit, None),)
                 else:
                     aligned = check.calendar_aligned
-                    found = ((counter, "model", label, limit, key.budget_duration,
-                              key.created_at, aligned),)  # fmt: skip
+                    found = ((counter, "model", label, limit, duration, key.created_at,
+                              aligned),)  # fmt: skip
             if len(self._models) >= _MAX_MODELS:
                 self._models.clear()
             self._models[model] = found
         return found
+
+
+def _per_model(limits: Any, model: str) -> int | None:
+    """A key's limit for a model, under any of its names."""
+    if model in limits:
+        return int(limits[model])
+    return next((int(v) for name, v in limits.items() if same_model(name, model)), None)
 
 
 def _namespace(scope: str, principal: Principal | None) -> str:

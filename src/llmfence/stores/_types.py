@@ -91,6 +91,9 @@ class _Limits:
         return dataclasses.replace(self, **changes)
 
 
+_PER_MODEL = ("model_max_budget", "model_budget_duration", "model_rpm_limit", "model_tpm_limit")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyRecord(_Limits):
     """A virtual key, stored under the sha256 of the key."""
@@ -104,11 +107,18 @@ class KeyRecord(_Limits):
     """Unix time after which the key is refused, or `None`."""
     model_max_budget: Mapping[str, int] = field(default_factory=dict)
     """Per-model budgets on this key, nano-USD."""
+    model_budget_duration: Mapping[str, str] = field(default_factory=dict)
+    """A per-model budget's own period (LiteLLM's `time_period`); others use the key's."""
+    model_rpm_limit: Mapping[str, int] = field(default_factory=dict)
+    """Requests per minute of this key per model."""
+    model_tpm_limit: Mapping[str, int] = field(default_factory=dict)
+    """Tokens per minute of this key per model."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
         data = _Limits.to_dict(self)
-        data["model_max_budget"] = dict(self.model_max_budget)
+        for name in _PER_MODEL:
+            data[name] = dict(getattr(self, name))
         return data
 
 
