@@ -140,3 +140,24 @@ async def test_per_model_budget_counts_every_name_of_the_model(admin: Admin) -> 
     scope = BudgetScope(f"key_model:{records[0].key_hash}:gpt-4o", "model", "gpt-4o")
     [state] = await fence.store.budgets([scope], 0)
     assert 0 < state.spent <= 400_000
+
+
+async def test_daily_limits_on_keys_users_and_teams(store: Store) -> None:
+    clock = FakeClock(T0)
+    app = mock_llm_app()
+    fence = Fence(store=store, master_key=MASTER, clock=clock.now)
+    fence.install(app)
+    await fence.new_team("t", tpd_limit=100_000)
+    await fence.new_user("u", team_id="t", rpd_limit=3)
+    key, record = await fence.generate_key(user_id="u", rpm_limit=100, rpd_limit=5)
+    assert (record.rpd_limit, record.tpd_limit) == (5, None)
+    async with client_for(app) as client:
+        results = [await client.post(CHAT, json=chat_body(), headers=auth(key)) for _ in range(4)]
+        assert [r.status_code for r in results] == [200, 200, 200, 429]
+        assert "user u on requests per day" in results[-1].json()["error"]["message"]
+        assert int(results[-1].headers["retry-after"]) > 3600  # a day's bucket refills slowly
+        clock.advance(86_400)
+        again = await client.post(CHAT, json=chat_body(), headers=auth(key))
+    assert again.status_code == 200
+    with pytest.raises(ConfigurationError, match="at most"):
+        await fence.generate_key(tpd_limit=10**9)

@@ -45,6 +45,8 @@ class RecordsMixin:
         model_tpm_limit: Mapping[str, int] | None = None,
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
+        rpd_limit: int | None = None,
+        tpd_limit: int | None = None,
         max_parallel_requests: int | None = None,
         models: Iterable[str] = (),
         duration: str | None = None,
@@ -86,6 +88,8 @@ class RecordsMixin:
                 models,
                 metadata,
                 created_at=self.clock(),
+                rpd_limit=rpd_limit,
+                tpd_limit=tpd_limit,
             ),
         )
         if not await self.store.create_key(record):
@@ -102,6 +106,8 @@ class RecordsMixin:
         budget_duration: str | None = None,
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
+        rpd_limit: int | None = None,
+        tpd_limit: int | None = None,
         max_parallel_requests: int | None = None,
         models: Iterable[str] = (),
         metadata: Mapping[str, Any] | None = None,
@@ -123,6 +129,8 @@ class RecordsMixin:
                 models,
                 metadata,
                 created_at=self.clock(),
+                rpd_limit=rpd_limit,
+                tpd_limit=tpd_limit,
             ),
         )
         if not await self.store.create_user(record):
@@ -138,6 +146,8 @@ class RecordsMixin:
         budget_duration: str | None = None,
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
+        rpd_limit: int | None = None,
+        tpd_limit: int | None = None,
         max_parallel_requests: int | None = None,
         models: Iterable[str] = (),
         metadata: Mapping[str, Any] | None = None,
@@ -158,6 +168,8 @@ class RecordsMixin:
                 models,
                 metadata,
                 created_at=self.clock(),
+                rpd_limit=rpd_limit,
+                tpd_limit=tpd_limit,
             ),
         )
         if not await self.store.create_team(record):

@@ -23,6 +23,7 @@ from .exceptions import ConfigurationError, InvalidRequestError
 __all__ = [
     "KEY_FIELDS",
     "LIMIT_FIELDS",
+    "MAX_DAILY_LIMIT",
     "MIN_KEY_LENGTH",
     "RECORD_FIELDS",
     "TEAM_FIELDS",
@@ -32,6 +33,7 @@ __all__ = [
     "checked_duration",
     "checked_key",
     "checked_limit",
+    "daily_limit",
     "json_fields",
     "json_key",
     "key_expiry",
@@ -41,7 +43,7 @@ __all__ = [
     "model_limits",
 ]
 
-LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "max_parallel_requests")
+LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "rpd_limit", "tpd_limit", "max_parallel_requests")
 """The rate and concurrency limits of a key, user or team."""
 RECORD_FIELDS = ("max_budget", "budget_duration", *LIMIT_FIELDS, "models", "metadata")
 """The fields keys, users and teams share."""
@@ -78,6 +80,22 @@ def checked_limit(name: str, value: int | None) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ConfigurationError(f"{name} must be a non-negative int or None, not {value!r}")
     return value
+
+
+MAX_DAILY_LIMIT = 100_000_000
+"""The largest daily limit: a day's bucket stays exact in Redis's Lua numbers below it."""
+
+
+def daily_limit(name: str, value: int | None) -> int | None:
+    """A per-day limit: an int from 0 to `MAX_DAILY_LIMIT`, or None.
+
+    Raises:
+        ConfigurationError: It is not.
+    """
+    checked = checked_limit(name, value)
+    if checked is not None and checked > MAX_DAILY_LIMIT:
+        raise ConfigurationError(f"{name} must be at most {MAX_DAILY_LIMIT:_}, not {value!r}")
+    return checked
 
 
 def budget_nano(usd: float | Decimal | str | None) -> int | None:
@@ -181,6 +199,8 @@ def limit_fields(
     metadata: Mapping[str, Any] | None,
     *,
     created_at: float,
+    rpd_limit: int | None = None,
+    tpd_limit: int | None = None,
 ) -> dict[str, Any]:
     """The fields keys, users and teams share, checked, in the form their records store.
 
@@ -193,6 +213,8 @@ def limit_fields(
         models: The models (or access groups) allowed; empty allows all.
         metadata: Free-form data kept with the record.
         created_at: When the record is created: its budget periods roll from then.
+        rpd_limit: Requests per day, or None.
+        tpd_limit: Tokens per day, or None (at most `MAX_DAILY_LIMIT`).
 
     Returns:
         Keyword arguments for `KeyRecord`, `UserRecord` and `TeamRecord`: `max_budget` in
@@ -207,6 +229,8 @@ def limit_fields(
         "budget_duration": checked_duration(budget_duration),
         "rpm_limit": checked_limit("rpm_limit", rpm_limit),
         "tpm_limit": checked_limit("tpm_limit", tpm_limit),
+        "rpd_limit": daily_limit("rpd_limit", rpd_limit),
+        "tpd_limit": daily_limit("tpd_limit", tpd_limit),
         "max_parallel_requests": checked_limit("max_parallel_requests", max_parallel_requests),
         "models": tuple(models),
         "metadata": dict(metadata or {}),
@@ -298,6 +322,15 @@ def _json_limit(name: str, value: Any) -> int | None:
         raise InvalidRequestError(f"'{name}' must be an integer ≥ 0.", param=name) from None
 
 
+def _json_daily_limit(name: str, value: Any) -> int | None:
+    try:
+        return daily_limit(name, value)
+    except ConfigurationError:
+        raise InvalidRequestError(
+            f"'{name}' must be an integer from 0 to {MAX_DAILY_LIMIT}.", param=name
+        ) from None
+
+
 def _json_duration(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidRequestError(f"'{name}' must be a string like '30d'.", param=name)
@@ -381,6 +414,8 @@ _JSON_CHECKS = {
     "budget_duration": _json_duration,
     "duration": _json_duration,
     **dict.fromkeys(LIMIT_FIELDS, _json_limit),
+    "rpd_limit": _json_daily_limit,
+    "tpd_limit": _json_daily_limit,
     "models": _json_models,
     "metadata": _json_object,
     "model_max_budget": _json_model_budgets,

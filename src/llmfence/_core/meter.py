@@ -204,8 +204,18 @@ class Meter:
         ctx.rate_states.extend(result.rates)
         refusal = result.refusal
         if refusal is not None:
+            # The refusing window: the hit of that kind, level and limit (a key's per-minute
+            # and per-day windows differ by their limits), else its check's.
             owner = plan.owner(refusal.reason, refusal.level, refusal.label)
-            window = getattr(owner, "window", 60.0)
+            window = next(
+                (
+                    hit.window
+                    for hit in rates
+                    if (hit.kind, hit.level, hit.label, hit.limit)
+                    == (refusal.reason, refusal.level, refusal.label, refusal.limit)
+                ),
+                getattr(owner, "window", 60.0),
+            )
             named = request.max_output_tokens is not None
             return refusal_error(refusal, window, max_tokens=named, fit=ctx.fit if named else None)
         ctx.reservations.append(request_id)

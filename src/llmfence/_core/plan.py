@@ -28,6 +28,7 @@ _Level = tuple[str, str, str, int | None]  # (level, counter id, label, limit)
 # A budget level whose period end depends on the time: (key, level, label, limit, duration,
 # anchor, aligned). Levels without a duration are prebuilt `BudgetScope`s.
 _Timed = tuple[str, str, str, int | None, str, float | None, bool]
+_DAY = 86_400.0
 # Distinct models a key's per-model budgets are looked up for (models come from bodies).
 _MAX_MODELS = 256
 
@@ -104,6 +105,13 @@ class Plan:
                         key = _counters.rate(check.kind, check.window, level, ident)
                         self.owners.setdefault((check.kind, level, label), check)
                         merged.add(key, (check.kind, level, label, check.window), limit, check)
+                # Per-day limits of the records (rpd_limit, tpd_limit): a one-day bucket more.
+                daily = "rpd_limit" if check.kind == "requests" else "tpd_limit"
+                for level, ident, label, limit in _levels(principal, daily, None):
+                    if limit is not None and principal is not None:
+                        key = _counters.rate(check.kind, _DAY, level, ident)
+                        self.owners.setdefault((check.kind, level, label), check)
+                        merged.add(key, (check.kind, level, label, _DAY), limit, check)
             elif isinstance(check, ParallelCheck):
                 levels = _levels(principal, "max_parallel_requests", check.default_limit)
                 for level, ident, label, limit in levels:

@@ -15,6 +15,7 @@ from llmfence.stores import Refusal
 __all__ = ["format_reset", "refusal_error"]
 
 _UNITS = {"requests": "requests", "tokens": "tokens"}
+_PER = {1.0: "per second", 60.0: "per minute", 3600.0: "per hour", 86_400.0: "per day"}
 
 
 def _usd(nano: int) -> str:
@@ -61,7 +62,7 @@ def refusal_error(
             f"in flight {refusal.current}."
         )
     else:
-        per = f"per {window:g}s" if window != 60 else "per minute"
+        per = _PER.get(window, f"per {window:g}s")
         unit = _UNITS[refusal.reason]
         if refusal.retry_after is None:
             message = (

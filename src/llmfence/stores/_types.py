@@ -62,6 +62,10 @@ class _Limits:
     """How often the budget's spend resets (`"30d"`, `"monthly"`…), or `None` for never."""
     rpm_limit: int | None = None
     tpm_limit: int | None = None
+    rpd_limit: int | None = None
+    """Requests per day (a one-day bucket beside the per-minute one)."""
+    tpd_limit: int | None = None
+    """Tokens per day."""
     max_parallel_requests: int | None = None
     models: tuple[str, ...] = ()
     """Models or access groups allowed; empty allows every model."""
