@@ -37,6 +37,8 @@ def test_limit_fields_in_storage_form() -> None:
         "budget_duration": "30d",
         "rpm_limit": 4,
         "tpm_limit": 20_000,
+        "rpd_limit": None,
+        "tpd_limit": None,
         "max_parallel_requests": 2,
         "models": ("gpt-4o", "group"),
         "metadata": {"env": "t"},
