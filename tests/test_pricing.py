@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-import timeit
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
@@ -583,19 +582,6 @@ def test_float_noise_in_the_data_rounds_up(synthetic: gp.Provider) -> None:
 def test_no_token_price_means_unknown(synthetic: gp.Provider, model: str) -> None:
     with pytest.raises(UnknownModelError):
         PriceBook().price_for(model)
-
-
-# --- speed --------------------------------------------------------------------------------------
-
-
-def test_cost_on_a_cache_hit_is_cheap(capsys: pytest.CaptureFixture[str]) -> None:
-    book = PriceBook()
-    u = usage(1_000, 500, cached=200)
-    book.cost("gpt-4o", u)
-    runs = 100_000
-    best = min(timeit.repeat(lambda: book.cost("gpt-4o", u), number=runs, repeat=5)) / runs
-    with capsys.disabled():
-        print(f"\nPriceBook.cost on a cache hit: {best * 1e6:.2f} µs")
 
 
 def test_made_up_names_do_not_grow_genai_prices_caches() -> None:
