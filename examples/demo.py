@@ -145,6 +145,11 @@ async def walkthrough(client: httpx.AsyncClient) -> None:
     )
     line("max_tokens=2000 (more than the limit)", error_of(huge))
     line("  x-should-retry", huge.headers.get("x-should-retry"))
+    # No max_tokens: the 4096-token default does not fit 600 TPM, so the call goes upstream
+    # with the max_tokens that does (never refused for a max_tokens it did not send).
+    fitted = await client.post("/v1/chat/completions", headers=tpm, json=chat("Hello."))
+    clamp = fitted.headers.get("x-llmfence-max-tokens-clamped")
+    line("no max_tokens (default 4096)", f"{fitted.status_code}  sent with max_tokens={clamp}")
     # Each call reserves its prompt plus max_tokens, then keeps only what it used.
     for i in range(1, 30):
         response = await client.post(
