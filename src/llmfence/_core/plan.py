@@ -14,44 +14,27 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmfence import _counters
-from llmfence._duration import parse_duration
-from llmfence._models import base_model, same_model
-from llmfence._money import usd_to_nano
+from llmfence._models import base_model
 from llmfence.stores import BudgetScope, RateHit, SlotRequest
 
 from .auth import Principal
 from .checks import BudgetCheck, Check, ParallelCheck, RateCheck
+from .levels import (
+    MAX_MODELS,
+    Merged,
+    Timed,
+    budgeted_model,
+    caller_levels,
+    namespace,
+    per_model,
+    record_levels,
+    timed_scope,
+    to_nano,
+)
 
 __all__ = ["Plan", "budget_scopes"]
 
-_Level = tuple[str, str, str, int | None]  # (level, counter id, label, limit)
-# A budget level whose period end depends on the time: (key, level, label, limit, duration,
-# anchor, aligned). Levels without a duration are prebuilt `BudgetScope`s.
-_Timed = tuple[str, str, str, int | None, str, float | None, bool]
 _DAY = 86_400.0
-# Distinct models a key's per-model budgets are looked up for (models come from bodies).
-_MAX_MODELS = 256
-
-
-def _levels(principal: Principal | None, attr: str, default: int | None) -> list[_Level]:
-    """The key, user and team levels of a principal, with their limits for `attr`."""
-    if principal is None:
-        return [] if default is None else [("anonymous", "all", "unauthenticated", default)]
-    if principal.is_master:
-        return []
-    levels: list[_Level] = []
-    key = principal.key
-    if key is not None and principal.key_hash is not None:
-        own = getattr(key, attr)
-        limit = own if own is not None else default
-        levels.append(("key", principal.key_hash, principal.key_masked or "key", limit))
-    if principal.user is not None:
-        user_id = principal.user.user_id
-        levels.append(("user", user_id, user_id, getattr(principal.user, attr)))
-    if principal.team is not None:
-        team_id = principal.team.team_id
-        levels.append(("team", team_id, team_id, getattr(principal.team, attr)))
-    return levels
 
 
 class Plan:
@@ -96,24 +79,26 @@ class Plan:
         self.owners: dict[tuple[str, str, str], Check] = {}
         # Counters by name, merged: two checks that name one counter (two RPM layers with one
         # window) hit it once, with the tightest limit of the checks that enforce it.
-        merged = _Merged()
+        merged = Merged()
         for check in checks:
             if isinstance(check, RateCheck):
                 attr = "rpm_limit" if check.kind == "requests" else "tpm_limit"
-                for level, ident, label, limit in _levels(principal, attr, check.default_limit):
+                for level, ident, label, limit in caller_levels(
+                    principal, attr, check.default_limit
+                ):
                     if limit is not None:
                         key = _counters.rate(check.kind, check.window, level, ident)
                         self.owners.setdefault((check.kind, level, label), check)
                         merged.add(key, (check.kind, level, label, check.window), limit, check)
                 # Per-day limits of the records (rpd_limit, tpd_limit): a one-day bucket more.
                 daily = "rpd_limit" if check.kind == "requests" else "tpd_limit"
-                for level, ident, label, limit in _levels(principal, daily, None):
+                for level, ident, label, limit in caller_levels(principal, daily, None):
                     if limit is not None and principal is not None:
                         key = _counters.rate(check.kind, _DAY, level, ident)
                         self.owners.setdefault((check.kind, level, label), check)
                         merged.add(key, (check.kind, level, label, _DAY), limit, check)
             elif isinstance(check, ParallelCheck):
-                levels = _levels(principal, "max_parallel_requests", check.default_limit)
+                levels = caller_levels(principal, "max_parallel_requests", check.default_limit)
                 for level, ident, label, limit in levels:
                     if limit is not None:
                         key = _counters.parallel(level, ident)
@@ -123,7 +108,7 @@ class Plan:
         # kind and window, the tightest), named per request.
         scope = next((c.end_user_scope for c in checks if isinstance(c, RateCheck | BudgetCheck)),
                      "global")  # fmt: skip
-        self.end_user_ns = _namespace(scope, principal)
+        self.end_user_ns = namespace(scope, principal)
         end_user: dict[tuple[str, float], tuple[int, bool]] = {}
         for check in checks:
             if isinstance(check, RateCheck) and check.end_user_limit is not None:
@@ -159,10 +144,10 @@ class Plan:
         self.slots = tuple(slots)
         # Per-model limits on the key: worked out per model, the first time it is asked for.
         key_record = principal.key if principal is not None else None
-        per_model = key_record is not None and (
+        has_per_model = key_record is not None and (
             key_record.model_rpm_limit or key_record.model_tpm_limit
         )
-        self._rate_checks = [c for c in checks if isinstance(c, RateCheck)] if per_model else []
+        self._rate_checks = [c for c in checks if isinstance(c, RateCheck)] if has_per_model else []
         self._key_ref: tuple[Any, str, str] = (
             key_record,
             (principal.key_hash or "") if principal is not None else "",
@@ -170,10 +155,10 @@ class Plan:
         )
         self._model_rates: dict[str, tuple[tuple[str, str, str, int, float], ...]] = {}
         self._static: list[BudgetScope] = []
-        self._timed: list[_Timed] = []
+        self._timed: list[Timed] = []
         self._end_user: tuple[BudgetCheck, int | None] | None = None
         self._model: tuple[Any, ...] | None = None
-        self._models: dict[str, tuple[BudgetScope | _Timed, ...]] = {}
+        self._models: dict[str, tuple[BudgetScope | Timed, ...]] = {}
         if budgets:
             self._budgets([c for c in checks if isinstance(c, BudgetCheck)], principal, merged)
         self.shadow_keys = merged.shadowed
@@ -200,7 +185,7 @@ class Plan:
         return bool(self._static or self._timed or self._end_user)
 
     def _budgets(
-        self, checks: list[BudgetCheck], principal: Principal | None, merged: _Merged
+        self, checks: list[BudgetCheck], principal: Principal | None, merged: Merged
     ) -> None:
         # A level is charged once per request, however many budget checks name it (both track
         # the whole app, say), with the tightest limit among them: a check without a limit
@@ -211,12 +196,12 @@ class Plan:
                 ("global", _counters.GLOBAL, "global", check.max_budget, None)
             ]
             if principal is not None and not principal.is_master:
-                found += _record_levels(principal)
+                found += record_levels(principal)
                 key = principal.key
                 if key is not None and key.model_max_budget and self._model is None:
                     self._model = (key, principal.key_hash, principal.key_masked, check)
             for level, counter, label, limit, record in found:
-                nano = _nano(limit) if record is None else limit
+                nano = to_nano(limit) if record is None else limit
                 merged.add(counter, ("budget", level, label, 0.0), nano, check, unlimited=True)
                 if counter not in levels:
                     self.owners.setdefault(("budget", level, ""), check)
@@ -233,20 +218,20 @@ class Plan:
                 self._timed.append((counter, level, label, limit, duration, anchor, aligned))
         # End users: the tightest end-user budget among the checks, with that check's period.
         limited = [c for c in checks if c.max_end_user_budget is not None]
-        chosen = min(limited, key=lambda c: _nano(c.max_end_user_budget) or 0, default=None)
+        chosen = min(limited, key=lambda c: to_nano(c.max_end_user_budget) or 0, default=None)
         chosen = chosen or (checks[0] if checks else None)
         if chosen is not None:
-            self._end_user = (chosen, _nano(chosen.max_end_user_budget))
+            self._end_user = (chosen, to_nano(chosen.max_end_user_budget))
             self.owners.setdefault(("budget", "end_user", ""), chosen)
 
     def budget_scopes(
         self, end_user: str | None, model: str | None, now: float
     ) -> tuple[BudgetScope, ...]:
         """Every budget level a request is charged to, limited or not (spend is tracked)."""
-        scopes = [*self._static, *(_scope(timed, now) for timed in self._timed)]
+        scopes = [*self._static, *(timed_scope(timed, now) for timed in self._timed)]
         if self._model is not None and model:
             scopes.extend(
-                scope if isinstance(scope, BudgetScope) else _scope(scope, now)
+                scope if isinstance(scope, BudgetScope) else timed_scope(scope, now)
                 for scope in self._model_scopes(model)
             )
         if end_user and self._end_user is not None:
@@ -269,7 +254,7 @@ class Plan:
             rates = []
             for check in self._rate_checks:
                 limits = key.model_rpm_limit if check.kind == "requests" else key.model_tpm_limit
-                limit = _per_model(limits, model)
+                limit = per_model(limits, model)
                 if limit is not None:
                     ident = f"key:{key_hash}:{base_model(model)}"
                     counter = _counters.rate(check.kind, check.window, "model", ident)
@@ -277,16 +262,16 @@ class Plan:
                     self.owners.setdefault((check.kind, "model", label), check)
                     rates.append((counter, check.kind, label, limit, check.window))
             found = tuple(rates)
-            if len(self._model_rates) >= _MAX_MODELS:
+            if len(self._model_rates) >= MAX_MODELS:
                 self._model_rates.clear()
             self._model_rates[model] = found
         return found
 
-    def _model_scopes(self, model: str) -> tuple[BudgetScope | _Timed, ...]:
+    def _model_scopes(self, model: str) -> tuple[BudgetScope | Timed, ...]:
         found = self._models.get(model)
         if found is None:
             key, key_hash, masked, check = self._model or (None, "", "", None)
-            budgeted = _budgeted_model(key.model_max_budget, model) if key else None
+            budgeted = budgeted_model(key.model_max_budget, model) if key else None
             if budgeted is None:
                 found = ()
             else:
@@ -303,81 +288,10 @@ class Plan:
                     aligned = check.calendar_aligned
                     found = ((counter, "model", label, limit, duration, key.created_at,
                               aligned),)  # fmt: skip
-            if len(self._models) >= _MAX_MODELS:
+            if len(self._models) >= MAX_MODELS:
                 self._models.clear()
             self._models[model] = found
         return found
-
-
-def _per_model(limits: Any, model: str) -> int | None:
-    """A key's limit for a model, under any of its names."""
-    if model in limits:
-        return int(limits[model])
-    return next((int(v) for name, v in limits.items() if same_model(name, model)), None)
-
-
-def _namespace(scope: str, principal: Principal | None) -> str:
-    """The prefix of a caller's end-user ids: none when they are global, else the tenant's."""
-    if scope == "global" or principal is None or principal.is_master:
-        return ""
-    if scope == "team" and principal.team_id:
-        return f"team:{principal.team_id}:"
-    return f"key:{principal.key_hash}:" if principal.key_hash else ""
-
-
-class _Merged:
-    """Counters by name, each with the tightest limit of the checks that enforce it."""
-
-    def __init__(self) -> None:
-        self._what: dict[str, tuple[str, str, str, float]] = {}
-        self._real: dict[str, int | None] = {}  # limits of the checks that refuse
-        self._shadow: dict[str, int | None] = {}  # limits of shadow checks (only report)
-
-    def add(
-        self,
-        key: str,
-        what: tuple[str, str, str, float],
-        limit: int | None,
-        check: Check,
-        *,
-        unlimited: bool = False,
-    ) -> None:
-        self._what.setdefault(key, what)
-        table = self._shadow if check.shadow else self._real
-        if key not in table:
-            table[key] = limit
-        elif limit is not None:
-            current = table[key]
-            table[key] = limit if current is None else min(current, limit)
-        elif not unlimited:
-            table[key] = None
-
-    def limit(self, key: str) -> Any:
-        """The limit a counter is enforced with: the real checks', else the shadow ones'."""
-        return self._real[key] if key in self._real else self._shadow[key]
-
-    def items(self) -> list[tuple[str, tuple[str, str, str, float], Any]]:
-        return [(key, what, self.limit(key)) for key, what in self._what.items()]
-
-    @property
-    def shadowed(self) -> frozenset[str]:
-        return frozenset(key for key in self._shadow if key not in self._real)
-
-
-def _record_levels(principal: Principal) -> list[tuple[str, str, str, Any, Any]]:
-    """The team, user and key budget levels: (level, counter, label, limit, record)."""
-    found: list[tuple[str, str, str, Any, Any]] = []
-    if principal.team is not None:
-        team_id = principal.team.team_id
-        found.append(("team", _counters.budget("team", team_id), team_id, None, principal.team))
-    if principal.user is not None:
-        user_id = principal.user.user_id
-        found.append(("user", _counters.budget("user", user_id), user_id, None, principal.user))
-    if principal.key is not None and principal.key_hash is not None:
-        label = principal.key_masked or "key"
-        counter = _counters.budget("key", principal.key_hash)
-        found.append(("key", counter, label, None, principal.key))
-    return [(lv, c, lb, rec.max_budget, rec) for lv, c, lb, _, rec in found]
 
 
 def budget_scopes(
@@ -396,42 +310,3 @@ def budget_scopes(
         if plans is not None:
             plans[check] = plan
     return plan.budget_scopes(end_user, model, now)
-
-
-def _scope(timed: _Timed, now: float) -> BudgetScope:
-    key, level, label, limit, duration, anchor, aligned = timed
-    seconds = None if aligned else _SECONDS[duration]
-    if seconds is None:
-        end = _counters.period_end(duration, now, anchor, aligned=aligned)
-    elif anchor and anchor <= now:
-        # Rolling from the budget's creation: the first `anchor + k × duration` after now
-        # (what `Duration.period_end` computes, inline: every request asks).
-        end = anchor + ((now - anchor) // seconds + 1) * seconds
-    else:
-        end = now + seconds
-    return BudgetScope(key, level, label, limit, end)
-
-
-class _Seconds(dict[str, int | None]):
-    """Fixed lengths of durations in seconds (`None` for months and years), parsed once each."""
-
-    def __missing__(self, duration: str) -> int | None:
-        if len(self) >= _MAX_MODELS:
-            self.clear()
-        seconds = self[duration] = parse_duration(duration).seconds
-        return seconds
-
-
-_SECONDS = _Seconds()
-
-
-def _budgeted_model(budgets: Any, model: str) -> str | None:
-    """The per-model budget a request's model falls under: the entry of the same model, in
-    any of its names (`_models`: snapshots, provider prefixes and case count as the base)."""
-    if model in budgets:
-        return model
-    return next((name for name in budgets if same_model(name, model)), None)
-
-
-def _nano(usd: float | None) -> int | None:
-    return None if usd is None else usd_to_nano(usd)
