@@ -271,6 +271,18 @@ def _infer_endpoint(data: Mapping[str, Any]) -> Endpoint | None:
     return None
 
 
+# Each API's prompt fields belong to it alone: a body that also carries another API's (a `prompt`
+# on a chat path) is refused, since llmfence would count one field and an upstream may read the
+# other. (The Responses API has a `prompt` of its own: a stored prompt's reference.)
+_FOREIGN_FIELDS: dict[Endpoint, tuple[str, ...]] = {
+    "chat": ("prompt", "input"),
+    "completions": ("messages", "input"),
+    "embeddings": ("messages", "prompt"),
+    "responses": ("messages",),
+    "messages": ("prompt", "input"),
+}
+
+
 def parse_request(
     body: bytes, path: str, deployments: Mapping[str, str] | None = None
 ) -> LLMRequest:
@@ -301,6 +313,13 @@ def parse_request(
             "The request body has none of 'messages', 'prompt' or 'input'; llmfence cannot "
             "meter it."
         )
+    for name in _FOREIGN_FIELDS[endpoint]:
+        if data.get(name) is not None:
+            _fail(
+                f"'{name}' does not belong in a body for the {endpoint} API (which the path "
+                "names); llmfence will not guess which field the upstream reads.",
+                name,
+            )
 
     model = _str(data, "model", max_length=MAX_MODEL_LENGTH)
     deployment = _azure_deployment(path)
