@@ -31,7 +31,13 @@ from llmfence._core.plan import Plan
 from llmfence._core.settle import finish
 from llmfence._request import amend, parse_request
 from llmfence._usage import StreamUsageScanner, UsageChunkFilter
-from llmfence.exceptions import ConfigurationError, LLMFenceError, RequestTooLargeError, StoreError
+from llmfence.exceptions import (
+    ConfigurationError,
+    InvalidRequestError,
+    LLMFenceError,
+    RequestTooLargeError,
+    StoreError,
+)
 
 from ._http import rate_limit_headers, send_error
 from ._paths import PathRules
@@ -145,7 +151,13 @@ class Engine:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        exempt, metered = self.paths.classify(path)
+        try:
+            # The normalized path decides; one that reads otherwise on a metered route is
+            # refused, since the app behind may forward either reading.
+            exempt, metered = self.paths.classify(path, scope.get("raw_path"))
+        except InvalidRequestError as ambiguous:
+            await send_error(send, ambiguous, self.meter.clock())
+            return
         if exempt:
             await self.app(scope, receive, send)
             return
