@@ -3,9 +3,13 @@
 The state lives in plain dicts of small `__slots__` objects, and every operation runs to
 completion without awaiting, so on one event loop each is atomic by construction. `admit` is
 the hot path of every metered request: it looks each counter up once, checks and reserves in a
-few flat loops, and builds no object beyond the states its result must carry. Empty buckets,
-empty lease sets and expired reservations are swept every `_SWEEP_EVERY` admissions, so memory
-stays bounded by the active keys, users and end users.
+few flat loops, and builds no object beyond the states its result must carry.
+
+Memory grows with what the operator created, not with what clients send: a sweep, run every
+`_SWEEP_EVERY` admissions or every as many admissions as there are entries (whichever is more,
+so its cost is amortized O(1) per admission), drops every entry that reads exactly as a missing
+one would (see `MemoryLedger._sweep`): idle rate buckets, empty lease sets, expired
+reservations, and the budget counters that clients create and nobody needs any more.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ from ._types import (
 __all__ = ["MemoryLedger"]
 
 _SWEEP_EVERY = 4096
+# A counter whose period ended is dropped only this long after the end: an admission may carry
+# a `now` taken a little before the call (a request's start), and until its `now` has passed
+# the end too, the old period's spend is still what it must read.
+_ENDED_GRACE = 60.0
+# Levels whose counters the clients name (a body's `user`, a caller's address): their
+# all-time `total` is not kept once they are idle. Counters of every other level are the
+# operator's (global, team, user, key, models, projects) and keep their totals for ever.
+_CLIENT_LEVELS = frozenset({"end_user", "ip"})
+_CLIENT_PREFIX = "end_user:"
 # A lease ends when its request does, which no store can predict: suggest a short retry.
 _PARALLEL_RETRY = 1.0
 
@@ -41,6 +54,26 @@ class _Budget:
     total: int = 0
     end: float | None = None
     epoch: int = 0  # bumped at every roll, so settlement can tell the period changed
+    held: int = 0  # live reservations holding this counter: it is never dropped while any do
+    client: bool = False  # a client-named level (see `_CLIENT_LEVELS`)
+
+    def droppable(self, now: float) -> bool:
+        """Whether a missing counter would answer every call exactly as this one does.
+
+        A missing counter reads as zero spent, zero total, in a period that starts at the
+        next touch. Kept: anything a live reservation holds (its settlement must land here);
+        a period still running (or ended less than `_ENDED_GRACE` ago); spend that never
+        resets; and the all-time `total` of the operator's levels (key, user, team, global:
+        the admin API shows it). Dropped: a counter that reads as zero in every respect (a
+        refused request's roll, say), and an idle client-named counter (an end user) whose
+        period has ended or whose spend without a period is zero: the only thing lost is its
+        `total`, which no answer about an end user shows (the spend log keeps its records).
+        """
+        if self.held:
+            return False
+        if self.end is None:
+            return not self.spent and (not self.total or self.client)
+        return now >= self.end + _ENDED_GRACE and (not self.total or self.client)
 
     def roll(self, period_end: float | None, now: float) -> None:
         if self.end is None:
@@ -94,8 +127,8 @@ class _Leases:
 class _Reservation:
     expires: float
     cost: int
-    # Budget counters are never dropped (they hold spend), so a reservation holds them
-    # directly, each with its epoch at reservation time.
+    # A counter a live reservation holds is never dropped (`_Budget.held` counts them), so a
+    # reservation holds its counters directly, each with its epoch at reservation time.
     budgets: list[tuple[_Budget, int]]
     tokens: list[tuple[str, int, int, int]]  # (counter key, window ms, limit, units)
     requests: list[tuple[str, int, int, int]]  # the same, for request buckets
@@ -122,7 +155,6 @@ class MemoryLedger:
         now = admission.now
         self._until_sweep -= 1
         if not self._until_sweep:
-            self._until_sweep = _SWEEP_EVERY
             self._sweep(now)
         now_ms = _window.to_ms(now)
         cost = admission.cost
@@ -157,7 +189,7 @@ class MemoryLedger:
         for scope in scopes:
             budget = table.get(scope.key)
             if budget is None:
-                budget = table[scope.key] = _Budget()
+                budget = table[scope.key] = _Budget(client=scope.level in _CLIENT_LEVELS)
             budget.roll(scope.period_end, now)
             budgets.append(budget)
 
@@ -203,6 +235,7 @@ class MemoryLedger:
                 held.add(request_id, now + slot.ttl)
             for budget in budgets:
                 budget.spent += cost
+                budget.held += 1
             self._reservations[request_id] = _Reservation(
                 now + admission.ttl,
                 cost,
@@ -244,7 +277,10 @@ class MemoryLedger:
     def _settle(self, settlement: Settlement) -> bool:
         """Replace a reservation with the actual cost and free its leases (not the record)."""
         reservation = self._reservations.pop(settlement.request_id, None)
-        if reservation is None or reservation.expires <= settlement.now:
+        if reservation is None:
+            return False
+        _unhold(reservation)
+        if reservation.expires <= settlement.now:
             return False
         cost = settlement.cost
         delta = cost - reservation.cost
@@ -275,8 +311,11 @@ class MemoryLedger:
 
     async def charge(self, scopes: Sequence[BudgetScope], cost: int, now: float) -> None:
         """Add spend at every level unconditionally."""
+        table = self._budgets
         for scope in scopes:
-            budget = self._budgets.setdefault(scope.key, _Budget())
+            budget = table.get(scope.key)
+            if budget is None:
+                budget = table[scope.key] = _Budget(client=scope.level in _CLIENT_LEVELS)
             budget.roll(scope.period_end, now)
             budget.spent += cost
             budget.total += cost
@@ -302,7 +341,9 @@ class MemoryLedger:
 
     async def reset_budget(self, key: str, period_end: float | None, now: float) -> None:
         """Start a new period for one budget counter now."""
-        budget = self._budgets.setdefault(key, _Budget())
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = _Budget(client=key.startswith(_CLIENT_PREFIX))
         budget.spent = 0
         budget.end = period_end
         budget.epoch += 1
@@ -339,19 +380,48 @@ class MemoryLedger:
             leases.held.pop(request_id, None)
 
     def _sweep(self, now: float) -> None:
-        # Empty buckets and lease sets hold nothing the next request could see; dropping them
-        # keeps memory bounded by the active keys, users and end users.
-        while self._reservations:
-            request_id, reservation = next(iter(self._reservations.items()))
+        """Drop what reads exactly as missing, and schedule the next sweep.
+
+        Expired reservations (a settlement of one answers False either way); rate buckets
+        that are empty whatever their limit (a missing one reads as empty); lease sets with no
+        live lease; budget counters `_Budget.droppable` says a missing one would stand in for.
+        What is kept is bounded by the operator's keys, users and teams, and by the clients
+        active within a period (or within a bucket's window). The next sweep comes after as
+        many admissions as there are entries left (at least `_SWEEP_EVERY`), so each
+        admission pays O(1) for sweeps, and at most a constant factor of dead entries waits
+        between two of them (an admission adds a bounded number).
+        """
+        reservations = self._reservations
+        while reservations:
+            request_id, reservation = next(iter(reservations.items()))
             if reservation.expires > now:
                 break
-            del self._reservations[request_id]
+            del reservations[request_id]
+            _unhold(reservation)
         now_ms = _window.to_ms(now)
         stale = [k for k, b in self._buckets.items() if b.idle(now_ms)]
         for key in stale:
             del self._buckets[key]
         for key in [k for k in self._leases if not self._live_leases(k, now).held]:
             del self._leases[key]
+        for key in [k for k, b in self._budgets.items() if b.droppable(now)]:
+            del self._budgets[key]
+        entries = len(self._budgets) + len(self._buckets) + len(self._leases) + len(reservations)
+        self._until_sweep = max(_SWEEP_EVERY, entries)
+
+    def entry_counts(self) -> dict[str, int]:
+        """How many entries each table holds now (for soaks and tests; nothing is swept)."""
+        return {
+            "budgets": len(self._budgets),
+            "buckets": len(self._buckets),
+            "leases": len(self._leases),
+            "reservations": len(self._reservations),
+        }
+
+
+def _unhold(reservation: _Reservation) -> None:
+    for budget, _ in reservation.budgets:
+        budget.held -= 1
 
 
 # -- refusals: built only when a check fails -------------------------------------------------

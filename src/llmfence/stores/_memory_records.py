@@ -5,12 +5,17 @@ long the process runs. It holds each record as a plain tuple of its values: CPyt
 collector stops tracking a tuple that holds only text, numbers and `None` (an exact tuple, not
 a `SpendRecord`, which is a subclass), so a full log of 100,000 records adds nothing to what a
 full collection walks.
+
+Running totals are kept for ever for every group the operator names (global, keys, users,
+teams, models). End users are named by clients, so their totals are kept for the most recently
+active `max(max_spend_records, 1000)` of them only: the ones the log could still hold records of.
+An end user evicted from them reads as one with no spend, as one the log has forgotten does.
 """
 
 from __future__ import annotations
 
 import copy
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,6 +27,8 @@ from ._types import KeyRecord, SpendRecord, SpendTotals, TeamRecord, UserRecord
 __all__ = ["MemoryRecords"]
 
 _R = TypeVar("_R", KeyRecord, UserRecord, TeamRecord)
+_END_USER = "end_user:"
+_MIN_END_USER_TOTALS = 1000
 
 
 @dataclass(slots=True)
@@ -43,6 +50,9 @@ class MemoryRecords:
         self._projects: dict[str, dict[str, Any]] = {}
         self._log: deque[tuple[Any, ...]] = deque(maxlen=max_spend_records)
         self._totals: dict[str, _Totals] = {}
+        # End users' totals, least recently counted first (see the module docstring).
+        self._end_user_totals: OrderedDict[str, _Totals] = OrderedDict()
+        self._max_end_user_totals = max(max_spend_records, _MIN_END_USER_TOTALS)
 
     # -- key, user and team records ----------------------------------------------------------
 
@@ -111,13 +121,26 @@ class MemoryRecords:
         self._log.append(tuple(record))  # an exact tuple: see the module docstring
         totals = self._totals
         for key in total_keys(record):
-            counted = totals.get(key)
-            if counted is None:
-                counted = totals[key] = _Totals()
+            if key.startswith(_END_USER):
+                counted = self._end_user_total(key)
+            else:
+                found = totals.get(key)
+                counted = totals[key] = _Totals() if found is None else found
             counted.cost += record.cost
             counted.input_tokens += record.input_tokens
             counted.output_tokens += record.output_tokens
             counted.requests += 1
+
+    def _end_user_total(self, key: str) -> _Totals:
+        kept = self._end_user_totals
+        counted = kept.get(key)
+        if counted is not None:
+            kept.move_to_end(key)
+            return counted
+        counted = kept[key] = _Totals()
+        if len(kept) > self._max_end_user_totals:
+            kept.popitem(last=False)
+        return counted
 
     async def spend_records(
         self,
@@ -142,7 +165,9 @@ class MemoryRecords:
 
     async def spend_totals(self, group: SpendGroup, name: str = "") -> SpendTotals:
         """All-time totals of one group (`"global"` ignores `name`)."""
-        totals = self._totals.get(total_key(group, name), _Totals())
+        key = total_key(group, name)
+        table = self._end_user_totals if group == "end_user" else self._totals
+        totals = table.get(key, _Totals())
         return SpendTotals(totals.cost, totals.input_tokens, totals.output_tokens, totals.requests)
 
     # -- BudgetManager project documents -----------------------------------------------------
