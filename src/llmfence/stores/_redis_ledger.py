@@ -12,6 +12,13 @@ Money is integer nano-USD from end to end: it enters a script as text and is add
 with 14 significant digits. Times stay the caller's float text (compared as doubles, exactly as
 `MemoryStore` compares them), except the rate buckets, which count in integer milliseconds
 as `_window` does.
+
+Keys that clients name expire when idle (see `budget.lua`): an end user's budget counter a
+minute after its period ends (and never before a reservation that may hold it is gone), or, for
+spend that never resets, a minute after it is back at zero; rate buckets two windows (at least
+a minute) after their last write; lease sets with their longest lease; reservations with the
+admission's TTL. The end users' spend totals are kept for the most recent
+`max(max_spend_records, 1000)` of them. Everything the operator created stays.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ _PARALLEL_RETRY: Final = 1.0
 # reservation still holds by the caller's clock, and the scripts' own checks make expiry exact.
 # A bucket is empty one window after its last write (see `_window`); its key lives two.
 _MIN_KEY_TTL_MS: Final = 60_000
+# Levels whose counters the clients name (a body's `user`, a caller's address): their budget
+# counters expire when idle (budget.lua). MemoryStore drops the same ones in its sweep.
+_CLIENT_LEVELS: Final = frozenset({"end_user", "ip"})
 
 _Buckets = Sequence[tuple[int, int]]  # per rate hit: level, t (as stored, before the step)
 _Levels = Sequence[tuple[int, int, float | None]]  # per budget: spent, total, end (before)
@@ -75,7 +85,11 @@ class RedisLedger(RedisBase):
             args += (slot.limit, num(now + slot.ttl), _ttl_ms(slot.ttl * 1000))
         for scope in scopes:
             keys.append(tag + "budget:" + scope.key)
-            args += ("" if scope.limit is None else scope.limit, opt_num(scope.period_end))
+            args += (
+                "" if scope.limit is None else scope.limit,
+                opt_num(scope.period_end),
+                "1" if scope.level in _CLIENT_LEVELS else "",
+            )
 
         # The script answers with the states before anything was reserved, in one string.
         reply = text(await self._script("admit", keys, args)).split()
@@ -98,7 +112,12 @@ class RedisLedger(RedisBase):
         now = settlement.now
         tokens = settlement.tokens
         record = settlement.record
-        keys = (self._tag + "reservation:" + settlement.request_id, self._log_key, self._totals_key)
+        keys = (
+            self._tag + "reservation:" + settlement.request_id,
+            self._log_key,
+            self._totals_key,
+            self._tag + "spend:end_users",
+        )
         args: list[Any] = [
             num(now), _window.to_ms(now), settlement.cost, "" if tokens is None else tokens,
             settlement.request_id, 1 if settlement.refund_requests else 0, self._max_records,
@@ -124,6 +143,7 @@ class RedisLedger(RedisBase):
             keys = [self._tag + "budget:" + scope.key for scope in scopes]
             args: list[Any] = [num(now), cost]
             args += [opt_num(scope.period_end) for scope in scopes]
+            args += ["1" if scope.level in _CLIENT_LEVELS else "" for scope in scopes]
             await self._script("charge", keys, args)
 
     async def budgets(self, scopes: Sequence[BudgetScope], now: float) -> list[BudgetState]:

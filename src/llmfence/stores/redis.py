@@ -33,22 +33,28 @@ class RedisStore(RedisLedger, RedisRecords):
     that cannot know them in advance (`settle` reads the keys its reservation names; listing
     keys reads the records an index names) only reach keys under the same tag.
 
-    Layout, under `{prefix}:`: `budget:<scope>` hashes (spent, total, period end, epoch),
-    `bucket:<scope>` rate-bucket hashes (level, t; expiring after two windows, or a minute if
-    that is longer), `lease:<scope>` sorted sets (request id scored by expiry),
+    Layout, under `{prefix}:`: `budget:<scope>` hashes (spent, total, period end, epoch; an
+    end user's expires a minute after its period ends and never before a reservation that may
+    hold it, or, without a period, a minute after its spend is back at zero; the operator's
+    never expire), `bucket:<scope>` rate-bucket hashes (level, t; expiring after two windows,
+    or a minute if that is longer), `lease:<scope>` sorted sets (request id scored by expiry),
     `reservation:<request id>` (expiring with the admission's TTL), `key:<hash>`,
     `user:<id>`, `team:<id>` record hashes (one JSON value per field; only a key's hash and
     masked form are ever stored), `keys`, `keys:by_user`, `keys:by_team` indexes,
     `access_groups`, `project:<name>`, the bounded `spend:log` list of records (each a JSON
     array of the record's values in `SpendRecord` field order) and the `spend:totals` hash of
     running totals (field `<group>:<name>`, e.g. `user:alice` or `global:`; value
-    `"<cost> <input tokens> <output tokens> <requests>"`, summed exactly by `settle.lua`).
+    `"<cost> <input tokens> <output tokens> <requests>"`, summed exactly by `settle.lua`),
+    whose `end_user:` fields are kept for the most recent `max(max_spend_records, 1000)` end
+    users only, ranked in the `spend:end_users` sorted set (field scored by last use, ms).
+    State therefore grows with what the operator created, not with the names clients send.
 
     The layout may change before 1.0. Earlier development versions stored each record as a
     JSON object (still read) and each group's totals as its own `spend:totals:<group>:<name>`
     hash of four fields (no longer read: totals start again from zero), and sliding-window
     counters as `window:<scope>` hashes (no longer read: rate buckets start empty; the old
-    hashes expire on their own).
+    hashes expire on their own). End users' budget counters written before TTLs were set
+    get one at their next touch; until then they stay.
 
     Every call is bounded by `timeout`, as a whole: waiting for a pooled connection,
     connecting, the command and its reply. A Redis error or a timeout raises `StoreError`

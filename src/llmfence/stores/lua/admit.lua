@@ -10,7 +10,8 @@
 -- ARGV[6] reservation key TTL (ms)   ARGV[7] nr   ARGV[8] ns   ARGV[9] nb
 -- then per bucket (5):  kind ('requests'|'tokens'), window ms, limit, cost, key TTL (ms)
 -- then per lease (3):   limit, lease expiry (Unix seconds), key TTL (ms)
--- then per budget (2):  limit ('' for none), period end ('' for none)
+-- then per budget (3):  limit ('' for none), period end ('' for none), '1' if clients name it
+--                       (an end user's: it expires when idle, see budget.lua)
 --
 -- Every key is hash-tagged with the store's prefix, so they all live in one cluster slot.
 -- Money never passes through a Lua number into a command: it goes in as the caller's text
@@ -32,6 +33,8 @@ local cost = tonumber(cost_text)
 local nr, ns, nb = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local rate_base, slot_base = 9, 9 + 5 * nr
 local budget_base = slot_base + 3 * ns
+-- A client-named budget counter outlives any reservation that may hold it.
+local client_floor = tonumber(ARGV[6]) + CLIENT_GRACE_MS
 
 -- _window.drained: the level now of a bucket, in units × window ms. A level above the
 -- bucket's size reads as full; a caller whose clock is behind `t` (another host) reads it as
@@ -69,11 +72,22 @@ end
 -- Budgets: roll every level first (MemoryStore rolls before it checks anything).
 local budgets = {}
 for i = 1, nb do
-  local a = budget_base + 2 * (i - 1)
+  local a = budget_base + 3 * (i - 1)
   local b = load_budget(KEYS[1 + nr + ns + i], now, ARGV[a + 2])
   b.key = KEYS[1 + nr + ns + i]
   b.limit = ARGV[a + 1]
+  b.client = ARGV[a + 3] == '1'
   budgets[i] = b
+end
+
+-- Client-named counters get their TTLs whatever the verdict: a roll may have written one.
+local function expire_clients(reserved)
+  for i = 1, nb do
+    local b = budgets[i]
+    if b.client then
+      expire_client(b.key, b.ends, b.spent + reserved, now, client_floor)
+    end
+  end
 end
 
 local function reply(verdict, position, current)
@@ -95,6 +109,7 @@ for _, kind in ipairs({'requests', 'tokens'}) do
     local r = rates[i]
     -- A hit fits iff level_now + cost × W <= limit × W.
     if r.kind == kind and drained(r.bucket, r.size, r.limit) + r.cost * r.size > r.limit * r.size then
+      expire_clients(0)
       return reply(1, i, 0)
     end
   end
@@ -107,6 +122,7 @@ for j = 1, ns do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
   local held = redis.call('ZCARD', key)
   if held >= limit then
+    expire_clients(0)
     return reply(2, j, held)
   end
 end
@@ -115,6 +131,7 @@ for i = 1, nb do
   local b = budgets[i]
   -- spent + cost > limit, compared without forming a sum that could pass 2^53.
   if b.limit ~= '' and b.spent > tonumber(b.limit) - cost then
+    expire_clients(0)
     return reply(3, i, 0)
   end
 end
@@ -160,8 +177,10 @@ local reserved = {}
 for i = 1, nb do
   local b = budgets[i]
   redis.call('HINCRBY', b.key, 'spent', cost_text)
-  reserved[i] = {b.key, string.format('%d', b.epoch)}
+  -- The third field tells settle.lua the counter is client-named (see budget.lua).
+  reserved[i] = {b.key, string.format('%d', b.epoch), b.client and '1' or ''}
 end
+expire_clients(cost)
 
 -- Every value is a string, so cjson's 14-digit number formatting never touches them.
 redis.call('SET', KEYS[1], cjson.encode({

@@ -4,6 +4,9 @@
 -- KEYS[2]   the spend log, a list of JSON records, newest first
 -- KEYS[3]   the running totals, one hash: field '<group>:<name>' (e.g. 'user:alice', 'global:')
 --           holding '<cost> <input tokens> <output tokens> <requests>', integers in decimal
+-- KEYS[4]   the end users' fields of KEYS[3], a sorted set scored by when they last counted:
+--           only the most recent max(records kept, 1000) end users keep their totals (clients
+--           name end users; the operator's groups are kept for ever)
 --
 -- ARGV[1] now (Unix seconds, float text)   ARGV[2] now in integer milliseconds
 -- ARGV[3] actual cost (nano-USD)   ARGV[4] actual tokens ('' to keep the reserved count)
@@ -100,6 +103,22 @@ if ARGV[8] ~= '' then
     new[2 * i - 1], new[2 * i] = field, value
   end
   redis.call('HSET', KEYS[3], unpack(new))
+  local counted = false
+  for _, field in ipairs(fields) do
+    if string.sub(field, 1, 9) == 'end_user:' then
+      redis.call('ZADD', KEYS[4], ARGV[2], field)
+      counted = true
+    end
+  end
+  if counted then
+    local excess = redis.call('ZCARD', KEYS[4]) - math.max(keep, 1000)
+    if excess > 0 then
+      local gone = redis.call('ZPOPMIN', KEYS[4], excess)
+      for i = 1, #gone, 2 do
+        redis.call('HDEL', KEYS[3], gone[i])
+      end
+    end
+  end
 end
 
 local raw = redis.call('GET', KEYS[1])
@@ -128,6 +147,18 @@ for _, entry in ipairs(r.budgets) do
     redis.call('HINCRBY', key, 'spent', cost_text)
   end
   redis.call('HINCRBY', key, 'total', cost_text)
+  if entry[3] == '1' and not redis.call('HGET', key, 'end') then
+    -- A client-named counter without a period (see budget.lua): kept while it holds spend,
+    -- expiring a minute after it is back at zero.
+    if tonumber(redis.call('HGET', key, 'spent')) == 0 then
+      local current = redis.call('PTTL', key)
+      if current == -1 or (current >= 0 and current < 60000) then
+        redis.call('PEXPIRE', key, 60000)
+      end
+    else
+      redis.call('PERSIST', key)
+    end
+  end
 end
 
 local now_ms = tonumber(ARGV[2])
