@@ -106,7 +106,8 @@ class PathRules:
             InvalidRequestError: The path reads differently once normalized, and a metered
                 route is involved (or its readings disagree on being exempt).
         """
-        if raw_path is None or b"%" not in raw_path:
+        # (`0x25`, not `b"%"`: an int is found by one scan, a bytes needle costs ~10x more.)
+        if raw_path is None or 0x25 not in raw_path:  # no `%` in the path as sent
             known = self._seen.get(path)
             if known is None:
                 known = self._lookup(self._seen, path, path, None)
