@@ -25,7 +25,7 @@ from typing import Literal
 
 from .exceptions import ConfigurationError
 
-__all__ = ["Duration", "parse_duration"]
+__all__ = ["MAX_YEARS", "Duration", "parse_duration"]
 
 Unit = Literal["s", "m", "h", "d", "w", "mo", "y"]
 
@@ -37,6 +37,10 @@ _NAMED: dict[str, tuple[int, Unit]] = {
     "yearly": (1, "y"),
 }
 _PATTERN = re.compile(r"(\d{1,6})\s*(mo|s|m|h|d|w|y)")
+MAX_YEARS = 100
+"""The longest duration accepted: a period or a key lifetime must end within the calendar
+`datetime` can name, and a budget that resets once a century in effect never resets."""
+_MAX_SECONDS = MAX_YEARS * 366 * 86_400
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,4 +157,12 @@ def parse_duration(value: str | Duration, *, aligned: bool = False) -> Duration:
             f"Invalid budget duration {value!r}: use e.g. '30s', '30m', '30h', '30d', '2w', "
             "'3mo', '1y', or 'daily', 'weekly', 'monthly', 'yearly'."
         )
-    return Duration(int(match[1]), match[2], aligned)  # type: ignore[arg-type]
+    duration = Duration(int(match[1]), match[2], aligned)  # type: ignore[arg-type]
+    seconds = duration.seconds
+    if (duration._months() if seconds is None else seconds) > (
+        MAX_YEARS * 12 if seconds is None else _MAX_SECONDS
+    ):
+        raise ConfigurationError(
+            f"Invalid budget duration {value!r}: at most {MAX_YEARS} years ('{MAX_YEARS}y')."
+        )
+    return duration

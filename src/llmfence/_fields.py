@@ -11,6 +11,8 @@ answers with an OpenAI-shaped 400.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Collection, Iterable, Mapping
 from decimal import Decimal
 from typing import Any
@@ -23,19 +25,30 @@ from .exceptions import ConfigurationError, InvalidRequestError
 __all__ = [
     "KEY_FIELDS",
     "LIMIT_FIELDS",
+    "MAX_BUDGET_USD",
     "MAX_DAILY_LIMIT",
+    "MAX_METADATA_BYTES",
+    "MAX_NAME_LENGTH",
     "MIN_KEY_LENGTH",
+    "POLICIES",
     "RECORD_FIELDS",
     "TEAM_FIELDS",
     "USER_FIELDS",
     "ModelBudget",
     "budget_nano",
+    "checked_bool",
     "checked_duration",
+    "checked_int",
     "checked_key",
     "checked_limit",
+    "checked_metadata",
+    "checked_name",
+    "checked_policy",
+    "checked_seconds",
     "daily_limit",
     "json_fields",
     "json_key",
+    "json_project",
     "key_expiry",
     "limit_fields",
     "model_budget_periods",
@@ -68,7 +81,12 @@ MIN_KEY_LENGTH = 20
 
 # Fields any admin body may carry besides its own: the routes read them to find a record.
 _LOOKUP_FIELDS = frozenset({"key", "keys", "user_id", "team_id"})
-_MAX_NAME_LENGTH = 256
+MAX_NAME_LENGTH = 256
+"""The longest id, alias or model name accepted: each names records and counters in the store."""
+MAX_METADATA_BYTES = 16 * 1024
+"""The largest `metadata` accepted, as compact JSON: it is kept with the record, in the cache."""
+MAX_BUDGET_USD = 1_000_000_000
+"""The largest budget accepted, in USD: larger ones are a typo or an attempt at an overflow."""
 
 
 # -- the Python door: typed arguments, ConfigurationError --------------------------------------
@@ -102,16 +120,113 @@ def budget_nano(usd: float | Decimal | str | None) -> int | None:
     """A budget in USD as nano-USD, or None for none.
 
     Raises:
-        ConfigurationError: The amount is not a finite number, or is negative.
+        ConfigurationError: The amount is not a finite number, or is negative, or is larger
+            than `MAX_BUDGET_USD`.
     """
     return None if usd is None else _nano(usd)
 
 
-def checked_duration(value: str | None) -> str | None:
-    """`value` if `parse_duration` reads it (or it is None), else a `ConfigurationError`."""
+def checked_duration(value: str | None, name: str | None = None) -> str | None:
+    """`value` if `parse_duration` reads it (or it is None), else a `ConfigurationError`
+    (whose message starts with `name`, the argument, when given)."""
     if value is not None:
-        parse_duration(value)
+        try:
+            parse_duration(value)
+        except ConfigurationError as error:
+            if name is None:
+                raise
+            raise ConfigurationError(f"{name}: {error}") from None
     return value
+
+
+# -- options of `Fence` and the middlewares: checked when they are built ----------------------
+
+
+def checked_int(name: str, value: object, *, low: int, high: int | None = None) -> int:
+    """An int option from `low` to `high` (not a bool, a float or a string).
+
+    Raises:
+        ConfigurationError: It is not; the message names the argument.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name} must be an int, not {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"from {low} to {high:_}"
+        raise ConfigurationError(f"{name} must be {bound}, not {value!r}")
+    return value
+
+
+def checked_seconds(name: str, value: object, *, zero: bool = False) -> float:
+    """A duration option in seconds: a finite number > 0 (≥ 0 with `zero`).
+
+    Raises:
+        ConfigurationError: It is not; the message names the argument.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        what = "≥ 0" if zero else "> 0"
+        raise ConfigurationError(f"{name} must be a finite number of seconds {what}, not {value!r}")
+    return float(value)
+
+
+def checked_bool(name: str, value: object) -> bool:
+    """A flag option: `True` or `False` (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+POLICIES = ("fail_open", "fail_closed")
+
+
+def checked_policy(name: str, value: object) -> str:
+    """What a guard does while the store is down: `"fail_open"` or `"fail_closed"`."""
+    if value not in POLICIES:
+        raise ConfigurationError(f"{name} must be 'fail_open' or 'fail_closed', not {value!r}")
+    assert isinstance(value, str)
+    return value
+
+
+def checked_name(name: str, value: object) -> str:
+    """An id, alias or model name: a non-empty string of at most `MAX_NAME_LENGTH` characters
+    that is valid Unicode (no lone surrogates: they have no UTF-8 form, so no name in Redis).
+
+    Raises:
+        ConfigurationError: It is not.
+    """
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH:
+        raise ConfigurationError(
+            f"{name} must be a non-empty string of at most {MAX_NAME_LENGTH} characters"
+        )
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"{name} must be valid Unicode text") from None
+    return value
+
+
+def checked_metadata(name: str, value: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Free-form record metadata: JSON of at most `MAX_METADATA_BYTES`, valid Unicode, finite.
+
+    Raises:
+        ConfigurationError: It is not.
+    """
+    metadata = dict(value or {})
+    try:
+        size = len(json.dumps(metadata, ensure_ascii=False, allow_nan=False).encode())
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"{name} must be valid Unicode text") from None
+    except (TypeError, ValueError, RecursionError):
+        raise ConfigurationError(f"{name} must be JSON with finite numbers") from None
+    if size > MAX_METADATA_BYTES:
+        raise ConfigurationError(f"{name} must be at most {MAX_METADATA_BYTES} bytes of JSON")
+    return metadata
 
 
 def checked_key(key: str) -> str:
@@ -141,6 +256,7 @@ def model_budgets(budgets: Mapping[str, ModelBudget] | None) -> dict[str, int]:
     """
     out = {}
     for model, value in (budgets or {}).items():
+        checked_name("a model_max_budget model", model)
         if isinstance(value, Mapping):
             if value.get("budget_limit") is None:
                 raise ConfigurationError(f"model_max_budget[{model!r}] needs a budget_limit")
@@ -173,6 +289,7 @@ def model_limits(name: str, limits: Mapping[str, int] | None) -> dict[str, int]:
     """
     out = {}
     for model, limit in (limits or {}).items():
+        checked_name(f"a {name} model", model)
         checked = checked_limit(f"{name}[{model!r}]", limit)
         if checked is None:
             raise ConfigurationError(f"{name}[{model!r}] must be an int ≥ 0")
@@ -221,8 +338,10 @@ def limit_fields(
         nano-USD, `models` a tuple, `metadata` a dict, and the rest as given.
 
     Raises:
-        ConfigurationError: A budget that is negative or not a number, a duration
-            `parse_duration` does not read, or a limit that is not an int ≥ 0.
+        ConfigurationError: A budget that is negative, larger than `MAX_BUDGET_USD` or not a
+            number, a duration `parse_duration` does not read, a limit that is not an int ≥ 0,
+            a model name that is not a string of at most `MAX_NAME_LENGTH` characters, or
+            metadata that is not JSON of at most `MAX_METADATA_BYTES`.
     """
     return {
         "max_budget": budget_nano(max_budget),
@@ -232,8 +351,8 @@ def limit_fields(
         "rpd_limit": daily_limit("rpd_limit", rpd_limit),
         "tpd_limit": daily_limit("tpd_limit", tpd_limit),
         "max_parallel_requests": checked_limit("max_parallel_requests", max_parallel_requests),
-        "models": tuple(models),
-        "metadata": dict(metadata or {}),
+        "models": tuple(checked_name("a models entry", model) for model in models),
+        "metadata": checked_metadata("metadata", metadata),
         "created_at": created_at,
     }
 
@@ -242,6 +361,8 @@ def _nano(usd: float | Decimal | str) -> int:
     nano = usd_to_nano(usd)
     if nano < 0:
         raise ConfigurationError("a budget must not be negative")
+    if nano > MAX_BUDGET_USD * 1_000_000_000:
+        raise ConfigurationError(f"a budget must be at most {MAX_BUDGET_USD:_} USD")
     return nano
 
 
@@ -301,6 +422,41 @@ def json_key(value: object) -> str:
     )
 
 
+_PROJECT_AMOUNTS = ("total_budget", "current_cost")
+
+
+def json_project(value: object) -> dict[str, Any]:
+    """LiteLLM's `user_dict` (`/set_budget`): user → entry, kept as the project's document.
+
+    Raises:
+        InvalidRequestError: Not an object of objects; numbers that are not finite, or budgets
+            and costs beyond `MAX_BUDGET_USD`; text that is not valid Unicode; nesting that no
+            JSON encoder can write back.
+    """
+    param = "user_dict"
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"'{param}' must be an object.", param=param)
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"'{param}' must be valid Unicode text.", param=param) from None
+    except (ValueError, RecursionError):
+        raise InvalidRequestError(
+            f"'{param}' must hold finite numbers and nest at most a few levels.", param=param
+        ) from None
+    for user, entry in value.items():
+        if not isinstance(entry, dict):
+            raise InvalidRequestError(f"'{param}.{user}' must be an object.", param=param)
+        for name in _PROJECT_AMOUNTS:
+            amount = entry.get(name)
+            if amount is not None and not (_is_number(amount) and abs(amount) <= MAX_BUDGET_USD):
+                raise InvalidRequestError(
+                    f"'{param}.{user}.{name}' must be a number of at most {MAX_BUDGET_USD} USD.",
+                    param=param,
+                )
+    return value
+
+
 def _is_number(value: object) -> bool:
     # JSON numbers only: bool is an int subclass, and strings are not amounts here.
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -312,7 +468,9 @@ def _json_budget(name: str, value: Any) -> int:
             return _nano(value)
     except ConfigurationError:  # 1e999 is a JSON number, and an infinite float
         pass
-    raise InvalidRequestError(f"'{name}' must be a number ≥ 0.", param=name)
+    raise InvalidRequestError(
+        f"'{name}' must be a number from 0 to {MAX_BUDGET_USD} (USD).", param=name
+    )
 
 
 def _json_limit(name: str, value: Any) -> int | None:
@@ -342,15 +500,28 @@ def _json_duration(name: str, value: Any) -> str:
 
 
 def _json_models(name: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
-        raise InvalidRequestError(f"'{name}' must be an array of strings.", param=name)
-    return tuple(value)
+    try:
+        if isinstance(value, list):
+            return tuple(checked_name(name, model) for model in value)
+    except ConfigurationError:
+        pass
+    raise InvalidRequestError(
+        f"'{name}' must be an array of model names (strings of 1 to {MAX_NAME_LENGTH} characters).",
+        param=name,
+    )
 
 
 def _json_object(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidRequestError(f"'{name}' must be an object.", param=name)
     return value
+
+
+def _json_metadata(name: str, value: Any) -> dict[str, Any]:
+    try:
+        return checked_metadata(name, _json_object(name, value))
+    except ConfigurationError as error:
+        raise InvalidRequestError(f"'{name}': {error}.", param=name) from None
 
 
 def _json_model_budgets(name: str, value: Any) -> dict[str, Any]:
@@ -388,7 +559,11 @@ def _json_model_budgets(name: str, value: Any) -> dict[str, Any]:
     try:
         model_budgets(budgets)
     except ConfigurationError as error:
-        raise InvalidRequestError(f"'{name}' amounts must be finite.", param=name) from error
+        raise InvalidRequestError(
+            f"'{name}': model names of 1 to {MAX_NAME_LENGTH} characters, and amounts from 0 "
+            f"to {MAX_BUDGET_USD} (USD).",
+            param=name,
+        ) from error
     return budgets
 
 
@@ -398,15 +573,21 @@ def _json_model_limits(name: str, value: Any) -> dict[str, int]:
         return model_limits(name, limits)
     except ConfigurationError:
         raise InvalidRequestError(
-            f"'{name}' must map model names to integers ≥ 0.", param=name
+            f"'{name}' must map model names (1 to {MAX_NAME_LENGTH} characters) to integers ≥ 0.",
+            param=name,
         ) from None
 
 
 def _json_name(name: str, value: Any) -> str:
     """Ids, aliases and the key itself: a non-empty string of at most 256 characters."""
-    if not isinstance(value, str) or not value or len(value) > _MAX_NAME_LENGTH:
-        raise InvalidRequestError(f"'{name}' must be a non-empty string.", param=name)
-    return value
+    try:
+        return checked_name(name, value)
+    except ConfigurationError:
+        raise InvalidRequestError(
+            f"'{name}' must be a non-empty string of at most {MAX_NAME_LENGTH} characters "
+            "(valid Unicode).",
+            param=name,
+        ) from None
 
 
 _JSON_CHECKS = {
@@ -417,7 +598,7 @@ _JSON_CHECKS = {
     "rpd_limit": _json_daily_limit,
     "tpd_limit": _json_daily_limit,
     "models": _json_models,
-    "metadata": _json_object,
+    "metadata": _json_metadata,
     "model_max_budget": _json_model_budgets,
     "model_rpm_limit": _json_model_limits,
     "model_tpm_limit": _json_model_limits,

@@ -11,7 +11,7 @@ the body re-serialized with a clamped output allowance or changed stream options
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
 
@@ -30,6 +30,9 @@ Endpoint = Literal["chat", "completions", "embeddings", "responses", "messages"]
 MAX_OUTPUT_TOKENS = 1 << 24
 MAX_N = 128
 MAX_MODEL_LENGTH = 256
+MAX_DEPTH = 128
+"""The deepest nesting of arrays and objects accepted in a body: real requests (tool schemas
+included) stay far below it, and every later stage (token counting, re-encoding) may recurse."""
 
 # OpenAI's reasoning models refuse `max_tokens` on chat completions: they take
 # `max_completion_tokens` instead.
@@ -37,6 +40,9 @@ _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 _ALLOWANCE_NAMES = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 # Built once: `json.dumps` with options builds an encoder per call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# For a body holding lone surrogates (`"\ud800"` is valid JSON): escaped again as the client
+# wrote them, since they have no UTF-8 form.
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 _SUFFIXES: tuple[tuple[str, Endpoint], ...] = (
     ("/chat/completions", "chat"),
@@ -110,11 +116,28 @@ def _load(body: bytes) -> dict[str, Any]:
         data = loads_strict(body)  # a prebuilt decoder: NaN and Infinity are not JSON
     except UnicodeDecodeError:
         _fail("The request body is not valid UTF-8.")
-    except (ValueError, RecursionError):
+    except ValueError:
         _fail("The request body is not valid JSON.")
+    except RecursionError:
+        _fail(f"The request body nests arrays and objects more than {MAX_DEPTH} levels deep.")
     if not isinstance(data, dict):
         _fail(f"The request body must be a JSON object, not {_json_type(data)}.")
+    # Only a body with more openers than the limit can nest deeper: most bodies skip the walk.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _deeper_than(data, MAX_DEPTH):
+        _fail(f"The request body nests arrays and objects more than {MAX_DEPTH} levels deep.")
     return data
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels (walked without recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children: Iterable[object] = item.values() if isinstance(item, dict) else item  # type: ignore[assignment]
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _json_type(value: object) -> str:
@@ -160,6 +183,21 @@ def _str(body: Mapping[str, Any], name: str, *, max_length: int | None = None) -
         _fail(f"'{name}' must be a string, not {_json_type(value)}.", name)
     if max_length is not None and len(value) > max_length:
         _fail(f"'{name}' is longer than {max_length} characters.", name)
+    return value
+
+
+def _identifier(
+    body: Mapping[str, Any], name: str, *, max_length: int, param: str | None = None
+) -> str | None:
+    """A string that names a counter or a price in the store: no lone surrogates, which have
+    no UTF-8 form and so no name in Redis (nor a place in a spend record)."""
+    value = _str(body, name, max_length=max_length)
+    if value is not None and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            param = param or name
+            _fail(f"'{param}' must be valid Unicode text (it holds a lone surrogate).", param)
     return value
 
 
@@ -321,7 +359,7 @@ def parse_request(
                 name,
             )
 
-    model = _str(data, "model", max_length=MAX_MODEL_LENGTH)
+    model = _identifier(data, "model", max_length=MAX_MODEL_LENGTH)
     deployment = _azure_deployment(path)
     if deployment is not None:
         # What runs is the deployment, whatever the body says: check and price that.
@@ -333,7 +371,7 @@ def parse_request(
     texts: tuple[str, ...] = ()
     token_ids = 0
     tools: tuple[Mapping[str, Any], ...] = ()
-    end_user = _str(data, "user", max_length=MAX_END_USER)
+    end_user = _identifier(data, "user", max_length=MAX_END_USER)
 
     if endpoint == "chat":
         if "messages" not in data:
@@ -348,7 +386,10 @@ def parse_request(
         if metadata is not None:
             if not isinstance(metadata, dict):
                 _fail("'metadata' must be an object.", "metadata")
-            end_user = _str(metadata, "user_id", max_length=MAX_END_USER) or end_user
+            end_user = (
+                _identifier(metadata, "user_id", max_length=MAX_END_USER, param="metadata.user_id")
+                or end_user
+            )
     elif endpoint == "completions":
         if "prompt" not in data:
             _fail("'prompt' is required.", "prompt")
@@ -447,4 +488,9 @@ def amend(
         body[name] = max_tokens
     if stream_options is not None:
         body["stream_options"] = dict(stream_options)
-    return replace(request, body=body), _ENCODER.encode(body).encode()
+    text = _ENCODER.encode(body)
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:  # a lone surrogate somewhere: escape it as it came in
+        data = _ASCII_ENCODER.encode(body).encode()
+    return replace(request, body=body), data

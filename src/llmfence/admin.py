@@ -47,6 +47,7 @@ from llmfence._fields import (
     USER_FIELDS,
     json_fields,
     json_key,
+    json_project,
     key_expiry,
 )
 from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError
@@ -254,9 +255,7 @@ def admin_routes(fence: Fence) -> list[Route]:
         name, user_dict = body.get("project_name"), body.get("user_dict")
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("'project_name' is required.", param="project_name")
-        if not isinstance(user_dict, dict):
-            raise InvalidRequestError("'user_dict' must be an object.", param="user_dict")
-        await store.set_project(name, user_dict)
+        await store.set_project(name, json_project(user_dict))
         return {"status": "success"}
 
     return [

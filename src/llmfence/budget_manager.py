@@ -40,6 +40,7 @@ from llmfence._budget_backends import (
     usd,
 )
 from llmfence._duration import parse_duration
+from llmfence._fields import budget_nano
 from llmfence._money import nano_to_usd, usd_to_nano
 from llmfence._pricing import PriceBook
 from llmfence._request import LLMRequest
@@ -165,7 +166,8 @@ class BudgetManager:
         Raises:
             ConfigurationError: The duration or the budget is not valid; the message names it.
         """
-        usd_to_nano(total_budget)  # reject a budget that is not a finite number
+        # A budget that is not a finite number, negative or absurdly large never gets stored.
+        budget_nano(total_budget)
         entry: Entry = {"total_budget": total_budget}
         if duration is not None:
             start = self._clock() if created_at is None else created_at
