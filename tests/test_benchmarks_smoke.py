@@ -39,3 +39,21 @@ def test_benchmark_runs_quick(script: str, header: str, writes_json: bool, tmp_p
     assert "done in" in result.stdout
     if writes_json:
         assert json.loads(results.read_text())["targets"]
+
+
+def test_memory_soak_runs_quick(tmp_path: Path) -> None:
+    results = tmp_path / "soak.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "soak_memory.py"), "--quick", "--json", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| phase" in result.stdout
+    assert "RSS after warm-up" in result.stdout
+    assert "done in" in result.stdout
+    payload = json.loads(results.read_text())
+    assert payload["warm"]["rss_mib"] > 0
+    assert payload["end"]["requests"] >= payload["warm"]["requests"]
