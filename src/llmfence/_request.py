@@ -342,7 +342,8 @@ def parse_request(
 
     Raises:
         InvalidRequestError: The body is not UTF-8 JSON, not an object, not an LLM request,
-            or has fields of the wrong type or out of range.
+            carries another API's prompt field (a `prompt` on a chat path), or has fields of
+            the wrong type or out of range.
     """
     data = _load(body)
     endpoint = endpoint_for_path(path) or _infer_endpoint(data)
