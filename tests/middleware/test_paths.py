@@ -293,3 +293,31 @@ def test_a_path_is_refused_or_classified_as_its_normal_form(
         assert fresh.is_metered(path) or oracle(raw) != path or "%2F" in raw.upper()
         return
     assert answer == fresh.classify(oracle(raw))
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=6))
+async def test_through_the_stack_a_path_is_refused_or_metered_as_its_normal_form(
+    segments: list[str],
+) -> None:
+    raw = "/" + "/".join(segments)
+    normal_metered = PathRules().is_metered(oracle(raw))
+    app, reached = forwarder()
+    store = MemoryStore()
+    fence = Fence(store=store, master_key=MASTER)
+    fence.install(app)
+    key, _ = await fence.generate_key()
+    async with LifespanManager(app) as manager:
+        status, answer = await send_raw(manager.app, raw.encode(), chat(), key)
+    records = await store.spend_records()
+    if status == 400:
+        assert answer["error"]["type"] == "invalid_request_error"
+        assert reached == []
+        assert records == []
+        return
+    assert status == 200
+    assert len(reached) == 1
+    # Never unmetered when the route reached is metered; metered as exactly that route.
+    assert len(records) == (1 if normal_metered else 0)
+    if normal_metered:
+        assert reached == [oracle(raw)]
