@@ -9,7 +9,10 @@ end users' periods end. Every few thousand requests the script samples the proce
 (`/proc/self/statm`, or `ru_maxrss` where there is none) and the store's entry counts. It
 prints RSS after warm-up (the first third of the run: enough for the spend log to fill and for
 a few periods to end) against RSS at the end, and their ratio; a ratio near 1 is the point.
-Before the fix every new end user left a budget counter and a spend total behind for ever.
+Before the fix every new end user left a budget counter and a spend total behind for ever:
+90 s here (60,416 requests after warm-up) went from 132.3 to 147.6 MiB (ratio 1.116) with
+45,557 budget counters at the end; after it, from 130.5 to 130.7 MiB (ratio 1.001, 70,656
+requests) with about 7,000 (the keys', and the end users of the last simulated day or so).
 
 Run: `python benchmarks/soak_memory.py [--quick] [--seconds N] [--json PATH]`; at most two
 minutes (`--seconds`, default 90), a few seconds with `--quick`.
