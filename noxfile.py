@@ -44,13 +44,13 @@ def examples(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Run every `benchmarks/bench_*.py` (core, http, stack, store) and print their tables.
+    """Run every `benchmarks/bench_*.py` (core, http, peers, stack, store) and print their tables.
 
     `nox -s bench -- --quick` for a rough pass in seconds. Arguments after `--` go to every
     script, so only the shared ones belong there (`--quick`, `--rounds N`); script options such
     as `--json PATH` are for running one script by hand. The full `bench_http.py` sends 100k+
     requests per variant (a few minutes), with `wrk` when it is on PATH.
     """
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev,bench]")
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)
