@@ -279,3 +279,33 @@ async def test_both_stores_answer_alike_after_a_period(store: Store) -> None:
     assert state.spent == 0
     assert await operator_totals(store, later) == [220] * 4
     await serve(store, "eu3", later, cost=2)
+
+
+async def test_redis_end_user_spend_totals_are_bounded(redis_url: str) -> None:
+    store = RedisStore.from_url(redis_url, max_spend_records=10)
+    try:
+        for i in range(1100):
+            record = SpendRecord(
+                request_id=f"r{i}", timestamp=T0 + i, model="m", cost=1, key_hash="k",
+                end_user=f"eu{i}",
+            )  # fmt: skip
+            await store.settle(Settlement(f"r{i}", T0 + i, 1, record=record))
+        assert (await store.spend_totals("end_user", "eu1099")).requests == 1
+        assert (await store.spend_totals("end_user", "eu0")).requests == 0
+        assert (await store.spend_totals("key", "k")).requests == 1100
+        assert (await store.spend_totals("global")).cost == 1100
+
+        async def fields(client: Any) -> int:
+            return int(await client.hlen("{llmfence}:spend:totals"))
+
+        assert await store._run("test", fields) == 1000 + 3  # global, key, model
+    finally:
+        await store.aclose()
+
+
+async def test_route_counters_per_address_are_client_named() -> None:
+    store = MemoryStore()
+    scope = BudgetScope("route:chat:budget:1d:ip:10.0.0.1", "ip", "10.0.0.1", 100, T0 + DAY)
+    await store.charge((scope,), 5, T0)
+    store._sweep(T0 + DAY + _ENDED_GRACE)
+    assert not store._budgets
