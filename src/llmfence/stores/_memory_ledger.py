@@ -7,9 +7,9 @@ few flat loops, and builds no object beyond the states its result must carry.
 
 Memory grows with what the operator created, not with what clients send: a sweep, run every
 `_SWEEP_EVERY` admissions or every as many admissions as there are entries (whichever is more,
-so its cost is amortized O(1) per admission), drops every entry that reads exactly as a missing
-one would (see `MemoryLedger._sweep`): idle rate buckets, empty lease sets, expired
-reservations, and the budget counters that clients create and nobody needs any more.
+so its cost is amortized O(1) per admission), drops every entry a missing one would stand in
+for (see `MemoryLedger._sweep`): idle rate buckets, empty lease sets, expired reservations, and
+the budget counters that clients create and nobody needs any more (`_Budget.droppable`).
 """
 
 from __future__ import annotations
