@@ -15,8 +15,17 @@ from ._core.meter import Meter
 from ._core.services import Services
 from ._fence_records import RecordsMixin
 from ._fence_routes import RoutesMixin
-from ._fields import checked_limit
+from ._fields import (
+    budget_nano,
+    checked_bool,
+    checked_duration,
+    checked_int,
+    checked_limit,
+    checked_policy,
+    checked_seconds,
+)
 from ._pricing import ModelPrice, PriceBook, PriceOverride
+from ._request import MAX_OUTPUT_TOKENS
 from ._tokens import TokenCounter
 from .exceptions import ConfigurationError
 from .middleware import (
@@ -36,6 +45,20 @@ __all__ = ["Fence"]
 _GUARDS = frozenset({"requests", "tokens", "parallel_requests", "budget"})
 
 PriceSpec = PriceOverride | ModelPrice | Mapping[str, Any]
+
+
+def _budget(name: str, value: object) -> None:
+    try:
+        budget_nano(value)  # type: ignore[arg-type]
+    except ConfigurationError as error:
+        raise ConfigurationError(f"{name}: {error}") from None
+
+
+def _patterns(name: str, value: Iterable[str]) -> tuple[str, ...]:
+    patterns = () if isinstance(value, str) else tuple(value)
+    if isinstance(value, str) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigurationError(f"{name} must be a collection of path patterns, not {value!r}")
+    return patterns
 
 
 class Fence(RecordsMixin, RoutesMixin):
@@ -81,7 +104,10 @@ class Fence(RecordsMixin, RoutesMixin):
         limits_on_store_error: Rate limits while the store is down: `"fail_open"` (default).
         budgets_on_store_error: Budgets while the store is down: `"fail_closed"` (default).
         max_body_size: Largest request body accepted on a metered path, in bytes.
-        store_timeout: Seconds any one store call may take.
+        store_timeout: Seconds any one store call may take, whatever the store: `RedisStore`
+            is given this bound in place of its own `timeout`, and calls to other stores run
+            under it. `None` (default): the store's own bound (`RedisStore`'s `timeout`, 1 s
+            by default), else 2 s. `MemoryStore` answers without waiting, so it always fits.
         cache_ttl: Seconds key records are cached (bounded staleness across instances).
         disconnect_extra_tokens: Output tokens charged beyond what was streamed when a client
             disconnects mid-stream.
@@ -124,18 +150,53 @@ class Fence(RecordsMixin, RoutesMixin):
         limits_on_store_error: str = "fail_open",
         budgets_on_store_error: str = "fail_closed",
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        store_timeout: float = 2.0,
+        store_timeout: float | None = None,
         cache_ttl: float = 5.0,
         disconnect_extra_tokens: int = 0,
         deployments: Mapping[str, str] | None = None,
         trusted_proxies: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        # Every option is checked here, naming the argument as written: a bad one must fail
+        # now, not as a 500 at the first request (Starlette builds middlewares lazily).
+        if isinstance(shadow, str):
+            raise ConfigurationError(f"shadow must be a collection of guard names, not {shadow!r}")
         unknown = set(shadow) - _GUARDS
         if unknown:
             raise ConfigurationError(f"shadow names unknown guards: {sorted(unknown)}")
-        if master_key is not None and len(master_key) < 8:
-            raise ConfigurationError("master_key must be at least 8 characters long")
+        if master_key is not None and (not isinstance(master_key, str) or len(master_key) < 8):
+            raise ConfigurationError("master_key must be a string of at least 8 characters")
+        for name, limit in (
+            ("rpm_limit", rpm_limit),
+            ("tpm_limit", tpm_limit),
+            ("max_parallel_requests", max_parallel_requests),
+        ):
+            checked_limit(name, limit)
+        _budget("max_budget", max_budget)
+        _budget("max_end_user_budget", max_end_user_budget)
+        checked_duration(budget_duration, "budget_duration")
+        checked_duration(end_user_budget_duration, "end_user_budget_duration")
+        checked_int("default_max_tokens", default_max_tokens, low=1, high=MAX_OUTPUT_TOKENS)
+        checked_int("min_output_tokens", min_output_tokens, low=0, high=MAX_OUTPUT_TOKENS)
+        checked_int("max_body_size", max_body_size, low=1)
+        checked_int(
+            "disconnect_extra_tokens", disconnect_extra_tokens, low=0, high=MAX_OUTPUT_TOKENS
+        )
+        checked_bool("calendar_aligned", calendar_aligned)
+        checked_bool("clamp_max_tokens", clamp_max_tokens)
+        checked_policy("limits_on_store_error", limits_on_store_error)
+        checked_policy("budgets_on_store_error", budgets_on_store_error)
+        if store_timeout is not None:
+            checked_seconds("store_timeout", store_timeout)
+        checked_seconds("cache_ttl", cache_ttl, zero=True)
+        metered = None if metered_paths is None else _patterns("metered_paths", metered_paths)
+        exempt = _patterns("exempt_paths", exempt_paths)
+        if deployments is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in dict(deployments).items()
+        ):
+            raise ConfigurationError("deployments must map deployment names to model names")
+        if not callable(clock):
+            raise ConfigurationError(f"clock must be a callable, not {clock!r}")
         self.store: Store = store if store is not None else MemoryStore()
         self.meter = Meter(
             self.store,
@@ -156,9 +217,7 @@ class Fence(RecordsMixin, RoutesMixin):
             clock=clock,
             call=self.meter.call,
         )
-        self.paths = PathRules(
-            None if metered_paths is None else tuple(metered_paths), tuple(exempt_paths)
-        )
+        self.paths = PathRules(metered, exempt)
         self.clock = clock
         # Validated now, not at the first request.
         self.budget_check = BudgetCheck(

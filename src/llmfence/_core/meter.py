@@ -32,6 +32,8 @@ __all__ = ["Meter"]
 logger = logging.getLogger("llmfence")
 _T = TypeVar("_T")
 
+DEFAULT_STORE_TIMEOUT = 2.0
+"""The bound of every call to a store that sets none of its own (seconds)."""
 _RELAXED = 1 << 62
 # How many times an admission may be retried with a smaller output allowance: once for the
 # tightest level reported, once more if another level turns out tighter still.
@@ -52,7 +54,10 @@ class Meter:
             what the tightest token window or budget can still take when it does not fit.
         min_output_tokens: The smallest such lowered allowance worth sending upstream; a request
             that cannot get even this much is refused.
-        store_timeout: Seconds any one store call may take.
+        store_timeout: Seconds any one store call may take. A store that can be told its
+            bound (`RedisStore`) is given this one in place of its own `timeout`; calls to any
+            other store that may wait run under it. `None`: the store's own bound, else
+            `DEFAULT_STORE_TIMEOUT`.
         disconnect_extra_tokens: Output tokens charged on top of what was streamed when the
             client disconnects mid-stream (the upstream may have generated more).
         deployments: The model each Azure-style deployment (`/openai/deployments/{name}/...`)
@@ -68,7 +73,7 @@ class Meter:
         counter: TokenCounter | None = None,
         default_max_tokens: int = 4096,
         min_output_tokens: int = 16,
-        store_timeout: float = 2.0,
+        store_timeout: float | None = None,
         disconnect_extra_tokens: int = 0,
         deployments: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
@@ -81,15 +86,25 @@ class Meter:
         self.counter = counter or TokenCounter()
         self.default_max_tokens = default_max_tokens
         self.min_output_tokens = min_output_tokens
-        self.store_timeout = store_timeout
         self.disconnect_extra_tokens = disconnect_extra_tokens
         self.clock = clock
-        # A store that bounds its own calls (RedisStore's timeout; MemoryStore never waits)
-        # spares every call a second cancel scope, a tenth of the stack's overhead.
-        self._store_bounds_calls = bool(getattr(store, "bounds_call_time", False))
         self.never_suspends = bool(getattr(store, "never_suspends", False))
         """Whether store calls complete without yielding to the event loop (MemoryStore):
         nothing can then cancel a settlement halfway, and it needs no shield."""
+        # A store that bounds its own calls (RedisStore's timeout; MemoryStore never waits)
+        # spares every call a second cancel scope, a tenth of the stack's overhead. One
+        # `store_timeout` governs all the same: a store that takes its bound is given it, and
+        # any other store that may wait gets the meter's deadline.
+        self._store_bounds_calls = bool(getattr(store, "bounds_call_time", False))
+        set_timeout = getattr(store, "set_call_timeout", None)
+        if store_timeout is None:
+            store_timeout = getattr(store, "call_timeout", None) or DEFAULT_STORE_TIMEOUT
+        elif callable(set_timeout):
+            set_timeout(store_timeout)
+        else:  # its own bound may be longer: only a store that never waits needs none
+            self._store_bounds_calls = self._store_bounds_calls and self.never_suspends
+        self.store_timeout: float = store_timeout
+        """Seconds any one store call may take."""
         self.tracking = BudgetCheck()
         """Where spend lands when nothing was reserved (every level; `Fence` sets its own, so
         the whole-app and end-user periods are its)."""

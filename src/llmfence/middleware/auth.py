@@ -9,6 +9,8 @@ from starlette.types import ASGIApp
 from llmfence._core.auth import Authenticator
 from llmfence._core.checks import AuthCheck
 from llmfence._core.meter import Meter
+from llmfence._fields import checked_int, checked_seconds
+from llmfence.exceptions import ConfigurationError
 from llmfence.stores import Store
 
 from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware
@@ -50,6 +52,10 @@ class KeyAuthMiddleware(FenceMiddleware):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         cache_ttl: float = 5.0,
     ) -> None:
+        if master_key is not None and (not isinstance(master_key, str) or len(master_key) < 8):
+            raise ConfigurationError("master_key must be a string of at least 8 characters")
+        checked_seconds("cache_ttl", cache_ttl, zero=True)
+        checked_int("max_body_size", max_body_size, low=1)
         check = AuthCheck(master_key, access_groups, cache_ttl, authenticator)
         if meter is None and store is None and authenticator is not None:
             store = authenticator.store

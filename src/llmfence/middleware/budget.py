@@ -6,6 +6,14 @@ from starlette.types import ASGIApp
 
 from llmfence._core.checks import BudgetCheck, RecordCheck
 from llmfence._core.meter import Meter
+from llmfence._fields import (
+    budget_nano,
+    checked_bool,
+    checked_duration,
+    checked_int,
+    checked_policy,
+)
+from llmfence.exceptions import ConfigurationError
 from llmfence.stores import Store
 
 from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware
@@ -61,6 +69,22 @@ class BudgetGuardMiddleware(FenceMiddleware):
         paths: PathRules | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
+        # Checked here, under the names the caller wrote.
+        for name, budget in (
+            ("max_budget", max_budget),
+            ("max_end_user_budget", max_end_user_budget),
+        ):
+            try:
+                budget_nano(budget)
+            except ConfigurationError as error:
+                raise ConfigurationError(f"{name}: {error}") from None
+        checked_duration(budget_duration, "budget_duration")
+        checked_duration(end_user_budget_duration, "end_user_budget_duration")
+        checked_bool("calendar_aligned", calendar_aligned)
+        checked_bool("clamp_max_tokens", clamp_max_tokens)
+        checked_policy("on_store_error", on_store_error)
+        checked_bool("shadow", shadow)
+        checked_int("max_body_size", max_body_size, low=1)
         check = BudgetCheck(
             on_store_error=on_store_error,
             shadow=shadow,
@@ -103,6 +127,7 @@ class SpendRecorderMiddleware(FenceMiddleware):
         paths: PathRules | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
+        checked_int("max_body_size", max_body_size, low=1)
         super().__init__(
             app,
             (RecordCheck(),),

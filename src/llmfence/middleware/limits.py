@@ -6,6 +6,14 @@ from starlette.types import ASGIApp
 
 from llmfence._core.checks import Check, ParallelCheck, RateCheck, parse_rate
 from llmfence._core.meter import Meter
+from llmfence._fields import (
+    checked_bool,
+    checked_int,
+    checked_limit,
+    checked_policy,
+    checked_seconds,
+)
+from llmfence.exceptions import ConfigurationError
 from llmfence.stores import Store
 from llmfence.stores._types import RateKind
 
@@ -17,6 +25,12 @@ __all__ = [
     "RequestRateLimitMiddleware",
     "TokenRateLimitMiddleware",
 ]
+
+
+def _common(on_store_error: object, shadow: object, max_body_size: object) -> None:
+    checked_policy("on_store_error", on_store_error)
+    checked_bool("shadow", shadow)
+    checked_int("max_body_size", max_body_size, low=1)
 
 
 class _CheckMiddleware(FenceMiddleware):
@@ -60,8 +74,15 @@ class _RateLimitMiddleware(_CheckMiddleware):
         paths: PathRules | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
+        # Checked here, under the names the caller wrote (the check's own would be its fields').
         if rate is not None:
+            if not isinstance(rate, str):
+                raise ConfigurationError(f"rate must be a string like '100/minute', not {rate!r}")
             limit, window = parse_rate(rate)
+        checked_limit("limit", limit)
+        checked_seconds("window", window)
+        checked_limit("end_user_limit", end_user_limit)
+        _common(on_store_error, shadow, max_body_size)
         check = RateCheck(
             on_store_error, shadow, self.kind, limit, window, end_user_limit, end_user_scope
         )
@@ -158,6 +179,9 @@ class ParallelRequestLimitMiddleware(_CheckMiddleware):
         paths: PathRules | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
+        checked_limit("limit", limit)
+        checked_seconds("lease_ttl", lease_ttl)
+        _common(on_store_error, shadow, max_body_size)
         check = ParallelCheck(on_store_error, shadow, limit, lease_ttl)
         super().__init__(
             app, check, store=store, meter=meter, paths=paths, max_body_size=max_body_size

@@ -116,6 +116,28 @@ class RedisBase:
         self._noscript: type[BaseException] = redis.exceptions.NoScriptError
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def call_timeout(self) -> float:
+        """Seconds any one call may take, all included (the store's `timeout`)."""
+        return self._timeout
+
+    def set_call_timeout(self, seconds: float) -> None:
+        """Bound every later call by `seconds` instead (what `Fence(store_timeout=...)` does).
+
+        A client `from_url` opens keeps its `timeout` as the connect timeout; the call's
+        deadline bounds every wait, connect, read and write all the same.
+
+        Raises:
+            ConfigurationError: `seconds` is not a finite number > 0.
+        """
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not (0 < seconds < float("inf"))
+        ):
+            raise ConfigurationError(f"timeout must be a finite number > 0, not {seconds!r}")
+        self._timeout = float(seconds)
+
     def _key(self, *parts: str) -> str:
         return self._tag + ":".join(parts)
 

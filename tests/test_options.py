@@ -1,0 +1,187 @@
+"""Options are checked when `Fence` and the middlewares are built, naming the argument as
+written; and one `store_timeout` bounds every store's calls."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio
+from starlette.applications import Starlette
+
+from llmfence import (
+    BudgetGuardMiddleware,
+    Fence,
+    KeyAuthMiddleware,
+    MemoryStore,
+    ParallelRequestLimitMiddleware,
+    RedisStore,
+    RequestRateLimitMiddleware,
+    SpendRecorderMiddleware,
+    TokenRateLimitMiddleware,
+)
+from llmfence._core.meter import DEFAULT_STORE_TIMEOUT, Meter
+from llmfence.exceptions import ConfigurationError
+from llmfence.testing import mock_llm_app
+
+from .middleware.conftest import CHAT, MODEL, auth, client_for
+
+MASTER = "sk-master-key-123"
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"rpm_limit": "60"}, "rpm_limit"),
+        ({"rpm_limit": -5}, "rpm_limit"),
+        ({"rpm_limit": 1.5}, "rpm_limit"),
+        ({"tpm_limit": True}, "tpm_limit"),
+        ({"max_parallel_requests": -1}, "max_parallel_requests"),
+        ({"end_user_rpm_limit": "5"}, "end_user_rpm_limit"),
+        ({"limits_on_store_error": "fail-open"}, "limits_on_store_error"),
+        ({"budgets_on_store_error": "closed"}, "budgets_on_store_error"),
+        ({"max_budget": float("inf")}, "max_budget"),
+        ({"max_budget": 1e300}, "max_budget"),
+        ({"max_budget": -1}, "max_budget"),
+        ({"max_end_user_budget": "lots"}, "max_end_user_budget"),
+        ({"budget_duration": "999999y"}, "budget_duration"),
+        ({"end_user_budget_duration": "soon"}, "end_user_budget_duration"),
+        ({"default_max_tokens": 0}, "default_max_tokens"),
+        ({"default_max_tokens": "4096"}, "default_max_tokens"),
+        ({"min_output_tokens": -1}, "min_output_tokens"),
+        ({"max_body_size": 0}, "max_body_size"),
+        ({"disconnect_extra_tokens": 1.5}, "disconnect_extra_tokens"),
+        ({"calendar_aligned": "yes"}, "calendar_aligned"),
+        ({"clamp_max_tokens": 1}, "clamp_max_tokens"),
+        ({"store_timeout": 0}, "store_timeout"),
+        ({"store_timeout": float("nan")}, "store_timeout"),
+        ({"store_timeout": "5"}, "store_timeout"),
+        ({"cache_ttl": -1}, "cache_ttl"),
+        ({"metered_paths": "/v1/*"}, "metered_paths"),
+        ({"exempt_paths": [1]}, "exempt_paths"),
+        ({"deployments": {"prod": 4}}, "deployments"),
+        ({"clock": 5}, "clock"),
+        ({"shadow": "budget"}, "shadow"),
+        ({"master_key": 12345678}, "master_key"),
+    ],
+)
+def test_fence_checks_every_option_when_built(options: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigurationError, match=rf"^{named}\b"):
+        Fence(store=MemoryStore(), **options)
+
+
+def test_fence_takes_good_options_and_iterables_once() -> None:
+    fence = Fence(
+        store=MemoryStore(),
+        rpm_limit=60,
+        max_budget=10,
+        store_timeout=3,
+        metered_paths=(p for p in ["/v1/*"]),  # a generator is read once
+    )
+    assert fence.paths == Fence(store=MemoryStore(), metered_paths=["/v1/*"]).paths
+
+
+async def test_a_bad_option_never_reaches_a_request() -> None:
+    # Starlette builds middlewares at the first request: the option must fail before that.
+    app = Starlette()
+    with pytest.raises(ConfigurationError, match="rpm_limit"):
+        Fence(store=MemoryStore(), rpm_limit="60").install(app)  # type: ignore[arg-type]
+
+
+_APP = Starlette()
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "named"),
+    [
+        (RequestRateLimitMiddleware, {"limit": "60"}, "limit"),
+        (RequestRateLimitMiddleware, {"limit": -5}, "limit"),
+        (TokenRateLimitMiddleware, {"limit": 1.5}, "limit"),
+        (TokenRateLimitMiddleware, {"window": 0}, "window"),
+        (TokenRateLimitMiddleware, {"rate": 100}, "rate"),
+        (RequestRateLimitMiddleware, {"end_user_limit": "3"}, "end_user_limit"),
+        (RequestRateLimitMiddleware, {"on_store_error": "fail-open"}, "on_store_error"),
+        (RequestRateLimitMiddleware, {"shadow": "no"}, "shadow"),
+        (RequestRateLimitMiddleware, {"max_body_size": -1}, "max_body_size"),
+        (ParallelRequestLimitMiddleware, {"limit": "2"}, "limit"),
+        (ParallelRequestLimitMiddleware, {"lease_ttl": -1}, "lease_ttl"),
+        (ParallelRequestLimitMiddleware, {"lease_ttl": float("inf")}, "lease_ttl"),
+        (BudgetGuardMiddleware, {"max_budget": "ten"}, "max_budget"),
+        (BudgetGuardMiddleware, {"max_budget": 1e300}, "max_budget"),
+        (BudgetGuardMiddleware, {"max_end_user_budget": float("nan")}, "max_end_user_budget"),
+        (BudgetGuardMiddleware, {"budget_duration": "999999w"}, "budget_duration"),
+        (BudgetGuardMiddleware, {"on_store_error": "open"}, "on_store_error"),
+        (BudgetGuardMiddleware, {"clamp_max_tokens": "yes"}, "clamp_max_tokens"),
+        (SpendRecorderMiddleware, {"max_body_size": 0}, "max_body_size"),
+        (KeyAuthMiddleware, {"cache_ttl": -1}, "cache_ttl"),
+        (KeyAuthMiddleware, {"master_key": "short"}, "master_key"),
+    ],
+)
+def test_middlewares_check_every_option_when_built(
+    cls: type[Any], options: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=rf"^{named}\b"):
+        cls(_APP, store=MemoryStore(), **options)
+
+
+# -- one store_timeout ---------------------------------------------------------------------------
+
+
+def test_the_meter_gives_its_store_timeout_to_a_redis_store(redis_url: str) -> None:
+    store = RedisStore.from_url(redis_url, timeout=1.0)
+    assert Meter(store).store_timeout == 1.0  # none given: the store's own
+    assert Meter(store, store_timeout=5).store_timeout == 5
+    assert store.call_timeout == 5
+    assert Meter(MemoryStore()).store_timeout == DEFAULT_STORE_TIMEOUT
+
+
+async def _paused_request(redis_url: str, fence: Fence, pause_ms: int) -> tuple[int, float]:
+    """One request through the fence while Redis answers no client for `pause_ms`."""
+    app = mock_llm_app()
+    fence.install(app)
+    async with client_for(app) as client:
+        key, _ = await fence.generate_key()
+        body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+        assert (await client.post(CHAT, json=body, headers=auth(key))).status_code == 200
+        admin = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await admin.client_pause(pause_ms, all=True)
+            started = time.monotonic()
+            response = await client.post(CHAT, json=body, headers=auth(key))
+            elapsed = time.monotonic() - started
+            await anyio.sleep(max(0.0, pause_ms / 1000 - elapsed))
+        finally:
+            await admin.client_unpause()
+            await admin.aclose()
+            await fence.store.aclose()
+        return response.status_code, elapsed
+
+
+def _fence(redis_url: str, **options: Any) -> Fence:
+    store = RedisStore.from_url(redis_url, prefix=f"opt-{uuid.uuid4().hex}")
+    # A budget fails closed: a store call that times out is a 503.
+    return Fence(store=store, master_key=MASTER, max_budget=10.0, **options)
+
+
+@pytest.mark.anyio
+async def test_a_longer_store_timeout_outlasts_redis_s_own(redis_url: str) -> None:
+    # RedisStore's own timeout is 1 s: a 1.5 s stall used to be a 503 whatever Fence said.
+    status, _ = await _paused_request(redis_url, _fence(redis_url, store_timeout=5), 1500)
+    assert status == 200
+
+
+@pytest.mark.anyio
+async def test_a_shorter_store_timeout_cuts_a_stall_sooner(redis_url: str) -> None:
+    status, elapsed = await _paused_request(redis_url, _fence(redis_url, store_timeout=0.3), 1500)
+    assert status == 503
+    assert elapsed < 0.9  # not RedisStore's own 1 s
+
+
+@pytest.mark.anyio
+async def test_without_store_timeout_the_store_keeps_its_own(redis_url: str) -> None:
+    status, elapsed = await _paused_request(redis_url, _fence(redis_url), 1500)
+    assert status == 503
+    assert elapsed >= 0.9
