@@ -31,10 +31,15 @@ llmfence does per request and this middleware does not):
   window boundary, which llmfence's token buckets do not;
 - no body size cap, and tokens are counted on the event loop (llmfence moves large uncached
   prompts to a worker thread so other requests are not stalled);
-- `limits`' in-memory moving window keeps one entry per request of the last minute and inserts
-  at the head of a list, so its cost grows with the requests of the last minute (flat up to a
-  few ten thousand, then a memmove per request); `bench_peers.py` builds a fresh middleware per
-  scenario, which keeps it in the flat part.
+
+Two costs come with `limits` itself, not with this code: its in-memory moving window keeps one
+entry per request of the last minute and inserts at the head of a list, so its cost grows with
+the requests of the last minute (flat up to a few ten thousand, then a memmove per request;
+`bench_peers.py` builds a fresh middleware per scenario, which keeps it in the flat part); and
+its asyncio `MemoryStorage` starts an expiry task on a hit when the previous one has finished,
+which bisects every key's entries in a worker thread, so a slow request (a stream) pays about
+one thread hop. The synchronous `MemoryStorage` (a `threading.Timer` instead) measured slower on
+small requests and faster on streams, so neither is a free choice; this uses the asyncio one.
 """
 
 from __future__ import annotations
