@@ -349,3 +349,40 @@ def test_set_budget_bodies_either_refuse_or_give_a_document_json_can_send(user_d
         assert document.param == "user_dict"
         return
     json.dumps(document, ensure_ascii=False, allow_nan=False).encode()
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/key/delete", '{"keys": ["sk-\\ud800"]}', "key"),
+        ("/key/update", '{"key": "sk-\\ud800", "rpm_limit": 3}', "key"),
+        ("/get_budget", '{"project_name": "p\\ud800"}', "project_name"),
+        ("/set_budget", '{"project_name": "p\\ud800", "user_dict": {}}', "project_name"),
+        ("/set_budget", '{"project_name": "' + "p" * 300 + '", "user_dict": {}}', "project_name"),
+    ],
+)
+async def test_admin_lookups_refuse_ids_the_store_cannot_name(
+    stack: Stack, route: str, body: str, param: str
+) -> None:
+    _, client, _ = stack
+    headers = {**auth(MASTER), "content-type": "application/json"}
+    response = await client.post(route, content=body.encode(), headers=headers)
+    assert_openai_400(response, param)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/key/info?key=%ED%A0%80",
+        "/user/info?user_id=%ED%A0%80",
+        "/spend/logs?api_key=%ED%A0%80",
+        "/spend/logs?start_date=1e309",
+        "/spend/logs?limit=99999999999999999999",
+        "/spend/logs?start_date=nan",
+        "/spend/logs?end_date=-inf",
+    ],
+)
+async def test_admin_queries_with_absurd_values_are_no_500(stack: Stack, query: str) -> None:
+    _, client, _ = stack
+    response = await client.get(query, headers=auth(MASTER))
+    assert response.status_code in (200, 400, 404), response.text

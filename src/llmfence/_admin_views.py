@@ -7,6 +7,7 @@ key never appears here: records hold only its hash and masked form.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from .exceptions import InvalidRequestError, LLMFenceError
 from .stores import BudgetState, KeyRecord, SpendRecord, TeamRecord, UserRecord
 
 __all__ = [
+    "MAX_INT_PARAM",
     "AdminError",
     "as_usd",
     "int_param",
@@ -190,9 +192,13 @@ def time_param(params: Mapping[str, Any], name: str) -> float | None:
     if value in (None, ""):
         return None
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         pass
+    else:
+        if not math.isfinite(number):
+            raise InvalidRequestError(f"'{name}' must be a finite Unix time.", param=name)
+        return number
     try:
         moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError as error:
@@ -206,11 +212,15 @@ def time_param(params: Mapping[str, Any], name: str) -> float | None:
     return moment.timestamp()
 
 
+MAX_INT_PARAM = 1_000_000
+"""The largest integer parameter (`limit`) read: more is what no store can answer with."""
+
+
 def int_param(params: Mapping[str, Any], name: str, default: int) -> int:
     """A positive integer parameter, or `default` if absent.
 
     Raises:
-        InvalidRequestError: Not an integer ≥ 1.
+        InvalidRequestError: Not an integer from 1 to `MAX_INT_PARAM`.
     """
     value = params.get(name)
     if value in (None, ""):
@@ -219,6 +229,6 @@ def int_param(params: Mapping[str, Any], name: str, default: int) -> int:
         number = int(value)
     except (TypeError, ValueError) as error:
         raise InvalidRequestError(f"'{name}' must be an integer.", param=name) from error
-    if number < 1:
-        raise InvalidRequestError(f"'{name}' must be at least 1.", param=name)
+    if not 1 <= number <= MAX_INT_PARAM:
+        raise InvalidRequestError(f"'{name}' must be from 1 to {MAX_INT_PARAM}.", param=name)
     return number
