@@ -11,7 +11,7 @@ the body re-serialized with a clamped output allowance or changed stream options
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
 
@@ -129,14 +129,20 @@ def _load(body: bytes) -> dict[str, Any]:
 
 
 def _deeper_than(value: object, limit: int) -> bool:
-    """Whether arrays and objects nest more than `limit` levels (walked without recursion)."""
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
+    """Whether arrays and objects nest more than `limit` levels (walked level by level, with
+    no recursion; exact type tests, as only the decoder's dicts and lists are here)."""
+    level: list[Any] = [value]
+    depth = 1
+    while level:
         if depth > limit:
             return True
-        children: Iterable[object] = item.values() if isinstance(item, dict) else item  # type: ignore[assignment]
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+        below: list[Any] = []
+        for item in level:
+            for child in item.values() if type(item) is dict else item:
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        level = below
+        depth += 1
     return False
 
 
