@@ -66,11 +66,17 @@ MASTER = "sk-master-key-123"
         ({"clock": 5}, "clock"),
         ({"shadow": "budget"}, "shadow"),
         ({"master_key": 12345678}, "master_key"),
+        ({"store": "redis://localhost"}, "store"),
+        ({"access_groups": "beta"}, "access_groups"),
+        ({"access_groups": {"beta": 5}}, "access_groups"),
+        ({"deployments": ["prod"]}, "deployments"),
+        ({"prices": {"m": {"input": "x", "output": 1}}}, "prices"),
+        ({"fallback_price": {"input": -1, "output": 1}}, "fallback_price"),
     ],
 )
 def test_fence_checks_every_option_when_built(options: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigurationError, match=rf"^{named}\b"):
-        Fence(store=MemoryStore(), **options)
+        Fence(**{"store": MemoryStore(), **options})
 
 
 def test_fence_takes_good_options_and_iterables_once() -> None:

@@ -191,12 +191,34 @@ class Fence(RecordsMixin, RoutesMixin):
         checked_seconds("cache_ttl", cache_ttl, zero=True)
         metered = None if metered_paths is None else _patterns("metered_paths", metered_paths)
         exempt = _patterns("exempt_paths", exempt_paths)
+        if deployments is not None and not isinstance(deployments, Mapping):
+            raise ConfigurationError("deployments must map deployment names to model names")
         if deployments is not None and not all(
             isinstance(k, str) and isinstance(v, str) for k, v in dict(deployments).items()
         ):
             raise ConfigurationError("deployments must map deployment names to model names")
         if not callable(clock):
             raise ConfigurationError(f"clock must be a callable, not {clock!r}")
+        if store is not None and not callable(getattr(store, "admit", None)):
+            raise ConfigurationError(
+                f"store must be a Store (MemoryStore, RedisStore), not {store!r}"
+            )
+        if access_groups is not None and (
+            not isinstance(access_groups, Mapping)
+            or any(
+                not isinstance(models, Iterable) or isinstance(models, str)
+                for models in access_groups.values()
+            )
+        ):
+            raise ConfigurationError("access_groups must map group names to lists of models")
+        try:
+            PriceBook(overrides=prices)
+        except ConfigurationError as error:
+            raise ConfigurationError(f"prices: {error}") from None
+        try:
+            PriceBook(fallback=fallback_price)
+        except ConfigurationError as error:
+            raise ConfigurationError(f"fallback_price: {error}") from None
         self.store: Store = store if store is not None else MemoryStore()
         self.meter = Meter(
             self.store,
