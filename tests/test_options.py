@@ -124,13 +124,19 @@ _APP = Starlette()
         (SpendRecorderMiddleware, {"max_body_size": 0}, "max_body_size"),
         (KeyAuthMiddleware, {"cache_ttl": -1}, "cache_ttl"),
         (KeyAuthMiddleware, {"master_key": "short"}, "master_key"),
+        (KeyAuthMiddleware, {"access_groups": {"beta": "mistral"}}, "access_groups"),
+        (KeyAuthMiddleware, {"store": "redis://localhost"}, "store"),
+        (RequestRateLimitMiddleware, {"store": "redis://localhost"}, "store"),
+        (ParallelRequestLimitMiddleware, {"store": object()}, "store"),
+        (BudgetGuardMiddleware, {"store": "redis://localhost"}, "store"),
+        (SpendRecorderMiddleware, {"store": "redis://localhost"}, "store"),
     ],
 )
 def test_middlewares_check_every_option_when_built(
     cls: type[Any], options: dict[str, Any], named: str
 ) -> None:
     with pytest.raises(ConfigurationError, match=rf"^{named}\b"):
-        cls(_APP, store=MemoryStore(), **options)
+        cls(_APP, **{"store": MemoryStore(), **options})
 
 
 # -- one store_timeout ---------------------------------------------------------------------------

@@ -17,12 +17,14 @@ from ._fence_records import RecordsMixin
 from ._fence_routes import RoutesMixin
 from ._fields import (
     budget_nano,
+    checked_access_groups,
     checked_bool,
     checked_duration,
     checked_int,
     checked_limit,
     checked_policy,
     checked_seconds,
+    checked_store,
 )
 from ._pricing import ModelPrice, PriceBook, PriceOverride
 from ._request import MAX_OUTPUT_TOKENS
@@ -199,18 +201,8 @@ class Fence(RecordsMixin, RoutesMixin):
             raise ConfigurationError("deployments must map deployment names to model names")
         if not callable(clock):
             raise ConfigurationError(f"clock must be a callable, not {clock!r}")
-        if store is not None and not callable(getattr(store, "admit", None)):
-            raise ConfigurationError(
-                f"store must be a Store (MemoryStore, RedisStore), not {store!r}"
-            )
-        if access_groups is not None and (
-            not isinstance(access_groups, Mapping)
-            or any(
-                not isinstance(models, Iterable) or isinstance(models, str)
-                for models in access_groups.values()
-            )
-        ):
-            raise ConfigurationError("access_groups must map group names to lists of models")
+        checked_store(store)
+        checked_access_groups(access_groups)
         try:
             PriceBook(overrides=prices)
         except ConfigurationError as error:

@@ -36,6 +36,7 @@ __all__ = [
     "USER_FIELDS",
     "ModelBudget",
     "budget_nano",
+    "checked_access_groups",
     "checked_bool",
     "checked_duration",
     "checked_int",
@@ -45,6 +46,7 @@ __all__ = [
     "checked_name",
     "checked_policy",
     "checked_seconds",
+    "checked_store",
     "daily_limit",
     "json_fields",
     "json_key",
@@ -179,6 +181,24 @@ def checked_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ConfigurationError(f"{name} must be True or False, not {value!r}")
     return value
+
+
+def checked_store(store: object) -> None:
+    """A store, or None: anything with an `admit` (the ledger's verb), not a URL or a client."""
+    if store is not None and not callable(getattr(store, "admit", None)):
+        raise ConfigurationError(f"store must be a Store (MemoryStore, RedisStore), not {store!r}")
+
+
+def checked_access_groups(groups: object) -> None:
+    """Access groups defined in code: a mapping of group names to lists of models, or None."""
+    if groups is not None and (
+        not isinstance(groups, Mapping)
+        or any(
+            not isinstance(models, Iterable) or isinstance(models, str)
+            for models in groups.values()
+        )
+    ):
+        raise ConfigurationError("access_groups must map group names to lists of models")
 
 
 POLICIES = ("fail_open", "fail_closed")

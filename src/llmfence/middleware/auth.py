@@ -9,7 +9,12 @@ from starlette.types import ASGIApp
 from llmfence._core.auth import Authenticator
 from llmfence._core.checks import AuthCheck
 from llmfence._core.meter import Meter
-from llmfence._fields import checked_int, checked_seconds
+from llmfence._fields import (
+    checked_access_groups,
+    checked_int,
+    checked_seconds,
+    checked_store,
+)
 from llmfence.exceptions import ConfigurationError
 from llmfence.stores import Store
 
@@ -55,6 +60,8 @@ class KeyAuthMiddleware(FenceMiddleware):
         if master_key is not None and (not isinstance(master_key, str) or len(master_key) < 8):
             raise ConfigurationError("master_key must be a string of at least 8 characters")
         checked_seconds("cache_ttl", cache_ttl, zero=True)
+        checked_store(store)
+        checked_access_groups(access_groups)
         checked_int("max_body_size", max_body_size, low=1)
         check = AuthCheck(master_key, access_groups, cache_ttl, authenticator)
         if meter is None and store is None and authenticator is not None:

@@ -12,6 +12,7 @@ from llmfence._fields import (
     checked_duration,
     checked_int,
     checked_policy,
+    checked_store,
 )
 from llmfence.exceptions import ConfigurationError
 from llmfence.stores import Store
@@ -78,6 +79,7 @@ class BudgetGuardMiddleware(FenceMiddleware):
                 budget_nano(budget)
             except ConfigurationError as error:
                 raise ConfigurationError(f"{name}: {error}") from None
+        checked_store(store)
         checked_duration(budget_duration, "budget_duration")
         checked_duration(end_user_budget_duration, "end_user_budget_duration")
         checked_bool("calendar_aligned", calendar_aligned)
@@ -127,6 +129,7 @@ class SpendRecorderMiddleware(FenceMiddleware):
         paths: PathRules | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
+        checked_store(store)
         checked_int("max_body_size", max_body_size, low=1)
         super().__init__(
             app,

@@ -12,6 +12,7 @@ from llmfence._fields import (
     checked_limit,
     checked_policy,
     checked_seconds,
+    checked_store,
 )
 from llmfence.exceptions import ConfigurationError
 from llmfence.stores import Store
@@ -27,7 +28,8 @@ __all__ = [
 ]
 
 
-def _common(on_store_error: object, shadow: object, max_body_size: object) -> None:
+def _common(store: object, on_store_error: object, shadow: object, max_body_size: object) -> None:
+    checked_store(store)
     checked_policy("on_store_error", on_store_error)
     checked_bool("shadow", shadow)
     checked_int("max_body_size", max_body_size, low=1)
@@ -82,7 +84,7 @@ class _RateLimitMiddleware(_CheckMiddleware):
         checked_limit("limit", limit)
         checked_seconds("window", window)
         checked_limit("end_user_limit", end_user_limit)
-        _common(on_store_error, shadow, max_body_size)
+        _common(store, on_store_error, shadow, max_body_size)
         check = RateCheck(
             on_store_error, shadow, self.kind, limit, window, end_user_limit, end_user_scope
         )
@@ -181,7 +183,7 @@ class ParallelRequestLimitMiddleware(_CheckMiddleware):
     ) -> None:
         checked_limit("limit", limit)
         checked_seconds("lease_ttl", lease_ttl)
-        _common(on_store_error, shadow, max_body_size)
+        _common(store, on_store_error, shadow, max_body_size)
         check = ParallelCheck(on_store_error, shadow, limit, lease_ttl)
         super().__init__(
             app, check, store=store, meter=meter, paths=paths, max_body_size=max_body_size
