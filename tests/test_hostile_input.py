@@ -11,12 +11,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmfence import Fence, Store
+from llmfence import Fence, MemoryStore, Store
 from llmfence._fields import KEY_FIELDS, MAX_METADATA_BYTES, json_fields, json_project
 from llmfence._request import MAX_DEPTH, LLMRequest, amend, parse_request
 from llmfence._tokens import TokenCounter
@@ -386,3 +387,39 @@ async def test_admin_queries_with_absurd_values_are_no_500(stack: Stack, query: 
     _, client, _ = stack
     response = await client.get(query, headers=auth(MASTER))
     assert response.status_code in (200, 400, 404), response.text
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    path=st.sampled_from(sorted(_PATHS)),
+    text=_TEXT,
+    stream=st.booleans(),
+    overrides=st.dictionaries(_FIELDS, _JSON, max_size=3),
+)
+def test_any_body_through_the_stack_is_served_or_refused_uncharged(
+    path: str, text: str, stream: bool, overrides: dict[str, Any]
+) -> None:
+    body = _encode({**_well_formed(path, text), "stream": stream, **overrides})
+
+    async def run() -> None:
+        fence = Fence(
+            store=MemoryStore(),
+            master_key=MASTER,
+            max_budget=50.0,
+            max_end_user_budget=1.0,
+            fallback_price={"input": 1.0, "output": 2.0},
+        )
+        app = mock_llm_app()
+        fence.install(app)
+        key, _ = await fence.generate_key()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            response = await post(client, key, body, path)
+        totals = await fence.store.spend_totals("global")
+        if response.status_code == 200:
+            return
+        assert 400 <= response.status_code < 500, response.text
+        assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
+        assert (totals.cost, totals.requests) == (0, 0)
+
+    anyio.run(run)
