@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmfence import Fence, MemoryStore, Store
+from llmfence import BudgetManager, Fence, MemoryStore, Store
 from llmfence._fields import KEY_FIELDS, MAX_METADATA_BYTES, json_fields, json_project
 from llmfence._request import MAX_DEPTH, LLMRequest, amend, parse_request
 from llmfence._tokens import TokenCounter
@@ -423,3 +424,21 @@ def test_any_body_through_the_stack_is_served_or_refused_uncharged(
         assert (totals.cost, totals.requests) == (0, 0)
 
     anyio.run(run)
+
+
+@pytest.mark.parametrize("backend", ["local", "memory-store"])
+@pytest.mark.parametrize(
+    ("budget", "user"), [(float("inf"), "u"), (1e300, "u"), (-1, "u"), (1.0, "u\ud800"), (1.0, "")]
+)
+def test_budget_manager_refuses_absurd_budgets_and_user_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, budget: float, user: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the local backend's user_cost.json lands here
+    store = {"store": MemoryStore()} if backend == "memory-store" else {}
+    manager = BudgetManager("hostile", **store)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(ConfigurationError):
+            manager.create_budget(budget, user)
+        assert manager.get_users() == []
+    finally:
+        manager.close()

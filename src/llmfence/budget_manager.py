@@ -40,7 +40,7 @@ from llmfence._budget_backends import (
     usd,
 )
 from llmfence._duration import parse_duration
-from llmfence._fields import budget_nano
+from llmfence._fields import budget_nano, checked_name
 from llmfence._money import nano_to_usd, usd_to_nano
 from llmfence._pricing import PriceBook
 from llmfence._request import LLMRequest
@@ -164,10 +164,14 @@ class BudgetManager:
             and `"last_updated_at"` with a duration.
 
         Raises:
-            ConfigurationError: The duration or the budget is not valid; the message names it.
+            ConfigurationError: The duration, the budget (not a finite amount from 0 to
+                `MAX_BUDGET_USD`) or the user id (1 to 256 characters of valid Unicode) is not
+                valid; the message names it.
         """
-        # A budget that is not a finite number, negative or absurdly large never gets stored.
+        # A budget that is not a finite number, negative or absurdly large never gets stored,
+        # nor a user id no store can name.
         budget_nano(total_budget)
+        checked_name("user", user)
         entry: Entry = {"total_budget": total_budget}
         if duration is not None:
             start = self._clock() if created_at is None else created_at
