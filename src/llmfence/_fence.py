@@ -193,10 +193,9 @@ class Fence(RecordsMixin, RoutesMixin):
         checked_seconds("cache_ttl", cache_ttl, zero=True)
         metered = None if metered_paths is None else _patterns("metered_paths", metered_paths)
         exempt = _patterns("exempt_paths", exempt_paths)
-        if deployments is not None and not isinstance(deployments, Mapping):
-            raise ConfigurationError("deployments must map deployment names to model names")
-        if deployments is not None and not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in dict(deployments).items()
+        if deployments is not None and (
+            not isinstance(deployments, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in deployments.items())
         ):
             raise ConfigurationError("deployments must map deployment names to model names")
         if not callable(clock):
