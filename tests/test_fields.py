@@ -16,12 +16,11 @@ from llmfence._fields import (
     checked_duration,
     checked_key,
     checked_limit,
-    json_fields,
-    json_key,
     key_expiry,
     limit_fields,
     model_budgets,
 )
+from llmfence._fields_json import json_fields, json_key
 from llmfence.exceptions import ConfigurationError, InvalidRequestError
 from llmfence.stores import KeyRecord, TeamRecord, UserRecord
 

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmfence import BudgetManager, Fence, MemoryStore, Store
-from llmfence._fields import KEY_FIELDS, MAX_METADATA_BYTES, json_fields, json_project
+from llmfence._fields import KEY_FIELDS, MAX_METADATA_BYTES
+from llmfence._fields_json import json_fields, json_project
 from llmfence._request import MAX_DEPTH, LLMRequest, amend, parse_request
 from llmfence._tokens import TokenCounter
 from llmfence.exceptions import ConfigurationError, InvalidRequestError

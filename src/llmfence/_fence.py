@@ -15,13 +15,11 @@ from ._core.meter import Meter
 from ._core.services import Services
 from ._fence_records import RecordsMixin
 from ._fence_routes import RoutesMixin
-from ._fields import (
-    budget_nano,
+from ._fields import budget_nano, checked_duration, checked_limit
+from ._options import (
     checked_access_groups,
     checked_bool,
-    checked_duration,
     checked_int,
-    checked_limit,
     checked_policy,
     checked_seconds,
     checked_store,

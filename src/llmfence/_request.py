@@ -13,10 +13,22 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
+from ._body import (
+    bool_field,
+    chat_messages,
+    deeper_than,
+    fail,
+    identifier,
+    int_field,
+    json_type,
+    objects,
+    prompt_input,
+    str_field,
+    system_texts,
+)
 from ._json import loads_strict
-from .exceptions import InvalidRequestError
 
 __all__ = ["MAX_END_USER", "Endpoint", "LLMRequest", "amend", "endpoint_for_path", "parse_request"]
 
@@ -105,190 +117,23 @@ def endpoint_for_path(path: str) -> Endpoint | None:
     return None
 
 
-def _fail(message: str, param: str | None = None) -> NoReturn:
-    raise InvalidRequestError(message, param=param)
-
-
 def _load(body: bytes) -> dict[str, Any]:
     if not body:
-        _fail("The request body is empty; a JSON object is required.")
+        fail("The request body is empty; a JSON object is required.")
     try:
         data = loads_strict(body)  # a prebuilt decoder: NaN and Infinity are not JSON
     except UnicodeDecodeError:
-        _fail("The request body is not valid UTF-8.")
+        fail("The request body is not valid UTF-8.")
     except ValueError:
-        _fail("The request body is not valid JSON.")
+        fail("The request body is not valid JSON.")
     except RecursionError:
-        _fail(f"The request body nests arrays and objects more than {MAX_DEPTH} levels deep.")
+        fail(f"The request body nests arrays and objects more than {MAX_DEPTH} levels deep.")
     if not isinstance(data, dict):
-        _fail(f"The request body must be a JSON object, not {_json_type(data)}.")
+        fail(f"The request body must be a JSON object, not {json_type(data)}.")
     # Only a body with more openers than the limit can nest deeper: most bodies skip the walk.
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _deeper_than(data, MAX_DEPTH):
-        _fail(f"The request body nests arrays and objects more than {MAX_DEPTH} levels deep.")
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and deeper_than(data, MAX_DEPTH):
+        fail(f"The request body nests arrays and objects more than {MAX_DEPTH} levels deep.")
     return data
-
-
-def _deeper_than(value: object, limit: int) -> bool:
-    """Whether arrays and objects nest more than `limit` levels (walked level by level, with
-    no recursion; exact type tests, as only the decoder's dicts and lists are here)."""
-    level: list[Any] = [value]
-    depth = 1
-    while level:
-        if depth > limit:
-            return True
-        below: list[Any] = []
-        for item in level:
-            for child in item.values() if type(item) is dict else item:
-                if type(child) is dict or type(child) is list:
-                    below.append(child)
-        level = below
-        depth += 1
-    return False
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _int(body: Mapping[str, Any], name: str, *, low: int, high: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    # bool is an int in Python but not in JSON Schema: `"max_tokens": true` is a client bug.
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(f"'{name}' must be an integer, not {_json_type(value)}.", name)
-    if not low <= value <= high:
-        _fail(f"'{name}' must be between {low} and {high}; got {value}.", name)
-    return value
-
-
-def _bool(body: Mapping[str, Any], name: str) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        _fail(f"'{name}' must be a boolean, not {_json_type(value)}.", name)
-    return value
-
-
-def _str(body: Mapping[str, Any], name: str, *, max_length: int | None = None) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        _fail(f"'{name}' must be a string, not {_json_type(value)}.", name)
-    if max_length is not None and len(value) > max_length:
-        _fail(f"'{name}' is longer than {max_length} characters.", name)
-    return value
-
-
-def _identifier(
-    body: Mapping[str, Any], name: str, *, max_length: int, param: str | None = None
-) -> str | None:
-    """A string that names a counter or a price in the store: no lone surrogates, which have
-    no UTF-8 form and so no name in Redis (nor a place in a spend record)."""
-    value = _str(body, name, max_length=max_length)
-    if value is not None and not value.isascii():
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            param = param or name
-            _fail(f"'{param}' must be valid Unicode text (it holds a lone surrogate).", param)
-    return value
-
-
-def _objects(value: object, param: str) -> tuple[Mapping[str, Any], ...]:
-    if not isinstance(value, list):
-        _fail(f"'{param}' must be an array, not {_json_type(value)}.", param)
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            _fail(f"'{param}[{i}]' must be an object, not {_json_type(item)}.", f"{param}[{i}]")
-    return tuple(value)
-
-
-def _messages(
-    value: object, param: str, *, anthropic: bool = False
-) -> tuple[Mapping[str, Any], ...]:
-    """Chat messages: objects with a string `role` (Anthropic's may omit it) and content."""
-    messages = _objects(value, param)
-    for i, message in enumerate(messages):
-        # Plain type tests first, and each error's `param` built only if it is raised: this
-        # runs for every message of every request.
-        role = message.get("role")
-        if type(role) is not str:
-            if role is not None:
-                _fail(f"'{param}[{i}].role' must be a string.", f"{param}[{i}].role")
-            if "role" not in message and not anthropic and "type" not in message:
-                _fail(f"'{param}[{i}]' has no 'role'.", f"{param}[{i}]")
-        content = message.get("content")
-        if type(content) is not str and content is not None:
-            if not isinstance(content, list):
-                _fail(
-                    f"'{param}[{i}].content' must be a string or an array, "
-                    f"not {_json_type(content)}.",
-                    f"{param}[{i}].content",
-                )
-            for j, part in enumerate(content):
-                if not isinstance(part, dict | str):
-                    _fail(
-                        f"'{param}[{i}].content[{j}]' must be an object.",
-                        f"{param}[{i}].content[{j}]",
-                    )
-        name = message.get("name")
-        if name is not None and type(name) is not str:
-            _fail(f"'{param}[{i}].name' must be a string.", f"{param}[{i}].name")
-    return messages
-
-
-def _prompt_input(value: object, param: str) -> tuple[tuple[str, ...], int]:
-    """`prompt` / embeddings `input`: a string, strings, token ids, or arrays of token ids."""
-    if isinstance(value, str):
-        return (value,), 0
-    if not isinstance(value, list):
-        _fail(f"'{param}' must be a string or an array, not {_json_type(value)}.", param)
-    texts: list[str] = []
-    token_ids = 0
-    for i, item in enumerate(value):
-        if isinstance(item, str):
-            texts.append(item)
-        elif isinstance(item, int) and not isinstance(item, bool):
-            token_ids += 1
-        elif isinstance(item, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in item
-        ):
-            token_ids += len(item)
-        else:
-            _fail(
-                f"'{param}[{i}]' must be a string, a token id or an array of token ids.",
-                f"{param}[{i}]",
-            )
-    return tuple(texts), token_ids
-
-
-def _system_texts(value: object, param: str) -> tuple[str, ...]:
-    """Anthropic `system`: a string or an array of text blocks."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    blocks = _objects(value, param)
-    texts = []
-    for i, block in enumerate(blocks):
-        text = block.get("text")
-        if not isinstance(text, str):
-            _fail(f"'{param}[{i}].text' must be a string.", f"{param}[{i}].text")
-        texts.append(text)
-    return tuple(texts)
 
 
 def _azure_deployment(path: str) -> str | None:
@@ -298,7 +143,7 @@ def _azure_deployment(path: str) -> str | None:
     parts = path.split("/")
     name = parts[parts.index("deployments") + 1]
     if len(name) > MAX_MODEL_LENGTH:
-        _fail(f"The deployment name is longer than {MAX_MODEL_LENGTH} characters.", "model")
+        fail(f"The deployment name is longer than {MAX_MODEL_LENGTH} characters.", "model")
     return name or None
 
 
@@ -354,88 +199,88 @@ def parse_request(
     data = _load(body)
     endpoint = endpoint_for_path(path) or _infer_endpoint(data)
     if endpoint is None:
-        _fail(
+        fail(
             "The request body has none of 'messages', 'prompt' or 'input'; llmfence cannot "
             "meter it."
         )
     for name in _FOREIGN_FIELDS[endpoint]:
         if data.get(name) is not None:
-            _fail(
+            fail(
                 f"'{name}' does not belong in a body for the {endpoint} API (which the path "
                 "names); llmfence will not guess which field the upstream reads.",
                 name,
             )
 
-    model = _identifier(data, "model", max_length=MAX_MODEL_LENGTH)
+    model = identifier(data, "model", max_length=MAX_MODEL_LENGTH)
     deployment = _azure_deployment(path)
     if deployment is not None:
         # What runs is the deployment, whatever the body says: check and price that.
         model = (deployments or {}).get(deployment, deployment)
     if not model:
-        _fail("'model' is required.", "model")
+        fail("'model' is required.", "model")
 
     messages: tuple[Mapping[str, Any], ...] = ()
     texts: tuple[str, ...] = ()
     token_ids = 0
     tools: tuple[Mapping[str, Any], ...] = ()
-    end_user = _identifier(data, "user", max_length=MAX_END_USER)
+    end_user = identifier(data, "user", max_length=MAX_END_USER)
 
     if endpoint == "chat":
         if "messages" not in data:
-            _fail("'messages' is required.", "messages")
-        messages = _messages(data["messages"], "messages")
+            fail("'messages' is required.", "messages")
+        messages = chat_messages(data["messages"], "messages")
     elif endpoint == "messages":
         if "messages" not in data:
-            _fail("'messages' is required.", "messages")
-        messages = _messages(data["messages"], "messages", anthropic=True)
-        texts = _system_texts(data.get("system"), "system")
+            fail("'messages' is required.", "messages")
+        messages = chat_messages(data["messages"], "messages", anthropic=True)
+        texts = system_texts(data.get("system"), "system")
         metadata = data.get("metadata")
         if metadata is not None:
             if not isinstance(metadata, dict):
-                _fail("'metadata' must be an object.", "metadata")
+                fail("'metadata' must be an object.", "metadata")
             end_user = (
-                _identifier(metadata, "user_id", max_length=MAX_END_USER, param="metadata.user_id")
+                identifier(metadata, "user_id", max_length=MAX_END_USER, param="metadata.user_id")
                 or end_user
             )
     elif endpoint == "completions":
         if "prompt" not in data:
-            _fail("'prompt' is required.", "prompt")
-        texts, token_ids = _prompt_input(data["prompt"], "prompt")
+            fail("'prompt' is required.", "prompt")
+        texts, token_ids = prompt_input(data["prompt"], "prompt")
     elif endpoint == "embeddings":
         if "input" not in data:
-            _fail("'input' is required.", "input")
-        texts, token_ids = _prompt_input(data["input"], "input")
+            fail("'input' is required.", "input")
+        texts, token_ids = prompt_input(data["input"], "input")
     else:  # responses
         value = data.get("input")
         if isinstance(value, str):
             texts = (value,)
         elif value is not None:
-            messages = _messages(value, "input")
-        instructions = _str(data, "instructions")
+            messages = chat_messages(value, "input")
+        instructions = str_field(data, "instructions")
         if instructions:
             texts = (*texts, instructions)
 
     if "tools" in data and data["tools"] is not None:
-        tools = _objects(data["tools"], "tools")
+        tools = objects(data["tools"], "tools")
     if "functions" in data and data["functions"] is not None:
-        tools = (*tools, *_objects(data["functions"], "functions"))
+        tools = (*tools, *objects(data["functions"], "functions"))
 
     allowance = None
     for name in _ALLOWANCE_NAMES:
         # Each one given is checked; the first wins.
         if data.get(name) is not None:
-            value = _int(data, name, low=1, high=MAX_OUTPUT_TOKENS)
+            value = int_field(data, name, low=1, high=MAX_OUTPUT_TOKENS)
             if allowance is None:
                 allowance = value
 
-    n = 1 if data.get("n") is None else _int(data, "n", low=1, high=MAX_N) or 1
-    stream = data.get("stream") is True or _bool(data, "stream")
+    n = 1 if data.get("n") is None else int_field(data, "n", low=1, high=MAX_N) or 1
+    stream = data.get("stream") is True or bool_field(data, "stream")
     include_usage = False
     options = data.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
-            _fail("'stream_options' must be an object.", "stream_options")
-        include_usage = _bool(options, "include_usage")
+            fail("'stream_options' must be an object.", "stream_options")
+        include_usage = bool_field(options, "include_usage")
 
     # (Positional: a frozen dataclass takes them faster than by keyword.)
     return LLMRequest(

@@ -47,11 +47,9 @@ from llmfence._fields import (
     TEAM_FIELDS,
     USER_FIELDS,
     checked_name,
-    json_fields,
-    json_key,
-    json_project,
     key_expiry,
 )
+from llmfence._fields_json import json_fields, json_key, json_project
 from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError
 from llmfence.stores import BudgetScope, BudgetState, KeyRecord, TeamRecord, UserRecord, hash_key
 

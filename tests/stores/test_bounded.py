@@ -26,7 +26,7 @@ from llmfence.stores import (
     SpendRecord,
     Store,
 )
-from llmfence.stores._memory_ledger import _ENDED_GRACE
+from llmfence.stores._memory_state import ENDED_GRACE as _ENDED_GRACE
 
 pytestmark = pytest.mark.anyio
 T0 = 1_795_000_000.0

@@ -7,7 +7,7 @@ import gc
 import pytest
 
 from llmfence.stores import Admission, MemoryStore, RateHit, Settlement, SlotRequest, SpendRecord
-from llmfence.stores._memory_ledger import _SWEEP_EVERY
+from llmfence.stores._memory_state import SWEEP_EVERY as _SWEEP_EVERY
 
 pytestmark = pytest.mark.anyio
 T0 = 1_795_000_000.0

@@ -9,12 +9,7 @@ from starlette.types import ASGIApp
 from llmfence._core.auth import Authenticator
 from llmfence._core.checks import AuthCheck
 from llmfence._core.meter import Meter
-from llmfence._fields import (
-    checked_access_groups,
-    checked_int,
-    checked_seconds,
-    checked_store,
-)
+from llmfence._options import checked_access_groups, checked_int, checked_seconds, checked_store
 from llmfence.exceptions import ConfigurationError
 from llmfence.stores import Store
 

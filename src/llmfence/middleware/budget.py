@@ -6,14 +6,8 @@ from starlette.types import ASGIApp
 
 from llmfence._core.checks import BudgetCheck, RecordCheck
 from llmfence._core.meter import Meter
-from llmfence._fields import (
-    budget_nano,
-    checked_bool,
-    checked_duration,
-    checked_int,
-    checked_policy,
-    checked_store,
-)
+from llmfence._fields import budget_nano, checked_duration
+from llmfence._options import checked_bool, checked_int, checked_policy, checked_store
 from llmfence.exceptions import ConfigurationError
 from llmfence.stores import Store
 

@@ -6,10 +6,10 @@ from starlette.types import ASGIApp
 
 from llmfence._core.checks import Check, ParallelCheck, RateCheck, parse_rate
 from llmfence._core.meter import Meter
-from llmfence._fields import (
+from llmfence._fields import checked_limit
+from llmfence._options import (
     checked_bool,
     checked_int,
-    checked_limit,
     checked_policy,
     checked_seconds,
     checked_store,

@@ -6,133 +6,42 @@ the hot path of every metered request: it looks each counter up once, checks and
 few flat loops, and builds no object beyond the states its result must carry.
 
 Memory grows with what the operator created, not with what clients send: a sweep, run every
-`_SWEEP_EVERY` admissions or every as many admissions as there are entries (whichever is more,
+`SWEEP_EVERY` admissions or every as many admissions as there are entries (whichever is more,
 so its cost is amortized O(1) per admission), drops every entry a missing one would stand in
 for (see `MemoryLedger._sweep`): idle rate buckets, empty lease sets, expired reservations, and
-the budget counters that clients create and nobody needs any more (`_Budget.droppable`).
+the budget counters that clients create and nobody needs any more (`Budget.droppable`).
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from . import _window
+from ._memory_state import (
+    CLIENT_LEVELS,
+    CLIENT_PREFIX,
+    SWEEP_EVERY,
+    Bucket,
+    Budget,
+    Leases,
+    Reservation,
+    budget_refusal,
+    rate_refusal,
+    slot_refusal,
+    unhold,
+)
 from ._types import (
     Admission,
     AdmissionResult,
     BudgetScope,
     BudgetState,
-    RateHit,
     RateState,
     Refusal,
     Settlement,
-    SlotRequest,
 )
 
 __all__ = ["MemoryLedger"]
-
-_SWEEP_EVERY = 4096
-# A counter whose period ended is dropped only this long after the end: an admission may carry
-# a `now` taken a little before the call (a request's start), and until its `now` has passed
-# the end too, the old period's spend is still what it must read.
-_ENDED_GRACE = 60.0
-# Levels whose counters the clients name (a body's `user`, a caller's address): their
-# all-time `total` is not kept once they are idle. Counters of every other level are the
-# operator's (global, team, user, key, models, projects) and keep their totals for ever.
-_CLIENT_LEVELS = frozenset({"end_user", "ip"})
-_CLIENT_PREFIX = "end_user:"
-# A lease ends when its request does, which no store can predict: suggest a short retry.
-_PARALLEL_RETRY = 1.0
-
-
-@dataclass(slots=True)
-class _Budget:
-    spent: int = 0
-    total: int = 0
-    end: float | None = None
-    epoch: int = 0  # bumped at every roll, so settlement can tell the period changed
-    held: int = 0  # live reservations holding this counter: it is never dropped while any do
-    client: bool = False  # a client-named level (see `_CLIENT_LEVELS`)
-
-    def droppable(self, now: float) -> bool:
-        """Whether a missing counter would answer every call exactly as this one does.
-
-        A missing counter reads as zero spent, zero total, in a period that starts at the
-        next touch. Kept: anything a live reservation holds (its settlement must land here);
-        a period still running (or ended less than `_ENDED_GRACE` ago); spend that never
-        resets; and the all-time `total` of the operator's levels (key, user, team, global:
-        the admin API shows it). Dropped: a counter that reads as zero in every respect (a
-        refused request's roll, say), and an idle client-named counter (an end user) whose
-        period has ended or whose spend without a period is zero: the only thing lost is its
-        `total`, which no answer about an end user shows (the spend log keeps its records).
-        """
-        if self.held:
-            return False
-        if self.end is None:
-            return not self.spent and (not self.total or self.client)
-        return now >= self.end + _ENDED_GRACE and (not self.total or self.client)
-
-    def roll(self, period_end: float | None, now: float) -> None:
-        if self.end is None:
-            # First touch, or a duration configured since: the first period starts now.
-            self.end = period_end
-        elif now >= self.end:
-            self.spent = 0
-            self.end = period_end
-            self.epoch += 1
-
-
-@dataclass(slots=True)
-class _Bucket:
-    """A rate counter (see `_window`): its level in units × window ms, written at `t` ms."""
-
-    size_ms: int
-    level: int = 0
-    t: int = 0
-
-    def idle(self, now_ms: int) -> bool:
-        """Whether it is empty whatever the limit (it reads as full at most: one window)."""
-        return now_ms - self.t >= self.size_ms
-
-
-@dataclass(slots=True)
-class _Leases:
-    """Leases held on one key: who holds one until when, and a heap to find the expired."""
-
-    held: dict[str, float] = field(default_factory=dict)
-    heap: list[tuple[float, str]] = field(default_factory=list)
-
-    def add(self, lease_id: str, expires: float) -> None:
-        self.held[lease_id] = expires
-        heapq.heappush(self.heap, (expires, lease_id))
-
-    def expire(self, now: float) -> None:
-        # Only leases due by now are looked at, so a key with many requests in flight does not
-        # pay for all of them on every admission.
-        heap = self.heap
-        while heap and heap[0][0] <= now:
-            expires, lease_id = heapq.heappop(heap)
-            if self.held.get(lease_id) == expires:
-                del self.held[lease_id]
-        if len(heap) > 2 * len(self.held) + 64:
-            # Released leases leave stale heap entries; rebuild before they pile up.
-            self.heap = [(e, lid) for lid, e in self.held.items()]
-            heapq.heapify(self.heap)
-
-
-@dataclass(slots=True)
-class _Reservation:
-    expires: float
-    cost: int
-    # A counter a live reservation holds is never dropped (`_Budget.held` counts them), so a
-    # reservation holds its counters directly, each with its epoch at reservation time.
-    budgets: list[tuple[_Budget, int]]
-    tokens: list[tuple[str, int, int, int]]  # (counter key, window ms, limit, units)
-    requests: list[tuple[str, int, int, int]]  # the same, for request buckets
-    slots: list[str]
 
 
 class MemoryLedger:
@@ -142,10 +51,10 @@ class MemoryLedger:
     """
 
     def __init__(self) -> None:
-        self._budgets: dict[str, _Budget] = {}
-        self._buckets: dict[str, _Bucket] = {}
-        self._leases: dict[str, _Leases] = {}
-        self._reservations: OrderedDict[str, _Reservation] = OrderedDict()
+        self._budgets: dict[str, Budget] = {}
+        self._buckets: dict[str, Bucket] = {}
+        self._leases: dict[str, Leases] = {}
+        self._reservations: OrderedDict[str, Reservation] = OrderedDict()
         self._until_sweep = 1  # the first admission sweeps (there is nothing to sweep yet)
 
     # -- the hot path ------------------------------------------------------------------------
@@ -165,7 +74,7 @@ class MemoryLedger:
         # a refusal changes nothing seen. Buckets are only read here (draining depends on the
         # limit, so a refusal writes none). Every check reads the state before any
         # reservation, so one pass finds the first refusing request and token buckets.
-        seen: list[tuple[_Bucket, int]] = []  # (bucket, window ms)
+        seen: list[tuple[Bucket, int]] = []  # (bucket, window ms)
         refused_requests = refused_tokens = -1
         buckets = self._buckets
         drained = _window.drained
@@ -173,7 +82,7 @@ class MemoryLedger:
             size = int(hit.window * 1000)
             bucket = buckets.get(hit.key)
             if bucket is None:
-                bucket = buckets[hit.key] = _Bucket(size)
+                bucket = buckets[hit.key] = Bucket(size)
             seen.append((bucket, size))
             # _window: a hit fits iff level_now + cost × W ≤ limit × W.
             level = drained(bucket.level, bucket.t, now_ms, size, hit.limit)
@@ -184,12 +93,12 @@ class MemoryLedger:
                 elif refused_tokens < 0:
                     refused_tokens = i
 
-        budgets: list[_Budget] = []
+        budgets: list[Budget] = []
         table = self._budgets
         for scope in scopes:
             budget = table.get(scope.key)
             if budget is None:
-                budget = table[scope.key] = _Budget(client=scope.level in _CLIENT_LEVELS)
+                budget = table[scope.key] = Budget(client=scope.level in CLIENT_LEVELS)
             budget.roll(scope.period_end, now)
             budgets.append(budget)
 
@@ -198,12 +107,12 @@ class MemoryLedger:
         if refused_requests >= 0 or refused_tokens >= 0:
             first = refused_requests if refused_requests >= 0 else refused_tokens
             bucket, size = seen[first]
-            refusal = _rate_refusal(rates[first], bucket, size, now_ms)
+            refusal = rate_refusal(rates[first], bucket, size, now_ms)
         leases = [self._live_leases(slot.key, now) for slot in admission.slots]
         if refusal is None:
             for slot, held in zip(admission.slots, leases, strict=True):
                 if len(held.held) >= slot.limit:
-                    refusal = _slot_refusal(slot, len(held.held))
+                    refusal = slot_refusal(slot, len(held.held))
                     break
         headroom: int | None = None
         for scope, budget in zip(scopes, budgets, strict=True):
@@ -213,7 +122,7 @@ class MemoryLedger:
                 if headroom is None or room < headroom:
                     headroom = room
                 if refusal is None and cost > room:
-                    refusal = _budget_refusal(scope, budget, cost, now)
+                    refusal = budget_refusal(scope, budget, cost, now)
 
         if refusal is None:
             request_id = admission.request_id
@@ -236,7 +145,7 @@ class MemoryLedger:
             for budget in budgets:
                 budget.spent += cost
                 budget.held += 1
-            self._reservations[request_id] = _Reservation(
+            self._reservations[request_id] = Reservation(
                 now + admission.ttl,
                 cost,
                 [(budget, budget.epoch) for budget in budgets],
@@ -279,7 +188,7 @@ class MemoryLedger:
         reservation = self._reservations.pop(settlement.request_id, None)
         if reservation is None:
             return False
-        _unhold(reservation)
+        unhold(reservation)
         if reservation.expires <= settlement.now:
             return False
         cost = settlement.cost
@@ -315,7 +224,7 @@ class MemoryLedger:
         for scope in scopes:
             budget = table.get(scope.key)
             if budget is None:
-                budget = table[scope.key] = _Budget(client=scope.level in _CLIENT_LEVELS)
+                budget = table[scope.key] = Budget(client=scope.level in CLIENT_LEVELS)
             budget.roll(scope.period_end, now)
             budget.spent += cost
             budget.total += cost
@@ -324,7 +233,7 @@ class MemoryLedger:
         """Read budget levels; a period that has ended reads as zero spent."""
         states = []
         for scope in scopes:
-            budget = self._budgets.get(scope.key, _Budget())
+            budget = self._budgets.get(scope.key, Budget())
             ended = budget.end is not None and now >= budget.end
             states.append(
                 BudgetState(
@@ -343,7 +252,7 @@ class MemoryLedger:
         """Start a new period for one budget counter now."""
         budget = self._budgets.get(key)
         if budget is None:
-            budget = self._budgets[key] = _Budget(client=key.startswith(_CLIENT_PREFIX))
+            budget = self._budgets[key] = Budget(client=key.startswith(CLIENT_PREFIX))
         budget.spent = 0
         budget.end = period_end
         budget.epoch += 1
@@ -361,16 +270,16 @@ class MemoryLedger:
         if bucket is None:
             if change < 0:
                 return  # a swept bucket was empty: nothing to give back
-            bucket = self._buckets[key] = _Bucket(size)
+            bucket = self._buckets[key] = Bucket(size)
         level = _window.drained(bucket.level, bucket.t, now_ms, size, limit) + change * size
         bucket.level = level if level > 0 else 0
         if now_ms > bucket.t:
             bucket.t = now_ms
 
-    def _live_leases(self, key: str, now: float) -> _Leases:
+    def _live_leases(self, key: str, now: float) -> Leases:
         leases = self._leases.get(key)
         if leases is None:
-            leases = self._leases[key] = _Leases()
+            leases = self._leases[key] = Leases()
         leases.expire(now)
         return leases
 
@@ -384,10 +293,10 @@ class MemoryLedger:
 
         Expired reservations (a settlement of one answers False either way); rate buckets
         that are empty whatever their limit (a missing one reads as empty); lease sets with no
-        live lease; budget counters `_Budget.droppable` says a missing one would stand in for.
+        live lease; budget counters `Budget.droppable` says a missing one would stand in for.
         What is kept is bounded by the operator's keys, users and teams, and by the clients
         active within a period (or within a bucket's window). The next sweep comes after as
-        many admissions as there are entries left (at least `_SWEEP_EVERY`), so each
+        many admissions as there are entries left (at least `SWEEP_EVERY`), so each
         admission pays O(1) for sweeps, and at most a constant factor of dead entries waits
         between two of them (an admission adds a bounded number).
         """
@@ -397,7 +306,7 @@ class MemoryLedger:
             if reservation.expires > now:
                 break
             del reservations[request_id]
-            _unhold(reservation)
+            unhold(reservation)
         now_ms = _window.to_ms(now)
         stale = [k for k, b in self._buckets.items() if b.idle(now_ms)]
         for key in stale:
@@ -407,7 +316,7 @@ class MemoryLedger:
         for key in [k for k, b in self._budgets.items() if b.droppable(now)]:
             del self._budgets[key]
         entries = len(self._budgets) + len(self._buckets) + len(self._leases) + len(reservations)
-        self._until_sweep = max(_SWEEP_EVERY, entries)
+        self._until_sweep = max(SWEEP_EVERY, entries)
 
     def entry_counts(self) -> dict[str, int]:
         """How many entries each table holds now (for soaks and tests; nothing is swept)."""
@@ -417,37 +326,3 @@ class MemoryLedger:
             "leases": len(self._leases),
             "reservations": len(self._reservations),
         }
-
-
-def _unhold(reservation: _Reservation) -> None:
-    for budget, _ in reservation.budgets:
-        budget.held -= 1
-
-
-# -- refusals: built only when a check fails -------------------------------------------------
-
-
-def _rate_refusal(hit: RateHit, bucket: _Bucket, size: int, now_ms: int) -> Refusal:
-    level = _window.drained(bucket.level, bucket.t, now_ms, size, hit.limit)
-    retry = _window.retry_after_ms(level, size, hit.limit, hit.cost)
-    used = hit.limit - _window.remaining(level, size, hit.limit)
-    return Refusal(
-        hit.kind, hit.level, hit.label, hit.limit, used, hit.cost,
-        None if retry is None else retry / 1000,
-    )  # fmt: skip
-
-
-def _slot_refusal(slot: SlotRequest, held: int) -> Refusal:
-    return Refusal(
-        "parallel_requests", slot.level, slot.label, slot.limit, held, 1,
-        _PARALLEL_RETRY if slot.limit > 0 else None,
-    )  # fmt: skip
-
-
-def _budget_refusal(scope: BudgetScope, budget: _Budget, cost: int, now: float) -> Refusal:
-    assert scope.limit is not None  # only a limited level refuses
-    resets_at = budget.end
-    return Refusal(
-        "budget", scope.level, scope.label, scope.limit, budget.spent, cost,
-        None if resets_at is None else max(0.0, resets_at - now), resets_at,
-    )  # fmt: skip

@@ -1,0 +1,87 @@
+"""The options of `Fence` and the middlewares: checked when they are built, each message
+naming the argument the user wrote (`rpm_limit`, not an internal name)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from .exceptions import ConfigurationError
+
+__all__ = [
+    "POLICIES",
+    "checked_access_groups",
+    "checked_bool",
+    "checked_int",
+    "checked_policy",
+    "checked_seconds",
+    "checked_store",
+]
+
+
+def checked_int(name: str, value: object, *, low: int, high: int | None = None) -> int:
+    """An int option from `low` to `high` (not a bool, a float or a string).
+
+    Raises:
+        ConfigurationError: It is not; the message names the argument.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name} must be an int, not {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"from {low} to {high:_}"
+        raise ConfigurationError(f"{name} must be {bound}, not {value!r}")
+    return value
+
+
+def checked_seconds(name: str, value: object, *, zero: bool = False) -> float:
+    """A duration option in seconds: a finite number > 0 (≥ 0 with `zero`).
+
+    Raises:
+        ConfigurationError: It is not; the message names the argument.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        what = "≥ 0" if zero else "> 0"
+        raise ConfigurationError(f"{name} must be a finite number of seconds {what}, not {value!r}")
+    return float(value)
+
+
+def checked_bool(name: str, value: object) -> bool:
+    """A flag option: `True` or `False` (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def checked_store(store: object) -> None:
+    """A store, or None: anything with an `admit` (the ledger's verb), not a URL or a client."""
+    if store is not None and not callable(getattr(store, "admit", None)):
+        raise ConfigurationError(f"store must be a Store (MemoryStore, RedisStore), not {store!r}")
+
+
+def checked_access_groups(groups: object) -> None:
+    """Access groups defined in code: a mapping of group names to lists of models, or None."""
+    if groups is not None and (
+        not isinstance(groups, Mapping)
+        or any(
+            not isinstance(models, Iterable) or isinstance(models, str)
+            for models in groups.values()
+        )
+    ):
+        raise ConfigurationError("access_groups must map group names to lists of models")
+
+
+POLICIES = ("fail_open", "fail_closed")
+
+
+def checked_policy(name: str, value: object) -> str:
+    """What a guard does while the store is down: `"fail_open"` or `"fail_closed"`."""
+    if value not in POLICIES:
+        raise ConfigurationError(f"{name} must be 'fail_open' or 'fail_closed', not {value!r}")
+    assert isinstance(value, str)
+    return value
