@@ -197,3 +197,28 @@ async def test_without_store_timeout_the_store_keeps_its_own(redis_url: str) -> 
     status, elapsed = await _paused_request(redis_url, _fence(redis_url), 1500)
     assert status == 503
     assert elapsed >= 0.9
+
+
+async def test_the_python_doors_check_ids_as_the_admin_api_does() -> None:
+    fence = Fence(store=MemoryStore())
+    with pytest.raises(ConfigurationError, match="key_alias"):
+        await fence.generate_key(key_alias="x" * 257)
+    with pytest.raises(ConfigurationError, match="user_id"):
+        await fence.new_user("u" * 257)
+    with pytest.raises(ConfigurationError, match="team_id"):
+        await fence.new_team("\ud800")
+    assert await fence.store.list_keys() == []
+
+
+def test_a_forwarding_wrapper_does_not_inherit_the_stores_promises() -> None:
+    class Forwarding:
+        """Forwards every attribute, but could await in methods of its own."""
+
+        def __init__(self, store: MemoryStore) -> None:
+            self.store = store
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.store, name)
+
+    assert Meter(MemoryStore()).never_suspends is True
+    assert Meter(Forwarding(MemoryStore())).never_suspends is False

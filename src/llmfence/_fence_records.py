@@ -11,6 +11,7 @@ from ._core.auth import Authenticator
 from ._fields import (
     ModelBudget,
     checked_key,
+    checked_name,
     key_expiry,
     limit_fields,
     model_budget_periods,
@@ -71,9 +72,9 @@ class RecordsMixin:
         record = KeyRecord(
             key_hash=hash_key(plain),
             key_masked=mask_key(plain),
-            user_id=user_id,
-            team_id=team_id,
-            key_alias=key_alias,
+            user_id=_name("user_id", user_id),
+            team_id=_name("team_id", team_id),
+            key_alias=_name("key_alias", key_alias),
             model_max_budget=model_budgets(model_max_budget),
             model_budget_duration=model_budget_periods(model_max_budget),
             model_rpm_limit=model_limits("model_rpm_limit", model_rpm_limit),
@@ -118,8 +119,8 @@ class RecordsMixin:
             ConfigurationError: A field is invalid, or the user exists.
         """
         record = UserRecord(
-            user_id=user_id,
-            team_id=team_id,
+            user_id=checked_name("user_id", user_id),
+            team_id=_name("team_id", team_id),
             **limit_fields(
                 max_budget,
                 budget_duration,
@@ -158,7 +159,7 @@ class RecordsMixin:
             ConfigurationError: A field is invalid, or the team exists.
         """
         record = TeamRecord(
-            team_id=team_id,
+            team_id=checked_name("team_id", team_id),
             **limit_fields(
                 max_budget,
                 budget_duration,
@@ -176,3 +177,7 @@ class RecordsMixin:
             raise ConfigurationError(f"team {team_id!r} already exists")
         self.authenticator.invalidate_team(team_id)
         return record
+
+
+def _name(name: str, value: str | None) -> str | None:
+    return None if value is None else checked_name(name, value)

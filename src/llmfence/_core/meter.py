@@ -88,14 +88,16 @@ class Meter:
         self.min_output_tokens = min_output_tokens
         self.disconnect_extra_tokens = disconnect_extra_tokens
         self.clock = clock
-        self.never_suspends = bool(getattr(store, "never_suspends", False))
+        # Read off the store's class, not the instance: a wrapper that forwards attributes
+        # (`__getattr__`) but awaits in its own methods must not inherit the promise.
+        self.never_suspends = bool(getattr(type(store), "never_suspends", False))
         """Whether store calls complete without yielding to the event loop (MemoryStore):
         nothing can then cancel a settlement halfway, and it needs no shield."""
         # A store that bounds its own calls (RedisStore's timeout; MemoryStore never waits)
         # spares every call a second cancel scope, a tenth of the stack's overhead. One
         # `store_timeout` governs all the same: a store that takes its bound is given it, and
         # any other store that may wait gets the meter's deadline.
-        self._store_bounds_calls = bool(getattr(store, "bounds_call_time", False))
+        self._store_bounds_calls = bool(getattr(type(store), "bounds_call_time", False))
         set_timeout = getattr(store, "set_call_timeout", None)
         if store_timeout is None:
             store_timeout = getattr(store, "call_timeout", None) or DEFAULT_STORE_TIMEOUT
