@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import redis.asyncio
 from starlette.applications import Starlette
@@ -222,3 +223,46 @@ def test_a_forwarding_wrapper_does_not_inherit_the_stores_promises() -> None:
 
     assert Meter(MemoryStore()).never_suspends is True
     assert Meter(Forwarding(MemoryStore())).never_suspends is False
+
+
+async def test_lease_ttl_is_a_fence_option() -> None:
+    from starlette.types import Receive, Scope, Send
+
+    from llmfence.testing import FakeClock
+
+    clock = FakeClock(1_795_000_000.0)
+    fence = Fence(store=MemoryStore(), master_key="sk-master-key", lease_ttl=5, clock=clock.now)
+    key, _ = await fence.generate_key(max_parallel_requests=1)
+    upstream = mock_llm_app()
+    entered, release = anyio.Event(), anyio.Event()
+    calls = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        if scope["type"] == "http":
+            calls += 1
+            if calls == 1:  # the first call hangs, holding its slot, like a dead worker's
+                entered.set()
+                await release.wait()
+        await upstream(scope, receive, send)
+
+    stack = fence.wrap(app)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    transport = httpx.ASGITransport(app=stack)
+
+    async def hung() -> None:
+        await client.post(CHAT, json=body, headers=auth(key))
+
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://gateway") as client,
+        anyio.create_task_group() as tasks,
+    ):
+        tasks.start_soon(hung)
+        await entered.wait()
+        held = await client.post(CHAT, json=body, headers=auth(key))
+        clock.advance(6)  # past lease_ttl: the hung call's slot frees itself
+        freed = await client.post(CHAT, json=body, headers=auth(key))
+        release.set()
+    assert (held.status_code, freed.status_code) == (429, 200)
+    with pytest.raises(ConfigurationError, match="lease_ttl"):
+        Fence(lease_ttl=0)

@@ -86,6 +86,8 @@ class Fence(RecordsMixin, RoutesMixin):
         rpm_limit: Default requests per minute of a key whose record sets none.
         tpm_limit: Default tokens per minute of a key whose record sets none.
         max_parallel_requests: Default requests in flight of a key whose record sets none.
+        lease_ttl: Seconds after which a request's slot frees itself if its worker died (or
+            its release was lost in a store outage).
         prices: Price overrides per model, USD per million tokens
             (`{"my-llama": {"input": 0.2, "output": 0.6}}`).
         fallback_price: Price of models nobody knows; without it they are refused (400).
@@ -137,6 +139,7 @@ class Fence(RecordsMixin, RoutesMixin):
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
         max_parallel_requests: int | None = None,
+        lease_ttl: float = 600.0,
         prices: Mapping[str, PriceSpec] | None = None,
         fallback_price: PriceSpec | None = None,
         default_max_tokens: int = 4096,
@@ -189,6 +192,7 @@ class Fence(RecordsMixin, RoutesMixin):
         if store_timeout is not None:
             checked_seconds("store_timeout", store_timeout)
         checked_seconds("cache_ttl", cache_ttl, zero=True)
+        self._lease_ttl = checked_seconds("lease_ttl", lease_ttl)
         metered = None if metered_paths is None else _patterns("metered_paths", metered_paths)
         exempt = _patterns("exempt_paths", exempt_paths)
         if deployments is not None and (
@@ -343,6 +347,7 @@ class Fence(RecordsMixin, RoutesMixin):
                 ParallelRequestLimitMiddleware,
                 {
                     "limit": self._limits["parallel_requests"],
+                    "lease_ttl": self._lease_ttl,
                     "shadow": "parallel_requests" in self._shadow,
                     **limits,
                 },
