@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Final
 
 from . import _window
 from ._memory_state import (
     CLIENT_LEVELS,
     CLIENT_PREFIX,
     SWEEP_EVERY,
+    TOMBSTONE_TTL,
     Bucket,
     Budget,
     Leases,
@@ -43,6 +45,8 @@ from ._types import (
 
 __all__ = ["MemoryLedger"]
 
+_ABSENT: Final = -1.0  # no tombstone (a stamped one expires at a caller's time, never < 0)
+
 
 class MemoryLedger:
     """The ledger half of `MemoryStore`: every `LedgerStore` method but `settle`'s record.
@@ -55,6 +59,10 @@ class MemoryLedger:
         self._buckets: dict[str, Bucket] = {}
         self._leases: dict[str, Leases] = {}
         self._reservations: OrderedDict[str, Reservation] = OrderedDict()
+        # Request ids refunded or released before their admission, each until when it turns a
+        # late admission into a no-op; `None` until the next sweep stamps it (a release
+        # carries no time), so it lives at least `TOMBSTONE_TTL` of the callers' time.
+        self._tombstones: dict[str, float | None] = {}
         self._until_sweep = 1  # the first admission sweeps (there is nothing to sweep yet)
 
     # -- the hot path ------------------------------------------------------------------------
@@ -69,6 +77,10 @@ class MemoryLedger:
         cost = admission.cost
         rates = admission.rates
         scopes = admission.budgets
+        request_id = admission.request_id
+        # A retried or duplicated admission, or one whose refund or release came first: it is
+        # answered as admitted and takes nothing (see `_idle`).
+        idle = self._idle(request_id, now)
 
         # Budgets roll whatever the verdict: a roll is what any later call would do first, so
         # a refusal changes nothing seen. Buckets are only read here (draining depends on the
@@ -104,16 +116,19 @@ class MemoryLedger:
 
         # The checks, in order: request buckets, token buckets, leases, budgets.
         refusal: Refusal | None = None
-        if refused_requests >= 0 or refused_tokens >= 0:
-            first = refused_requests if refused_requests >= 0 else refused_tokens
-            bucket, size = seen[first]
-            refusal = rate_refusal(rates[first], bucket, size, now_ms)
-        leases = [self._live_leases(slot.key, now) for slot in admission.slots]
-        if refusal is None:
-            for slot, held in zip(admission.slots, leases, strict=True):
-                if len(held.held) >= slot.limit:
-                    refusal = slot_refusal(slot, len(held.held))
-                    break
+        if idle:
+            leases: list[Leases] = []
+        else:
+            if refused_requests >= 0 or refused_tokens >= 0:
+                first = refused_requests if refused_requests >= 0 else refused_tokens
+                bucket, size = seen[first]
+                refusal = rate_refusal(rates[first], bucket, size, now_ms)
+            leases = [self._live_leases(slot.key, now) for slot in admission.slots]
+            if refusal is None:
+                for slot, held in zip(admission.slots, leases, strict=True):
+                    if len(held.held) >= slot.limit:
+                        refusal = slot_refusal(slot, len(held.held))
+                        break
         headroom: int | None = None
         for scope, budget in zip(scopes, budgets, strict=True):
             limit = scope.limit
@@ -121,11 +136,10 @@ class MemoryLedger:
                 room = limit - budget.spent
                 if headroom is None or room < headroom:
                     headroom = room
-                if refusal is None and cost > room:
+                if refusal is None and not idle and cost > room:
                     refusal = budget_refusal(scope, budget, cost, now)
 
-        if refusal is None:
-            request_id = admission.request_id
+        if refusal is None and not idle:
             tokens: list[tuple[str, int, int, int]] = []
             requests: list[tuple[str, int, int, int]] = []
             for hit, (bucket, size) in zip(rates, seen, strict=True):
@@ -183,10 +197,31 @@ class MemoryLedger:
         ]
         return AdmissionResult(refusal, tuple(rate_states), tuple(budget_states), headroom)
 
+    def _idle(self, request_id: str, now: float) -> bool:
+        """Whether an admission of `request_id` must take nothing.
+
+        True while the id holds a live reservation (a retried or duplicated admission) or a
+        live tombstone (its refund or release came first). An expired reservation is dropped
+        here, as a sweep would drop it, so the admission takes a new one.
+        """
+        reservation = self._reservations.get(request_id)
+        if reservation is not None:
+            if reservation.expires > now:
+                return True
+            del self._reservations[request_id]
+            unhold(reservation)
+        if self._tombstones:
+            expires = self._tombstones.get(request_id, _ABSENT)
+            return expires is None or expires > now
+        return False
+
     def _settle(self, settlement: Settlement) -> bool:
         """Replace a reservation with the actual cost and free its leases (not the record)."""
         reservation = self._reservations.pop(settlement.request_id, None)
         if reservation is None:
+            if settlement.refund_requests:
+                # A refund ahead of its admission (a stall): the late admission takes nothing.
+                self._tombstones[settlement.request_id] = settlement.now + TOMBSTONE_TTL
             return False
         unhold(reservation)
         if reservation.expires <= settlement.now:
@@ -212,9 +247,14 @@ class MemoryLedger:
         return True
 
     async def release(self, request_id: str, slot_keys: Sequence[str]) -> None:
-        """Free a request's leases without settling anything."""
+        """Free a request's leases without settling anything.
+
+        A release ahead of its admission leaves a tombstone: the late admission takes nothing.
+        """
         for key in slot_keys:
             self._release(key, request_id)
+        if request_id not in self._reservations and request_id not in self._tombstones:
+            self._tombstones[request_id] = None
 
     # -- budgets outside a request -----------------------------------------------------------
 
@@ -291,7 +331,8 @@ class MemoryLedger:
     def _sweep(self, now: float) -> None:
         """Drop what reads exactly as missing, and schedule the next sweep.
 
-        Expired reservations (a settlement of one answers False either way); rate buckets
+        Expired reservations (a settlement of one answers False either way) and tombstones
+        (a release's, stamped at its first sweep, expire `TOMBSTONE_TTL` later); rate buckets
         that are empty whatever their limit (a missing one reads as empty); lease sets with no
         live lease; budget counters `Budget.droppable` says a missing one would stand in for.
         What is kept is bounded by the operator's keys, users and teams, and by the clients
@@ -315,7 +356,19 @@ class MemoryLedger:
             del self._leases[key]
         for key in [k for k, b in self._budgets.items() if b.droppable(now)]:
             del self._budgets[key]
-        entries = len(self._budgets) + len(self._buckets) + len(self._leases) + len(reservations)
+        tombstones = self._tombstones
+        for request_id, expires in list(tombstones.items()):
+            if expires is None:
+                tombstones[request_id] = now + TOMBSTONE_TTL
+            elif expires <= now:
+                del tombstones[request_id]
+        entries = (
+            len(self._budgets)
+            + len(self._buckets)
+            + len(self._leases)
+            + len(reservations)
+            + len(tombstones)
+        )
         self._until_sweep = max(SWEEP_EVERY, entries)
 
     def entry_counts(self) -> dict[str, int]:
@@ -325,4 +378,5 @@ class MemoryLedger:
             "buckets": len(self._buckets),
             "leases": len(self._leases),
             "reservations": len(self._reservations),
+            "tombstones": len(self._tombstones),
         }

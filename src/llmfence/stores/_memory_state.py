@@ -16,6 +16,7 @@ __all__ = [
     "ENDED_GRACE",
     "PARALLEL_RETRY",
     "SWEEP_EVERY",
+    "TOMBSTONE_TTL",
     "Bucket",
     "Budget",
     "Leases",
@@ -39,6 +40,10 @@ CLIENT_LEVELS = frozenset({"end_user", "ip"})
 CLIENT_PREFIX = "end_user:"
 # A lease ends when its request does, which no store can predict: suggest a short retry.
 PARALLEL_RETRY = 1.0
+# How long a tombstone (a refund or release that came before its admission) turns a late
+# admission of its request id into a no-op: as long as the default lease TTL, far past any
+# store timeout, so an admission queued behind a stall still finds it.
+TOMBSTONE_TTL = 600.0
 
 
 @dataclass(slots=True)

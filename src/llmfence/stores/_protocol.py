@@ -35,6 +35,18 @@ Settlement
     the reservation vanished with the old period, so the whole actual cost is added to the new
     period: a call's cost is never lost, and never counted twice. Spend never goes below zero.
 
+    Admission is idempotent per request id: an `admit` whose id already holds a live
+    reservation (a retried or duplicated admission) changes nothing and answers as admitted,
+    with the states as they are now; it never reserves twice. A refund (`settle` with
+    `refund_requests=True`) of an id that holds no reservation (it reached the store before
+    its admission: the client gave up while the admission was still queued, say behind a
+    stall) leaves a short-lived tombstone for that id; an `admit` of a tombstoned id likewise
+    changes nothing, takes no reservation, bucket hit or lease, and answers as admitted with
+    the states as they are now. Admitted, not refused: the caller already gave up on that
+    request (or is retrying one the store holds, whose one reservation its settlement
+    settles). Tombstones are bounded: they expire after a TTL of the store's
+    (ten minutes in `MemoryStore` and `RedisStore`), swept or given a key TTL.
+
 Windows
     RPM and TPM are exact token buckets (GCRA in integers, see `_window`): a bucket holds a level
     in units × window ms that drains at `limit` per ms, and a hit of `cost` fits iff the level
@@ -51,7 +63,9 @@ Windows
 
 Leases
     A concurrency lease expires on its own after its TTL, so a worker that died cannot leak
-    slots; `settle` (or `release`) frees it at once.
+    slots; `settle` (or `release`) frees it at once. A `release` of an id that holds no
+    reservation (it came before its admission) leaves a tombstone, as a refund does (see
+    Settlement): the late admission takes no lease, no reservation and no bucket hit.
 
 Spend log
     The log keeps a bounded number of records, newest first; the running totals count every
@@ -118,7 +132,11 @@ class LedgerStore(Lifecycle, Protocol):
     """
 
     async def admit(self, admission: Admission) -> AdmissionResult:
-        """Apply every check of one request atomically: all reserved, or nothing changed."""
+        """Apply every check of one request atomically: all reserved, or nothing changed.
+
+        An id that holds a live reservation or a tombstone is answered as admitted, and
+        nothing is taken (see Settlement in the module's docstring).
+        """
         ...
 
     async def settle(self, settlement: Settlement) -> bool:
@@ -129,12 +147,16 @@ class LedgerStore(Lifecycle, Protocol):
 
         Returns:
             True if this call settled it; False if it was already settled or is unknown (in
-            which case only the record, if any, is appended).
+            which case only the record, if any, is appended, and a refund of an id with no
+            reservation leaves a tombstone that turns its late admission into a no-op).
         """
         ...
 
     async def release(self, request_id: str, slot_keys: Sequence[str]) -> None:
-        """Free a request's leases without settling anything (e.g. after a refusal upstream)."""
+        """Free a request's leases without settling anything (e.g. after a refusal upstream).
+
+        An id that holds no reservation gets a tombstone: its late admission takes nothing.
+        """
         ...
 
     async def charge(self, scopes: Sequence[BudgetScope], cost: int, now: float) -> None:

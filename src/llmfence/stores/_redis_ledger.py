@@ -17,8 +17,10 @@ Keys that clients name expire when idle (see `budget.lua`): an end user's budget
 minute after its period ends (and never before a reservation that may hold it is gone), or, for
 spend that never resets, a minute after it is back at zero; rate buckets two windows (at least
 a minute) after their last write; lease sets with their longest lease; reservations with the
-admission's TTL. The end users' spend totals are kept for the most recent
-`max(max_spend_records, 1000)` of them. Everything the operator created stays.
+admission's TTL; tombstones (a refund or release that came before its admission, which turn
+the late admission into a no-op) after `_TOMBSTONE_TTL_MS`. The end users' spend totals are
+kept for the most recent `max(max_spend_records, 1000)` of them. Everything the operator
+created stays.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ _MIN_KEY_TTL_MS: Final = 60_000
 # Levels whose counters the clients name (a body's `user`, a caller's address): their budget
 # counters expire when idle (budget.lua). MemoryStore drops the same ones in its sweep.
 _CLIENT_LEVELS: Final = frozenset({"end_user", "ip"})
+# How long a tombstone turns a late admission of its request id into a no-op (MemoryStore's
+# `TOMBSTONE_TTL`): as long as the default lease TTL, far past any store timeout, so an
+# admission queued behind a stall still finds it.
+_TOMBSTONE_TTL_MS: Final = 600_000
+# admit.lua's verdict for an admission that takes nothing (a live reservation or tombstone).
+_IDLE: Final = 4
 
 _Buckets = Sequence[tuple[int, int]]  # per rate hit: level, t (as stored, before the step)
 _Levels = Sequence[tuple[int, int, float | None]]  # per budget: spent, total, end (before)
@@ -70,7 +78,8 @@ class RedisLedger(RedisBase):
         now_ms = _window.to_ms(now)
         rates, slots, scopes = admission.rates, admission.slots, admission.budgets
         tag = self._tag
-        keys = [tag + "reservation:" + admission.request_id]
+        request_id = admission.request_id
+        keys = [tag + "reservation:" + request_id]
         args: list[Any] = [
             num(now), now_ms, admission.request_id, admission.cost,
             num(now + admission.ttl), _ttl_ms(admission.ttl * 1000),
@@ -90,6 +99,7 @@ class RedisLedger(RedisBase):
                 opt_num(scope.period_end),
                 "1" if scope.level in _CLIENT_LEVELS else "",
             )
+        keys.append(tag + "tombstone:" + request_id)
 
         # The script answers with the states before anything was reserved, in one string.
         reply = text(await self._script("admit", keys, args)).split()
@@ -100,8 +110,10 @@ class RedisLedger(RedisBase):
             for i in range(split, len(reply), 3)
         ]
         verdict, position, held = int(reply[0]), int(reply[1]) - 1, int(reply[2])
+        if verdict == _IDLE:
+            return _admission_result(admission, None, buckets, levels, took=False)
         refusal = _refusal(admission, verdict, position, held, buckets, levels)
-        return _admission_result(admission, refusal, buckets, levels)
+        return _admission_result(admission, refusal, buckets, levels, took=refusal is None)
 
     async def settle(self, settlement: Settlement) -> bool:
         """Settle a reservation with the actual cost, release its leases, append its record.
@@ -117,10 +129,12 @@ class RedisLedger(RedisBase):
             self._log_key,
             self._totals_key,
             self._tag + "spend:end_users",
+            self._tag + "tombstone:" + settlement.request_id,
         )
         args: list[Any] = [
             num(now), _window.to_ms(now), settlement.cost, "" if tokens is None else tokens,
             settlement.request_id, 1 if settlement.refund_requests else 0, self._max_records,
+            _TOMBSTONE_TTL_MS,
         ]  # fmt: skip
         if record is None:
             args.append("")
@@ -130,10 +144,14 @@ class RedisLedger(RedisBase):
         return bool(await self._script("settle", keys, args))
 
     async def release(self, request_id: str, slot_keys: Sequence[str]) -> None:
-        """Free a request's leases without settling anything."""
-        if slot_keys:
-            keys = [self._tag + "lease:" + key for key in slot_keys]
-            await self._script("release", keys, [request_id])
+        """Free a request's leases without settling anything.
+
+        A release ahead of its admission leaves a tombstone: the late admission takes nothing.
+        """
+        tag = self._tag
+        keys = [tag + "reservation:" + request_id, tag + "tombstone:" + request_id]
+        keys += [tag + "lease:" + key for key in slot_keys]
+        await self._script("release", keys, [request_id, _TOMBSTONE_TTL_MS])
 
     # -- budgets outside a request -----------------------------------------------------------
 
@@ -213,14 +231,19 @@ def _refusal(
 
 
 def _admission_result(
-    admission: Admission, refusal: Refusal | None, buckets: _Buckets, levels: _Levels
+    admission: Admission,
+    refusal: Refusal | None,
+    buckets: _Buckets,
+    levels: _Levels,
+    *,
+    took: bool,
 ) -> AdmissionResult:
     """The states after the step: what the script read, plus what an admission took."""
     now_ms = _window.to_ms(admission.now)
     drained = _window.drained
     after: dict[str, tuple[int, int]] = {}  # per key: level, t after the step
     reserved: dict[str, int] = {}
-    if refusal is None:
+    if took:
         # What admit.lua wrote, hit by hit: a key named twice took twice, as in MemoryStore.
         for hit, stored in zip(admission.rates, buckets, strict=True):
             level, t = after.get(hit.key, stored)

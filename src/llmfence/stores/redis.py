@@ -38,7 +38,9 @@ class RedisStore(RedisLedger, RedisRecords):
     hold it, or, without a period, a minute after its spend is back at zero; the operator's
     never expire), `bucket:<scope>` rate-bucket hashes (level, t; expiring after two windows,
     or a minute if that is longer), `lease:<scope>` sorted sets (request id scored by expiry),
-    `reservation:<request id>` (expiring with the admission's TTL), `key:<hash>`,
+    `reservation:<request id>` (expiring with the admission's TTL), `tombstone:<request id>`
+    (left by a refund or release that came before its admission, which it turns into a no-op;
+    expiring after ten minutes), `key:<hash>`,
     `user:<id>`, `team:<id>` record hashes (one JSON value per field; only a key's hash and
     masked form are ever stored), `keys`, `keys:by_user`, `keys:by_team` indexes,
     `access_groups`, `project:<name>`, the bounded `spend:log` list of records (each a JSON
@@ -69,7 +71,8 @@ class RedisStore(RedisLedger, RedisRecords):
         client: A `redis.asyncio.Redis` client. The caller owns it: `aclose()` does not
             close it. Either `decode_responses` setting works. Give it no command retries
             (`retry=Retry(NoBackoff(), 0)`): redis-py's default retries may send a script
-            again after a lost reply, and a second `admit` reserves twice.
+            again after a lost reply (a second `admit` of the same request takes nothing, but
+            a second `charge` charges twice).
         prefix: Namespace of every key (the hash tag); several apps may share one Redis
             with different prefixes. Must not contain `{` or `}`.
         timeout: Seconds any one store call may take before it fails with `StoreError`.

@@ -3,7 +3,9 @@
 -- KEYS[1]                   the reservation, kept for settle.lua
 -- KEYS[2 .. 1+nr]           rate buckets, hashes {level, t} (see stores/_window.py)
 -- KEYS[2+nr .. 1+nr+ns]     lease sets, sorted sets {request id -> expiry (Unix seconds)}
--- KEYS[2+nr+ns .. ]         budget counters (see budget.lua)
+-- KEYS[2+nr+ns .. 1+nr+ns+nb]  budget counters (see budget.lua)
+-- KEYS[2+nr+ns+nb]          the request id's tombstone, left by settle.lua or release.lua
+--                           when a refund or release came before this admission
 --
 -- ARGV[1] now (Unix seconds, float text)   ARGV[2] now in integer milliseconds
 -- ARGV[3] request id   ARGV[4] cost (nano-USD)   ARGV[5] reservation expiry (Unix seconds)
@@ -21,8 +23,9 @@
 -- then per budget 'spent total end' ('-' for no end), all in one space-separated string: the
 -- states after the budgets rolled and before anything was reserved. One string, not
 -- an array, because the client parses a reply element by element, and that cost more than the
--- script. verdict: 0 admitted, 1 a bucket refused, 2 a lease set refused, 3 a budget refused;
--- position is the 1-based position of the refusing check in its group; current is the leases
+-- script. verdict: 0 admitted, 1 a bucket refused, 2 a lease set refused, 3 a budget refused,
+-- 4 admitted with nothing taken (the id holds a live reservation: a retried or duplicated
+-- admission; or a tombstone: its refund or release came first); position is the 1-based position of the refusing check in its group; current is the leases
 -- held when a lease set refused.
 
 local now = tonumber(ARGV[1])
@@ -101,6 +104,15 @@ local function reply(verdict, position, current)
     out[#out + 1] = budgets[i].ends or '-'
   end
   return table.concat(out, ' ')
+end
+
+-- Idempotent per request id: a live reservation (by the caller's clock, as settle.lua judges
+-- it) or a tombstone makes this admission a no-op. An expired reservation is overwritten.
+local held_raw = redis.call('GET', KEYS[1])
+if (held_raw and tonumber(cjson.decode(held_raw).expires) > now)
+    or redis.call('EXISTS', KEYS[2 + nr + ns + nb]) == 1 then
+  expire_clients(0)
+  return reply(4, 0, 0)
 end
 
 -- The checks, in MemoryStore's order: request buckets, token buckets, leases, budgets.

@@ -11,9 +11,13 @@
 -- ARGV[1] now (Unix seconds, float text)   ARGV[2] now in integer milliseconds
 -- ARGV[3] actual cost (nano-USD)   ARGV[4] actual tokens ('' to keep the reserved count)
 -- ARGV[5] request id   ARGV[6] '1' to give back the request-bucket hits too
--- ARGV[7] records kept   ARGV[8] the record as JSON ('' for none, and nothing follows)
--- ARGV[9] record cost   ARGV[10] record input tokens   ARGV[11] record output tokens
--- ARGV[12 ..] the totals fields the record counts in
+-- KEYS[5]   the request id's tombstone: a refund of a reservation that does not exist (its
+--           admission is still queued, say behind a stall) leaves one, so the late admission
+--           takes nothing (see admit.lua)
+-- ARGV[7] records kept   ARGV[8] the tombstone's TTL (ms)
+-- ARGV[9] the record as JSON ('' for none, and nothing follows)
+-- ARGV[10] record cost   ARGV[11] record input tokens   ARGV[12] record output tokens
+-- ARGV[13 ..] the totals fields the record counts in
 --
 -- The budget, bucket and lease keys to settle are named in the reservation: admit.lua got
 -- them in its KEYS, and they carry the same hash tag, so they live in this cluster slot too.
@@ -70,20 +74,20 @@ local function add(a, b)
   return table.concat(parts)
 end
 
-if ARGV[8] ~= '' then
+if ARGV[9] ~= '' then
   local keep = tonumber(ARGV[7])
-  if keep > 0 and redis.call('LPUSH', KEYS[2], ARGV[8]) > keep then
+  if keep > 0 and redis.call('LPUSH', KEYS[2], ARGV[9]) > keep then
     redis.call('LTRIM', KEYS[2], 0, string.format('%d', keep - 1))
   end
   -- Totals survive the log's bound: they count every record ever appended. Each group's four
   -- counters are packed in one field, so all groups are read in one command and written in
   -- one, instead of one increment per counter and group.
-  local cost, input, output = ARGV[9], ARGV[10], ARGV[11]
+  local cost, input, output = ARGV[10], ARGV[11], ARGV[12]
   -- Operands under 10^15 in size (15 characters at most) sum under 2^53: exact as Lua
   -- numbers, and %d prints them whole. Anything longer takes the exact decimal sum.
   local short = #cost < 16 and #input < 16 and #output < 16
   local cost_n, input_n, output_n = tonumber(cost), tonumber(input), tonumber(output)
-  local fields = {unpack(ARGV, 12)}
+  local fields = {unpack(ARGV, 13)}
   local old = redis.call('HMGET', KEYS[3], unpack(fields))
   local new = {}
   for i, field in ipairs(fields) do
@@ -123,6 +127,9 @@ end
 
 local raw = redis.call('GET', KEYS[1])
 if not raw then
+  if ARGV[6] == '1' then
+    redis.call('SET', KEYS[5], '1', 'PX', ARGV[8])
+  end
   return 0
 end
 redis.call('DEL', KEYS[1])
