@@ -31,7 +31,7 @@ from ._fields import (
 )
 from .exceptions import ConfigurationError, InvalidRequestError
 
-__all__ = ["json_fields", "json_key", "json_project"]
+__all__ = ["json_fields", "json_key", "json_name", "json_project"]
 
 
 def json_fields(body: Mapping[str, Any], allowed: Collection[str]) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def json_fields(body: Mapping[str, Any], allowed: Collection[str]) -> dict[str, 
         if value is None and name in _IN_METADATA and isinstance(metadata, dict):
             value = metadata.get(name)  # where LiteLLM also takes them
         if value is not None:
-            out[name] = _JSON_CHECKS.get(name, _json_name)(name, value)
+            out[name] = _JSON_CHECKS.get(name, json_name)(name, value)
     if "model_max_budget" in out:
         budgets = out.pop("model_max_budget")
         out["model_max_budget"] = model_budgets(budgets)
@@ -243,8 +243,12 @@ def _json_model_limits(name: str, value: Any) -> dict[str, int]:
         ) from None
 
 
-def _json_name(name: str, value: Any) -> str:
-    """Ids, aliases and the key itself: a non-empty string of at most 256 characters."""
+def json_name(name: str, value: Any) -> str:
+    """An id, alias or key from a JSON body: a string the store can name (`checked_name`).
+
+    Raises:
+        InvalidRequestError: It is not one; `param` names the field.
+    """
     try:
         return checked_name(name, value)
     except ConfigurationError:

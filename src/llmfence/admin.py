@@ -43,13 +43,11 @@ from llmfence._admin_views import (
 from llmfence._core.auth import api_key_from_headers
 from llmfence._fields import (
     KEY_FIELDS,
-    MAX_NAME_LENGTH,
     TEAM_FIELDS,
     USER_FIELDS,
-    checked_name,
     key_expiry,
 )
-from llmfence._fields_json import json_fields, json_key, json_project
+from llmfence._fields_json import json_fields, json_key, json_name, json_project
 from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError
 from llmfence.stores import BudgetScope, BudgetState, KeyRecord, TeamRecord, UserRecord, hash_key
 
@@ -59,22 +57,6 @@ if TYPE_CHECKING:
 __all__ = ["admin_app", "admin_routes"]
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-
-
-def _lookup(name: str, value: object) -> str:
-    """An id a route finds a record by: a string the store can name (see `checked_name`).
-
-    Raises:
-        InvalidRequestError: It is not one.
-    """
-    try:
-        return checked_name(name, value)
-    except ConfigurationError:
-        raise InvalidRequestError(
-            f"'{name}' must be a non-empty string of at most {MAX_NAME_LENGTH} characters "
-            "(valid Unicode).",
-            param=name,
-        ) from None
 
 
 def admin_routes(fence: Fence) -> list[Route]:
@@ -139,7 +121,7 @@ def admin_routes(fence: Fence) -> list[Route]:
     async def find_key(value: object) -> KeyRecord:
         if not isinstance(value, str) or not value:
             raise InvalidRequestError("'key' is required.", param="key")
-        record = await store.get_key(hash_key(_lookup("key", value)))
+        record = await store.get_key(hash_key(json_name("key", value)))
         if record is None:
             raise not_found("The key")
         return record
@@ -208,7 +190,7 @@ def admin_routes(fence: Fence) -> list[Route]:
 
     async def user_info(body: dict[str, Any]) -> Any:
         user_id = body.get("user_id")
-        record = await store.get_user(_lookup("user_id", user_id)) if user_id else None
+        record = await store.get_user(json_name("user_id", user_id)) if user_id else None
         if record is None:
             raise not_found("The user")
         keys = await store.list_keys(user_id=record.user_id)
@@ -228,7 +210,7 @@ def admin_routes(fence: Fence) -> list[Route]:
 
     async def team_info(body: dict[str, Any]) -> Any:
         team_id = body.get("team_id")
-        record = await store.get_team(_lookup("team_id", team_id)) if team_id else None
+        record = await store.get_team(json_name("team_id", team_id)) if team_id else None
         if record is None:
             raise not_found("The team")
         keys = await store.list_keys(team_id=record.team_id)
@@ -264,14 +246,14 @@ def admin_routes(fence: Fence) -> list[Route]:
         name = body.get("project_name")
         if not isinstance(name, str) or not name:
             return {"status": "error", "message": "'project_name' is required."}
-        document = await store.get_project(_lookup("project_name", name))
+        document = await store.get_project(json_name("project_name", name))
         return {"status": "error"} if document is None else {"status": "success", "data": document}
 
     async def set_budget(body: dict[str, Any]) -> Any:
         name, user_dict = body.get("project_name"), body.get("user_dict")
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("'project_name' is required.", param="project_name")
-        await store.set_project(_lookup("project_name", name), json_project(user_dict))
+        await store.set_project(json_name("project_name", name), json_project(user_dict))
         return {"status": "success"}
 
     return [
