@@ -55,7 +55,7 @@ class _CheckMiddleware(FenceMiddleware):
 
 
 class _RateLimitMiddleware(_CheckMiddleware):
-    """A sliding-window limit in requests or tokens; the subclasses name which."""
+    """A token-bucket limit in requests or tokens; the subclasses name which."""
 
     kind: RateKind
 
@@ -94,7 +94,8 @@ class _RateLimitMiddleware(_CheckMiddleware):
 
 
 class RequestRateLimitMiddleware(_RateLimitMiddleware):
-    """Requests per sliding minute (RPM), per key, user and team.
+    """Requests per minute (RPM), per key, user and team, as a token bucket: a burst of up to
+    the limit, then room back at the limit's rate (and `rpd_limit` per day from the records).
 
     Limits come from the key, user and team records (`rpm_limit`); `limit` applies per key
     when the key's record sets none, and to unauthenticated requests as one shared bucket.
@@ -122,7 +123,8 @@ class RequestRateLimitMiddleware(_RateLimitMiddleware):
 
 
 class TokenRateLimitMiddleware(_RateLimitMiddleware):
-    """Tokens per sliding minute (TPM), per key, user and team.
+    """Tokens per minute (TPM), per key, user and team, as a token bucket (and `tpd_limit` per
+    day from the records).
 
     Each request reserves its prompt tokens plus its output allowance (`max_tokens`, or the
     meter's default); the response's actual usage replaces the reservation.
