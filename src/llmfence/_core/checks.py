@@ -94,7 +94,7 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class RateCheck(Check):
-    """Requests (RPM) or tokens (TPM) per sliding window, per key, user and team.
+    """Requests (RPM) or tokens (TPM) per window, as a token bucket, per key, user and team.
 
     Attributes:
         kind: `"requests"` or `"tokens"`.
