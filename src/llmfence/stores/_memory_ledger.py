@@ -38,7 +38,6 @@ from ._types import (
     AdmissionResult,
     BudgetScope,
     BudgetState,
-    RateState,
     Refusal,
     Settlement,
 )
@@ -169,20 +168,10 @@ class MemoryLedger:
             )
 
         # The states after the step (a key named twice shows both hits).
-        rate_states = []
-        for hit, (bucket, size) in zip(rates, seen, strict=True):
-            level = drained(bucket.level, bucket.t, now_ms, size, hit.limit)
-            rate_states.append(
-                RateState(
-                    hit.key,
-                    hit.kind,
-                    hit.level,
-                    hit.limit,
-                    _window.remaining(level, size, hit.limit),
-                    _window.reset_after_ms(level, hit.limit) / 1000,
-                    hit.window,
-                )
-            )
+        rate_states = [
+            _window.rate_state(hit, drained(bucket.level, bucket.t, now_ms, size, hit.limit), size)
+            for hit, (bucket, size) in zip(rates, seen, strict=True)
+        ]
         budget_states = [
             BudgetState(
                 scope.key,

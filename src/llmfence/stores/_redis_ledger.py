@@ -37,7 +37,6 @@ from ._types import (
     AdmissionResult,
     BudgetScope,
     BudgetState,
-    RateState,
     Refusal,
     Settlement,
 )
@@ -256,18 +255,7 @@ def _admission_result(
     for hit, stored in zip(admission.rates, buckets, strict=True):
         size = int(hit.window * 1000)
         level, t = after.get(hit.key, stored)
-        level = drained(level, t, now_ms, size, hit.limit)
-        rates.append(
-            RateState(
-                hit.key,
-                hit.kind,
-                hit.level,
-                hit.limit,
-                _window.remaining(level, size, hit.limit),
-                _window.reset_after_ms(level, hit.limit) / 1000,
-                hit.window,
-            )
-        )
+        rates.append(_window.rate_state(hit, drained(level, t, now_ms, size, hit.limit), size))
     budgets = []
     headroom: int | None = None
     for scope, (spent, total, end) in zip(admission.budgets, levels, strict=True):

@@ -27,7 +27,9 @@ step; so the stores own the arithmetic, and this module keeps it in one place.
 
 from __future__ import annotations
 
-__all__ = ["drained", "remaining", "reset_after_ms", "retry_after_ms", "to_ms"]
+from ._types import RateHit, RateState
+
+__all__ = ["drained", "rate_state", "remaining", "reset_after_ms", "retry_after_ms", "to_ms"]
 
 
 def to_ms(now: float) -> int:
@@ -68,3 +70,16 @@ def retry_after_ms(level: int, window: int, limit: int, cost: int) -> int | None
     excess = level + (cost - limit) * window
     # `excess > 0` implies `limit > 0`: with `limit` 0, `cost` and the drained level are 0.
     return -(-excess // limit) if excess > 0 else 0
+
+
+def rate_state(hit: RateHit, level: int, window: int) -> RateState:
+    """A window's state for the headers, from its bucket's drained `level` (both stores)."""
+    return RateState(
+        hit.key,
+        hit.kind,
+        hit.level,
+        hit.limit,
+        remaining(level, window, hit.limit),
+        reset_after_ms(level, hit.limit) / 1000,
+        hit.window,
+    )
