@@ -17,13 +17,14 @@ import json
 import os
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio.from_thread
 
 from llmfence import _counters
 from llmfence._money import nano_to_usd, usd_to_nano
+from llmfence._usage import Usage, usage_from_json
 from llmfence.exceptions import ConfigurationError, StoreError
 from llmfence.stores import BudgetScope, Store
 
@@ -36,6 +37,9 @@ __all__ = [
     "Hosted",
     "LocalFile",
     "StoreBackend",
+    "as_plain",
+    "message_text",
+    "model_and_usage",
     "to_nano",
     "to_usd",
     "usd",
@@ -304,3 +308,34 @@ def _convert(entry: Entry, money: Callable[[Any], Any]) -> Entry:
     if isinstance(out.get("model_cost"), dict):
         out["model_cost"] = {name: money(value) for name, value in out["model_cost"].items()}
     return out
+
+
+# -- reading what LiteLLM's callers hand in --------------------------------------------------
+
+
+def message_text(content: Any) -> str:
+    """A message's text: the string, or the text parts of a multimodal list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    return ""
+
+
+def as_plain(value: Any) -> Any:
+    """A response as JSON-like data: mappings as they are, pydantic models dumped, else attrs."""
+    if value is None or isinstance(value, Mapping | str | int | float | list):
+        return value
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump()
+    return {k: as_plain(v) for k, v in vars(value).items() if not k.startswith("_")}
+
+
+def model_and_usage(completion_obj: Any) -> tuple[str, Usage]:
+    body = as_plain(completion_obj)
+    model = body.get("model") if isinstance(body, Mapping) else None
+    usage = usage_from_json(body) if isinstance(body, Mapping) else None
+    if not isinstance(model, str) or not model or usage is None:
+        raise ValueError("completion_obj must be a chat completion with `model` and `usage`")
+    return model, usage

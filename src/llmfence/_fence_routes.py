@@ -11,10 +11,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from ._core.services import Services
-from ._route_ledger import charge_request
+from ._route_ledger import charge_request, exception_handler
 from ._usage import Usage
 from .exceptions import LLMFenceError
-from .guards import Per, RouteGuard, exception_handler
+from .guards import Per, RouteGuard
 
 __all__ = ["RoutesMixin"]
 

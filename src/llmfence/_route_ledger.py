@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llmfence._core.auth import Principal, api_key_from_headers
@@ -25,7 +25,7 @@ from llmfence._core.settle import protected, settle_reservations, spend_record
 from llmfence._usage import Usage, usage_from_json
 from llmfence.exceptions import ConfigurationError, LLMFenceError, StoreError
 from llmfence.middleware._engine import STATE_KEY
-from llmfence.middleware._http import rate_limit_headers
+from llmfence.middleware._http import error_headers, rate_limit_headers
 from llmfence.stores import BudgetScope, RateState, Settlement
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "Permit",
     "SettlingResponse",
     "charge_request",
+    "error_response",
+    "exception_handler",
     "ledger_of",
     "price_call",
     "request_context",
@@ -288,3 +290,24 @@ def ledger_of(request: Request) -> Ledger:
     if not isinstance(ledger, Ledger):
         ledger = request.scope[SCOPE_KEY] = Ledger()
     return ledger
+
+
+def error_response(error: LLMFenceError, states: Sequence[RateState], now: float) -> Response:
+    """The middlewares' answer to a refusal: OpenAI-shaped body, retry and rate-limit headers."""
+    response = JSONResponse(error.to_openai(), status_code=error.status_code)
+    for header, value in [*error_headers(error, now), *rate_limit_headers(states)]:
+        response.headers.append(header.decode(), value.decode())
+    return response
+
+
+def exception_handler(services: Services) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """A Starlette exception handler rendering `LLMFenceError`s raised by guard dependencies."""
+
+    async def handle(request: Request, error: Exception) -> Response:
+        if not isinstance(error, LLMFenceError):  # pragma: no cover - registered for it only
+            raise error
+        ledger = request.scope.get(SCOPE_KEY)
+        states = ledger.rate_states if isinstance(ledger, Ledger) else []
+        return error_response(error, states, services.clock())
+
+    return handle

@@ -36,6 +36,8 @@ from llmfence._budget_backends import (
     Hosted,
     LocalFile,
     StoreBackend,
+    message_text,
+    model_and_usage,
     to_usd,
     usd,
 )
@@ -45,7 +47,7 @@ from llmfence._money import nano_to_usd, usd_to_nano
 from llmfence._pricing import PriceBook
 from llmfence._request import LLMRequest
 from llmfence._tokens import TokenCounter
-from llmfence._usage import Usage, usage_from_json
+from llmfence._usage import Usage
 from llmfence.exceptions import BudgetExceededError, ConfigurationError, LLMFenceError
 from llmfence.stores import Store
 
@@ -182,7 +184,7 @@ class BudgetManager:
 
     def projected_cost(self, model: str, messages: Sequence[Mapping[str, Any]], user: str) -> float:
         """The user's current cost plus the prompt cost of `messages` (their joined contents)."""
-        text = "".join(_text(message.get("content")) for message in messages)
+        text = "".join(message_text(message.get("content")) for message in messages)
         prompt = self._prices.projected(model, self._tokens.count_text(text, model), 0)
         with self._lock:
             return nano_to_usd(self._entry(user).get("current_cost", 0) + prompt)
@@ -225,7 +227,7 @@ class BudgetManager:
                 self._chat_tokens(model, input_text), self._chat_tokens(model, output_text)
             )
         elif completion_obj is not None:
-            model, usage = _model_and_usage(completion_obj)
+            model, usage = model_and_usage(completion_obj)
         else:
             raise ValueError(_NO_INPUT)
         cost = self._prices.cost(model, usage)
@@ -372,31 +374,3 @@ def _days(duration: str) -> float:
         )
     days, rest = divmod(seconds, _DAY)
     return days if rest == 0 else seconds / _DAY
-
-
-def _text(content: Any) -> str:
-    """A message's text: the string, or the text parts of a multimodal list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-    return ""
-
-
-def _plain(value: Any) -> Any:
-    """A response as JSON-like data: mappings as they are, pydantic models dumped, else attrs."""
-    if value is None or isinstance(value, Mapping | str | int | float | list):
-        return value
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):
-        return dump()
-    return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
-
-
-def _model_and_usage(completion_obj: Any) -> tuple[str, Usage]:
-    body = _plain(completion_obj)
-    model = body.get("model") if isinstance(body, Mapping) else None
-    usage = usage_from_json(body) if isinstance(body, Mapping) else None
-    if not isinstance(model, str) or not model or usage is None:
-        raise ValueError("completion_obj must be a chat completion with `model` and `usage`")
-    return model, usage

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast, overload
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from llmfence import _counters
 from llmfence._core.checks import check_window
@@ -48,20 +48,18 @@ from llmfence._duration import parse_duration
 from llmfence._money import usd_to_nano
 from llmfence._route_identity import PERS, Per, Who, who_is
 from llmfence._route_ledger import (
-    SCOPE_KEY,
     Hold,
     Ledger,
     Permit,
     SettlingResponse,
+    error_response,
     ledger_of,
 )
 from llmfence.exceptions import ConfigurationError, LLMFenceError, StoreError
-from llmfence.middleware._http import error_headers, rate_limit_headers
 from llmfence.stores import (
     Admission,
     BudgetScope,
     RateHit,
-    RateState,
     hash_key,
     mask_key,
 )
@@ -227,7 +225,7 @@ class RouteGuard:
                 entries = [(g, n, await who_is(services, g.per, request, ledger)) for g, n in named]
                 held = await _admit(services, entries, ledger, request.url.path)
             except LLMFenceError as error:
-                return _error_response(error, ledger.rate_states, services.clock())
+                return error_response(error, ledger.rate_states, services.clock())
             status, streaming = 499, False  # 499 unless the endpoint returns or raises
             rejected = False
             try:
@@ -380,24 +378,3 @@ def _status_of(error: BaseException) -> int:
     if isinstance(status, int):
         return status
     return 422 if type(error).__name__ == "RequestValidationError" else 500
-
-
-def _error_response(error: LLMFenceError, states: Sequence[RateState], now: float) -> Response:
-    """The middlewares' answer to a refusal: OpenAI-shaped body, retry and rate-limit headers."""
-    response = JSONResponse(error.to_openai(), status_code=error.status_code)
-    for header, value in [*error_headers(error, now), *rate_limit_headers(states)]:
-        response.headers.append(header.decode(), value.decode())
-    return response
-
-
-def exception_handler(services: Services) -> Callable[[Request, Exception], Awaitable[Response]]:
-    """A Starlette exception handler rendering `LLMFenceError`s raised by guard dependencies."""
-
-    async def handle(request: Request, error: Exception) -> Response:
-        if not isinstance(error, LLMFenceError):  # pragma: no cover - registered for it only
-            raise error
-        ledger = request.scope.get(SCOPE_KEY)
-        states = ledger.rate_states if isinstance(ledger, Ledger) else []
-        return _error_response(error, states, services.clock())
-
-    return handle

@@ -19,13 +19,13 @@ from llmfence._models import same_model
 from llmfence.exceptions import LLMFenceError
 from llmfence.stores import KeyRecord, Store, TeamRecord, UserRecord, hash_key, mask_key
 
-__all__ = ["AuthError", "Authenticator", "Principal", "api_key_from_headers"]
+__all__ = ["KEY_HEADERS", "AuthError", "Authenticator", "Principal", "api_key_from_headers"]
 
 logger = logging.getLogger("llmfence")
 
 # Where clients put a key: OpenAI's SDKs (Authorization: Bearer), Anthropic's (x-api-key),
 # Azure OpenAI's (api-key) and Google's (x-goog-api-key).
-_KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
+KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
 # Model access decisions kept per principal (models are named by request bodies).
 _MAX_MODELS = 256
 
@@ -131,7 +131,7 @@ def api_key_from_headers(headers: Mapping[str, str]) -> str | None:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
-    for name in _KEY_HEADERS:
+    for name in KEY_HEADERS:
         value = headers.get(name)
         if value and value.strip():
             return value.strip()

@@ -11,7 +11,6 @@ therefore never behaves differently because of its neighbours.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,7 +38,7 @@ from llmfence.exceptions import (
     StoreError,
 )
 
-from ._http import rate_limit_headers, send_error
+from ._http import api_key, rate_limit_headers, send_error
 from ._paths import PathRules
 
 __all__ = ["STATE_KEY", "Engine", "Layer"]
@@ -49,7 +48,6 @@ STATE_KEY = "llmfence"
 # is then estimated. No LLM response body comes near it.
 _MAX_JSON_RESPONSE = 8 * 1024 * 1024
 _REQUEST_ID = b"x-llmfence-request-id"
-_KEY_HEADERS = (b"x-api-key", b"api-key", b"x-goog-api-key")
 
 StoreCheck = RateCheck | ParallelCheck | BudgetCheck
 
@@ -231,7 +229,7 @@ class Engine:
         authenticator = self._authenticator_for(meter)
         if authenticator is not None:
             try:
-                principal = await authenticator.authenticate(_api_key(scope["headers"]))
+                principal = await authenticator.authenticate(api_key(scope["headers"]))
                 if ctx.request is not None and not principal.is_master:
                     await authenticator.check_model(principal, ctx.request.model)
             except StoreError as error:
@@ -274,24 +272,6 @@ class Engine:
 
 def _request_id(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     return [(_REQUEST_ID, ctx.request_id.encode())]
-
-
-def _api_key(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-    """The request's API key: `Authorization: Bearer`, else `x-api-key`, `api-key`,
-    `x-goog-api-key` (OpenAI's, Anthropic's, Azure's and Google's SDKs), in that order."""
-    others: dict[bytes, bytes] = {}
-    for name, value in headers:
-        name = name.lower()
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-        elif name in _KEY_HEADERS and value.strip():
-            others.setdefault(name, value)
-    for name in _KEY_HEADERS:
-        if name in others:
-            return others[name].decode("latin-1").strip()
-    return None
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

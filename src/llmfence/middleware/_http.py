@@ -14,11 +14,12 @@ from datetime import UTC, datetime
 
 from starlette.types import Send
 
+from llmfence._core.auth import KEY_HEADERS
 from llmfence._core.refusals import format_reset
 from llmfence.exceptions import BudgetExceededError, LLMFenceError, RateLimitExceededError
 from llmfence.stores import RateState
 
-__all__ = ["error_headers", "rate_limit_headers", "send_error"]
+__all__ = ["api_key", "error_headers", "rate_limit_headers", "send_error"]
 
 _NAMES = {
     kind: tuple(f"x-ratelimit-{what}-{kind}".encode() for what in ("limit", "remaining", "reset"))
@@ -134,3 +135,25 @@ async def send_error(
     ]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# The core's list of where clients put a key besides `Authorization: Bearer`, as raw names.
+_KEY_HEADERS = tuple(name.encode() for name in KEY_HEADERS)
+
+
+def api_key(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The request's API key: `Authorization: Bearer`, else `x-api-key`, `api-key`,
+    `x-goog-api-key` (OpenAI's, Anthropic's, Azure's and Google's SDKs), in that order."""
+    others: dict[bytes, bytes] = {}
+    for name, value in headers:
+        name = name.lower()
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif name in _KEY_HEADERS and value.strip():
+            others.setdefault(name, value)
+    for name in _KEY_HEADERS:
+        if name in others:
+            return others[name].decode("latin-1").strip()
+    return None
