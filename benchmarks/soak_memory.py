@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from _harness import canned_llm_app, parse_args, print_table, source_revision, write_json
+from bench_stack import make_scope
 from starlette.types import ASGIApp, Message
 
 import llmfence
@@ -71,28 +72,6 @@ def rss_mib() -> float:
         return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def scope_for(key: str, body: bytes) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 54321),
-        "scheme": "http",
-        "method": "POST",
-        "root_path": "",
-        "path": PATH,
-        "raw_path": PATH.encode(),
-        "query_string": b"",
-        "headers": [
-            (b"host", b"gateway.internal"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"authorization", b"Bearer " + key.encode()),
-        ],
-    }
-
-
 async def call(app: ASGIApp, key: str, body: bytes) -> int:
     """One request into the ASGI app; its status."""
     status = 0
@@ -114,7 +93,7 @@ async def call(app: ASGIApp, key: str, body: bytes) -> int:
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             done.set()
 
-    await app(scope_for(key, body), receive, send)
+    await app(make_scope(body, key), receive, send)
     return status
 
 
