@@ -1,12 +1,14 @@
-"""Admission is idempotent per request id, and a refund or release ahead of its admission
-leaves a tombstone that turns the late admission into a no-op (issue 11, item 2): on both
-stores, rule for rule."""
+"""Admission and settlement are idempotent per request id, and a settlement or release
+ahead of its admission leaves a tombstone that turns the late admission into a no-op (issue 11,
+items 2 and 3): on every store, rule for rule."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import pytest
 import redis.asyncio
 
 from llmfence.stores import (
@@ -16,6 +18,7 @@ from llmfence.stores import (
     RateHit,
     Settlement,
     SlotRequest,
+    SpendRecord,
     Store,
 )
 from llmfence.stores._memory_state import SWEEP_EVERY, TOMBSTONE_TTL
@@ -95,11 +98,97 @@ async def test_refund_before_admission_makes_the_late_admission_a_no_op(store: S
     await assert_untouched(store)
 
 
-async def test_a_settlement_without_refund_leaves_no_tombstone(store: Store) -> None:
+def spend(request_id: str, cost: int = 7) -> SpendRecord:
+    return SpendRecord(request_id=request_id, timestamp=T0, model="gpt-4o", cost=cost)
+
+
+async def record_ids(store: Store) -> list[str]:
+    return [record.request_id for record in await store.spend_records(limit=100)]
+
+
+async def test_a_settlement_without_a_reservation_charges_its_levels_and_logs_once(
+    store: Store,
+) -> None:
+    # Its admission never reached the store (the store was down and the checks failed open):
+    # the cost lands at the levels the settlement names, with its record.
     request_id = rid()
-    assert not await store.settle(Settlement(request_id, T0, cost=0))
-    assert (await store.admit(admission(request_id))).budgets[0].spent == 60
-    assert await spent(store) == 60
+    orphan = Settlement(request_id, T0, cost=7, record=spend(request_id), charges=SCOPES)
+    assert not await store.settle(orphan)
+    assert await spent(store) == 7
+    assert await record_ids(store) == [request_id]
+    assert (await store.spend_totals("global")).cost == 7
+
+
+async def test_charges_are_ignored_while_the_reservation_is_live(store: Store) -> None:
+    request_id = rid()
+    assert (await store.admit(admission(request_id))).refusal is None
+    other = (BudgetScope("user:u", "user", "u", 100, None),)
+    assert await store.settle(Settlement(request_id, T0, cost=9, charges=SCOPES + other))
+    assert await spent(store) == 9  # the reservation's level, once
+    assert (await store.budgets(other, T0))[0].spent == 0
+
+
+async def test_a_settlement_after_its_tombstone_changes_nothing(store: Store) -> None:
+    # A refund came first (the client gave up): a later settlement of the same id, with a
+    # cost, a record and levels to charge, is that request settled again. Nothing changes.
+    request_id = rid()
+    assert not await store.settle(Settlement(request_id, T0, cost=0, refund_requests=True))
+    again = Settlement(request_id, T0, cost=7, record=spend(request_id), charges=SCOPES)
+    assert not await store.settle(again)
+    assert await spent(store) == 0
+    assert await record_ids(store) == []
+    await assert_untouched(store)
+
+
+@pytest.fixture(params=["redis"])
+async def lossy_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """The stores whose calls can lose a reply after applying (all but `MemoryStore`)."""
+    store = RedisStore.from_url(request.getfixturevalue("redis_url"))
+    yield store
+    await store.aclose()
+
+
+async def test_a_settlement_sent_again_after_a_lost_reply_is_a_no_op(lossy_store: Store) -> None:
+    store = lossy_store
+    request_id = rid()
+    assert (await store.admit(admission(request_id))).refusal is None
+    settlement = Settlement(request_id, T0, cost=7, record=spend(request_id), charges=SCOPES)
+    assert await store.settle(settlement)
+    # The reply was lost (a timeout): the outbox sends the same settlement again.
+    assert not await store.settle(settlement)
+    assert await spent(store) == 7
+    assert await record_ids(store) == [request_id]
+    # So is a late duplicate of its admission: it takes nothing.
+    assert (await store.admit(admission(request_id))).budgets[0].spent == 7
+    await store.release(request_id, ["parallel:key:k1"])
+    assert await spent(store) == 7
+
+
+async def test_an_admission_after_its_settlement_takes_nothing(lossy_store: Store) -> None:
+    # The checks failed open while the admission was stuck; the request was served and
+    # settled against its levels; then the stuck admission ran. It must take nothing.
+    store = lossy_store
+    late = rid()
+    assert not await store.settle(Settlement(late, T0, cost=7, charges=SCOPES))
+    result = await store.admit(admission(late))
+    assert result.refusal is None
+    assert result.budgets[0].spent == 7
+    assert await spent(store) == 7
+    fresh = rid()
+    assert (await store.admit(admission(fresh, cost=10))).rates[0].remaining == 1
+    assert await store.settle(Settlement(fresh, T0, cost=0, refund_requests=True))
+
+
+async def test_memory_tombstones_only_refunds() -> None:
+    # MemoryStore never loses a reply, so it keeps no tombstone per settled request: its
+    # state does not grow with the traffic.
+    store = MemoryStore()
+    settled, orphan = rid(), rid()
+    assert (await store.admit(admission(settled))).refusal is None
+    assert await store.settle(Settlement(settled, T0, cost=1))
+    assert not await store.settle(Settlement(orphan, T0, cost=1, charges=SCOPES))
+    assert store.entry_counts()["tombstones"] == 0
+    assert await spent(store) == 2
 
 
 async def test_release_before_admission_makes_the_late_admission_a_no_op(store: Store) -> None:
@@ -177,9 +266,8 @@ async def test_redis_tombstones_expire(redis_url: str) -> None:
         for request_id in (refunded, released):
             pttl = await client.pttl(tag + "tombstone:" + request_id)
             assert 0 < pttl <= ttl_ms
-        # The admitted request left no tombstone: it was released and settled normally.
-        assert await client.exists(tag + "tombstone:" + admitted) == 0
-        assert await client.keys(tag + "tombstone:*") != []
+        # The admitted request was released, then settled: its tombstone expires as well.
+        assert 0 < await client.pttl(tag + "tombstone:" + admitted) <= ttl_ms
         # Gone, the id admits as new (a shortened TTL stands in for ten minutes of waiting).
         await client.pexpire(tag + "tombstone:" + refunded, 1)
         while await client.exists(tag + "tombstone:" + refunded):

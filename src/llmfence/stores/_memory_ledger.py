@@ -204,17 +204,37 @@ class MemoryLedger:
             return expires is None or expires > now
         return False
 
-    def _settle(self, settlement: Settlement) -> bool:
-        """Replace a reservation with the actual cost and free its leases (not the record)."""
-        reservation = self._reservations.pop(settlement.request_id, None)
-        if reservation is None:
-            if settlement.refund_requests:
-                # A refund ahead of its admission (a stall): the late admission takes nothing.
-                self._tombstones[settlement.request_id] = settlement.now + TOMBSTONE_TTL
-            return False
-        unhold(reservation)
-        if reservation.expires <= settlement.now:
-            return False
+    def _settle(self, settlement: Settlement) -> bool | None:
+        """Replace a reservation with the actual cost and free its leases (not the record).
+
+        Returns:
+            True if a live reservation was settled; False if none was (the settlement's
+            `charges` took the cost instead); None if a tombstone stood for the id (nothing
+            changes, no record is appended).
+        """
+        request_id = settlement.request_id
+        reservation = self._reservations.pop(request_id, None)
+        if reservation is not None:
+            unhold(reservation)
+            if reservation.expires > settlement.now:
+                self._apply(reservation, settlement)
+                # No tombstone: this store never loses a reply, so nothing sends it again.
+                return True
+        elif self._tombstones:
+            expires = self._tombstones.get(request_id, _ABSENT)
+            if expires is None or expires > settlement.now:
+                return None
+        # No reservation (its admission never reached the store, or there was none): the
+        # cost lands where the caller says. Only a refund leaves a tombstone here: this store
+        # never loses a reply, so no settlement is sent twice and no admission arrives late
+        # but one a caller gave up on (a tombstone per request would grow with the traffic).
+        if settlement.refund_requests:
+            self._tombstones[request_id] = settlement.now + TOMBSTONE_TTL
+        if settlement.charges:
+            self._charge(settlement.charges, settlement.cost, settlement.now)
+        return False
+
+    def _apply(self, reservation: Reservation, settlement: Settlement) -> None:
         cost = settlement.cost
         delta = cost - reservation.cost
         for budget, epoch in reservation.budgets:
@@ -233,7 +253,6 @@ class MemoryLedger:
                 self._adjust(key, size, limit, -units, now_ms)
         for key in reservation.slots:
             self._release(key, settlement.request_id)
-        return True
 
     async def release(self, request_id: str, slot_keys: Sequence[str]) -> None:
         """Free a request's leases without settling anything.
@@ -249,6 +268,9 @@ class MemoryLedger:
 
     async def charge(self, scopes: Sequence[BudgetScope], cost: int, now: float) -> None:
         """Add spend at every level unconditionally."""
+        self._charge(scopes, cost, now)
+
+    def _charge(self, scopes: Sequence[BudgetScope], cost: int, now: float) -> None:
         table = self._budgets
         for scope in scopes:
             budget = table.get(scope.key)

@@ -29,23 +29,31 @@ Budgets
     from `now`). `admit` reserves the projected cost at every level, or at none.
 
 Settlement
-    `settle` replaces a reservation with the actual cost, once per request id (a second call is
-    a no-op and returns False). At a level whose period has not rolled since the reservation,
-    the difference is applied (a refund or a top-up). At a level whose period rolled meanwhile,
-    the reservation vanished with the old period, so the whole actual cost is added to the new
-    period: a call's cost is never lost, and never counted twice. Spend never goes below zero.
+    `settle` replaces a reservation with the actual cost, exactly once per request id. At a
+    level whose period has not rolled since the reservation, the difference is applied (a
+    refund or a top-up). At a level whose period rolled meanwhile, the reservation vanished with
+    the old period, so the whole actual cost is added to the new period: a call's cost is never
+    lost, and never counted twice. Spend never goes below zero.
+
+    A settlement of an id that holds no live reservation (its admission never reached the
+    store, it expired, or there was none) charges its cost at the levels it names in `charges`
+    (as `charge` does), appends its record, and leaves a tombstone for the id. A settlement of
+    a tombstoned id changes nothing and appends nothing. A store whose calls can lose a reply
+    after applying (any store that does not set `never_suspends`) also leaves a tombstone when
+    it settles a live reservation, so a settlement sent again, after a reply lost to a timeout,
+    is a no-op: the caller's retries (llmfence's outbox) are safe. `MemoryStore`, which never
+    loses a reply, tombstones only refunds of ids it holds no reservation for.
 
     Admission is idempotent per request id: an `admit` whose id already holds a live
     reservation (a retried or duplicated admission) changes nothing and answers as admitted,
-    with the states as they are now; it never reserves twice. A refund (`settle` with
-    `refund_requests=True`) of an id that holds no reservation (it reached the store before
-    its admission: the client gave up while the admission was still queued, say behind a
-    stall) leaves a short-lived tombstone for that id; an `admit` of a tombstoned id likewise
-    changes nothing, takes no reservation, bucket hit or lease, and answers as admitted with
-    the states as they are now. Admitted, not refused: the caller already gave up on that
-    request (or is retrying one the store holds, whose one reservation its settlement
-    settles). Tombstones are bounded: they expire after a TTL of the store's
-    (ten minutes in `MemoryStore` and `RedisStore`), swept or given a key TTL.
+    with the states as they are now; it never reserves twice. A settlement or a release that
+    reached the store before its admission (the caller gave up while the admission was still
+    queued, say behind a stall) leaves a tombstone for that id; an `admit` of a tombstoned id
+    likewise changes nothing, takes no reservation, bucket hit or lease, and answers as
+    admitted with the states as they are now. Admitted, not refused: the caller already gave
+    up on that request (or is retrying one the store holds, whose one reservation its
+    settlement settles). Tombstones are bounded: they expire after a TTL of the store's (ten
+    minutes in every store shipped), swept or given a key TTL.
 
 Windows
     RPM and TPM are exact token buckets (GCRA in integers, see `_window`): a bucket holds a level
@@ -146,9 +154,9 @@ class LedgerStore(Lifecycle, Protocol):
         no log (it is no `SpendLogStore`) may drop it.
 
         Returns:
-            True if this call settled it; False if it was already settled or is unknown (in
-            which case only the record, if any, is appended, and a refund of an id with no
-            reservation leaves a tombstone that turns its late admission into a no-op).
+            True if this call settled a live reservation; False otherwise (the id holds no
+            reservation: its `charges` took the cost and its record was appended, or a
+            tombstone stood for it and nothing changed). See "Settlement" above.
         """
         ...
 

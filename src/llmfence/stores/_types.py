@@ -386,6 +386,9 @@ class Settlement:
         record: The spend record to append in the same step, if any.
         refund_requests: Also give back the request-window hits (RPM), for a request that a
             later check refused: all of a request's reservations stand, or none does.
+        charges: The levels that take `cost` when no reservation holds this request id (its
+            admission never reached the store, or there was none): the settlement then
+            charges them as `charge` does. Ignored when the reservation is live.
     """
 
     request_id: str
@@ -394,3 +397,4 @@ class Settlement:
     tokens: int | None = None
     record: SpendRecord | None = None
     refund_requests: bool = False
+    charges: tuple[BudgetScope, ...] = ()

@@ -35,10 +35,14 @@ class MemoryStore(MemoryLedger, MemoryRecords):
         MemoryRecords.__init__(self, max_spend_records)
 
     async def settle(self, settlement: Settlement) -> bool:
-        """Settle a reservation with the actual cost, release its leases, append its record."""
-        if settlement.record is not None:
+        """Settle a reservation with the actual cost, release its leases, append its record.
+
+        Exactly once per request id: see the settlement rules in `llmfence.stores`.
+        """
+        settled = self._settle(settlement)
+        if settled is not None and settlement.record is not None:
             self._append(settlement.record)
-        return self._settle(settlement)
+        return settled is True
 
     async def ping(self) -> None:
         """Memory always answers."""
