@@ -173,7 +173,8 @@ async def test_scripts_are_package_data_called_by_sha(
     await inspector.script_flush()
     assert (await store.admit(busy_admission("b"))).admitted
     assert await store.settle(Settlement("b", T0, cost=1))
-    source = lua.joinpath("settle.lua").read_text(encoding="utf-8")
+    await store.release("c", [])
+    source = lua.joinpath("release.lua").read_text(encoding="utf-8")
     sha = hashlib.sha1(source.encode()).hexdigest()
     assert (await inspector.script_exists(sha)) == [True]
 
@@ -644,10 +645,15 @@ class History:
         )  # fmt: skip
 
     def settlement(self) -> Settlement:
+        # Each id is settled once: a settled id is tombstoned in RedisStore (its replies can
+        # be lost) and not in MemoryStore (it never loses one), so a second settlement of it
+        # is no test of sameness. Unknown ids charge the levels the settlement names.
         rng = self.rng
-        request_id = (
-            rng.choice(self.admitted).request_id if self.admitted and rng.random() < 0.9 else "?"
-        )
+        if self.admitted and rng.random() < 0.9:
+            request_id = self.admitted.pop(rng.randrange(len(self.admitted))).request_id
+        else:
+            self.count += 1
+            request_id = f"unknown{self.count}"
         record = None
         if rng.random() < 0.5:
             record = SpendRecord(
@@ -658,7 +664,10 @@ class History:
                 latency_ms=rng.random() * 100,
             )  # fmt: skip
         tokens = rng.choice([None, rng.randint(0, 2000)])
-        return Settlement(request_id, self.now, rng.randint(0, 6000), tokens, record)
+        charges = tuple(rng.sample(self.scopes(), rng.randint(0, 3)))
+        return Settlement(
+            request_id, self.now, rng.randint(0, 6000), tokens, record, charges=charges
+        )
 
     def scopes(self) -> list[BudgetScope]:
         return [
@@ -732,3 +741,22 @@ async def test_concurrent_admissions_from_many_stores(redis_url: str) -> None:
     finally:
         for store in stores:
             await store.aclose()
+
+
+# -- settlement rules ------------------------------------------------------------------------
+
+
+async def test_a_settlement_leaves_a_tombstone_with_a_ttl(
+    store: RedisStore, inspector: redis.asyncio.Redis
+) -> None:
+    assert (await store.admit(busy_admission("r"))).admitted
+    assert await store.settle(Settlement("r", T0, cost=1))
+    assert 0 < await inspector.pttl("{llmfence}:tombstone:r") <= 600_000
+    # An unknown id charges the levels it names (an end user's expires when idle, as a
+    # charge's does), and is tombstoned too.
+    end_user = BudgetScope("end_user:e", "end_user", "e", None, T0 + 60)
+    assert not await store.settle(Settlement("u", T0, cost=5, charges=(end_user,)))
+    assert 0 < await inspector.pttl("{llmfence}:tombstone:u") <= 600_000
+    assert 0 < await inspector.pttl("{llmfence}:budget:end_user:e") <= 120_000
+    assert not await store.settle(Settlement("u", T0, cost=5, charges=(end_user,)))
+    assert (await store.budgets([end_user], T0))[0].spent == 5

@@ -52,7 +52,7 @@ _SCRIPTS: Final = (
     "list_keys",
 )
 # Scripts that roll budget periods get the one shared definition of the roll prepended.
-_ROLLS_BUDGETS: Final = frozenset({"admit", "charge"})
+_ROLLS_BUDGETS: Final = frozenset({"admit", "charge", "settle"})
 _INSTALL_HINT: Final = 'RedisStore needs the redis package: pip install "llmfence[redis]"'
 
 

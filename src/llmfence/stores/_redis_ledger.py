@@ -17,8 +17,9 @@ Keys that clients name expire when idle (see `budget.lua`): an end user's budget
 minute after its period ends (and never before a reservation that may hold it is gone), or, for
 spend that never resets, a minute after it is back at zero; rate buckets two windows (at least
 a minute) after their last write; lease sets with their longest lease; reservations with the
-admission's TTL; tombstones (a refund or release that came before its admission, which turn
-the late admission into a no-op) after `_TOMBSTONE_TTL_MS`. The end users' spend totals are
+admission's TTL; tombstones (left by every settlement, and by a release that came before its
+admission: they make a settlement sent again, and a late admission, a no-op) after
+`_TOMBSTONE_TTL_MS`. The end users' spend totals are
 kept for the most recent `max(max_spend_records, 1000)` of them. Everything the operator
 created stays.
 """
@@ -115,26 +116,32 @@ class RedisLedger(RedisBase):
         return _admission_result(admission, refusal, buckets, levels, took=refusal is None)
 
     async def settle(self, settlement: Settlement) -> bool:
-        """Settle a reservation with the actual cost, release its leases, append its record.
+        """Settle a request id once: its reservation, or the levels it names; and its record.
 
         One round trip: a single EVALSHA of `settle.lua`, which also appends the record and
-        adds it to its running totals.
+        adds it to its running totals. A tombstone is left for the id either way (a reply
+        can be lost after the script ran): the same settlement sent again changes nothing.
         """
         now = settlement.now
         tokens = settlement.tokens
         record = settlement.record
-        keys = (
-            self._tag + "reservation:" + settlement.request_id,
+        charges = settlement.charges
+        tag = self._tag
+        keys = [
+            tag + "reservation:" + settlement.request_id,
             self._log_key,
             self._totals_key,
-            self._tag + "spend:end_users",
-            self._tag + "tombstone:" + settlement.request_id,
-        )
+            tag + "spend:end_users",
+            tag + "tombstone:" + settlement.request_id,
+        ]
         args: list[Any] = [
             num(now), _window.to_ms(now), settlement.cost, "" if tokens is None else tokens,
             settlement.request_id, 1 if settlement.refund_requests else 0, self._max_records,
-            _TOMBSTONE_TTL_MS,
+            _TOMBSTONE_TTL_MS, "always", len(charges),
         ]  # fmt: skip
+        for scope in charges:
+            keys.append(tag + "budget:" + scope.key)
+            args += (opt_num(scope.period_end), "1" if scope.level in _CLIENT_LEVELS else "")
         if record is None:
             args.append("")
         else:

@@ -39,7 +39,8 @@ class RedisStore(RedisLedger, RedisRecords):
     never expire), `bucket:<scope>` rate-bucket hashes (level, t; expiring after two windows,
     or a minute if that is longer), `lease:<scope>` sorted sets (request id scored by expiry),
     `reservation:<request id>` (expiring with the admission's TTL), `tombstone:<request id>`
-    (left by a refund or release that came before its admission, which it turns into a no-op;
+    (left by every settlement, so the same settlement sent again changes nothing, and by a
+    release that came before its admission; either turns a late admission into a no-op;
     expiring after ten minutes), `key:<hash>`,
     `user:<id>`, `team:<id>` record hashes (one JSON value per field; only a key's hash and
     masked form are ever stored), `keys`, `keys:by_user`, `keys:by_team` indexes,
