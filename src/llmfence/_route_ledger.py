@@ -21,9 +21,14 @@ from llmfence._core.auth import Principal, api_key_from_headers
 from llmfence._core.context import RequestContext, new_request_id
 from llmfence._core.plan import budget_scopes
 from llmfence._core.services import Services
-from llmfence._core.settle import protected, settle_reservations, spend_record
+from llmfence._core.settle import (
+    protected,
+    send_settlements,
+    settle_reservations,
+    spend_record,
+)
 from llmfence._usage import Usage, usage_from_json
-from llmfence.exceptions import ConfigurationError, LLMFenceError, StoreError
+from llmfence.exceptions import ConfigurationError, LLMFenceError
 from llmfence.middleware._engine import STATE_KEY
 from llmfence.middleware._http import error_headers, rate_limit_headers
 from llmfence.stores import BudgetScope, RateState, Settlement
@@ -146,51 +151,52 @@ class Hold:
         meter = services.meter
         ledger.holds -= 1
         charged = ledger.provenance is not None
-        held = [self.request_id] if self.reserved else []
+        held = self.reserved
         # A client disconnect cancels the request's task: the reservation must settle anyway.
         with protected(meter):
-            try:
-                if refund and not charged:
-                    await settle_reservations(meter, held, 0, 0, None, refund=True)
-                    return
-                cost = ledger.cost if charged else self.estimate
-                tokens = ledger.input_tokens + ledger.output_tokens
-                record = None
-                if charged or self.budgets:  # a limits-only call that charged nothing spent 0
-                    usage = Usage(ledger.input_tokens, ledger.output_tokens, ledger.cached_tokens)
-                    record = spend_record(
-                        self.request_id,
-                        self.now,
-                        ledger.model,
-                        cost,
-                        usage,
-                        ledger.principal,
-                        ledger.end_user,
-                        ledger.provenance or "reservation-only",
-                        ledger.source,
-                        status,
-                        self.started,
-                        self.path,
-                    )
-                now = services.clock()
-                if not self.reserved and self.budgets:  # the spend lands without a reservation
-                    await meter.call(meter.store.charge(self.budgets, cost, now))
-                if held:
-                    await settle_reservations(
-                        meter, held, cost, tokens if charged else self.tokens_estimate, record
-                    )
-                elif record is not None:  # (no reservation: the record only)
-                    settlement = Settlement(self.request_id, now, 0, None, record)
-                    await meter.call(meter.store.settle(settlement))
-                if cost and self.charge_levels:
-                    # The route's spend counts in the app's, the caller's and the end user's
-                    # budgets too (their limits are the middlewares' to enforce).
-                    levels = budget_scopes(
-                        services.budgets, ledger.principal, ledger.end_user, ledger.model, now
-                    )
-                    await meter.call(meter.store.charge(levels, cost, now))
-            except StoreError as error:
-                meter.degraded("settle", error)
+            if refund and not charged:
+                # Sent even when the admission's answer was lost: it then leaves a
+                # tombstone that turns the admission, should it run late, into a no-op.
+                refunds = [self.request_id] if self.reserved or self.budgets else []
+                await settle_reservations(meter, refunds, 0, 0, None, refund=True)
+                return
+            cost = ledger.cost if charged else self.estimate
+            tokens: int | None = ledger.input_tokens + ledger.output_tokens
+            record = None
+            if charged or self.budgets:  # a limits-only call that charged nothing spent 0
+                usage = Usage(ledger.input_tokens, ledger.output_tokens, ledger.cached_tokens)
+                record = spend_record(
+                    self.request_id,
+                    self.now,
+                    ledger.model,
+                    cost,
+                    usage,
+                    ledger.principal,
+                    ledger.end_user,
+                    ledger.provenance or "reservation-only",
+                    ledger.source,
+                    status,
+                    self.started,
+                    self.path,
+                )
+            now = services.clock()
+            budgets = tuple(self.budgets)
+            settlements = []
+            if held or record is not None or budgets:
+                # Its one reservation, or none (the spend then lands at the guard's levels).
+                if not held or not charged:
+                    tokens = self.tokens_estimate if held else None
+                rid = self.request_id
+                settlements.append(Settlement(rid, now, cost, tokens, record, False, budgets))
+            if cost and self.charge_levels:
+                # The route's spend counts in the app's, the caller's and the end user's
+                # budgets too (their limits are the middlewares' to enforce).
+                levels = budget_scopes(
+                    services.budgets, ledger.principal, ledger.end_user, ledger.model, now
+                )
+                rid = f"{self.request_id}.levels"
+                settlements.append(Settlement(rid, now, cost, None, None, False, levels))
+            await send_settlements(meter, settlements)
 
 
 class SettlingResponse(Response):

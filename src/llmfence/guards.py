@@ -55,7 +55,7 @@ from llmfence._route_ledger import (
     error_response,
     ledger_of,
 )
-from llmfence.exceptions import ConfigurationError, LLMFenceError, StoreError
+from llmfence.exceptions import ConfigurationError, LLMFenceError
 from llmfence.stores import (
     Admission,
     BudgetScope,
@@ -346,10 +346,7 @@ async def _admit(
         # A lost reply or a cancel: the store may have applied the admission. Give back what
         # it may have taken (settling an id it never saw changes nothing).
         with protected(meter):
-            try:
-                await settle_reservations(meter, [held.request_id], 0, 0, None, refund=True)
-            except StoreError as error:
-                meter.degraded("settle", error)
+            await settle_reservations(meter, [held.request_id], 0, 0, None, refund=True)
         raise
     if result is None:
         held.reserved = False

@@ -65,8 +65,8 @@ class RequestContext:
         "app_called",
         "app_failed",
         "body",
-        "budget_ids",
         "budget_scopes",
+        "charges",
         "completed",
         "cost",
         "finished",
@@ -111,7 +111,7 @@ class RequestContext:
         # Admissions whose outcome is unknown (the store timed out, or the task was cancelled
         # while it ran): they may hold a reservation, so the end of the request settles them.
         self.uncertain: list[str] = []
-        self.budget_ids: list[str] = []
+        self.charges: dict[str, tuple[BudgetScope, ...]] = {}
         self.budget_scopes: tuple[BudgetScope, ...] = ()
         self.rate_states: list[RateState] = []
         self.response_headers: list[tuple[bytes, bytes]] = []

@@ -20,10 +20,19 @@ from llmfence._pricing import PriceBook
 from llmfence._request import LLMRequest, amend
 from llmfence._tokens import TokenCounter
 from llmfence.exceptions import LLMFenceError, StoreError
-from llmfence.stores import Admission, AdmissionResult, BudgetScope, RateHit, RateState, Store
+from llmfence.stores import (
+    Admission,
+    AdmissionResult,
+    BudgetScope,
+    RateHit,
+    RateState,
+    Settlement,
+    Store,
+)
 
 from .checks import BudgetCheck
 from .context import RequestContext
+from .outbox import Outbox
 from .plan import Plan
 from .refusals import refusal_error
 
@@ -112,6 +121,8 @@ class Meter:
         the whole-app and end-user periods are its)."""
         self.degraded_count = 0
         """How many store calls failed (each logged); exposed for metrics."""
+        self.outbox = Outbox()
+        """Settlements the store did not take, sent again until it does (`_core.outbox`)."""
 
     def context(self, path: str) -> RequestContext:
         """A fresh context for a request arriving now."""
@@ -132,6 +143,10 @@ class Meter:
             raise
         except Exception as error:  # a store bug or driver error must not become a 500
             raise StoreError("The llmfence store failed.") from error
+
+    async def resend(self, settlement: Settlement) -> None:
+        """Send one settlement from the outbox again (`StoreError` if the store fails)."""
+        await self.call(self.store.settle(settlement))
 
     def degraded(self, operation: str, error: BaseException) -> None:
         """Log and count a store failure (the request goes on under its guard's policy)."""
@@ -207,7 +222,7 @@ class Meter:
         request_id = f"{ctx.request_id}.{ctx.admissions}"
         ctx.admissions += 1
         if budgets:
-            ctx.budget_ids.append(request_id)
+            ctx.charges[request_id] = budgets
         ctx.uncertain.append(request_id)
         admission = Admission(request_id, ctx.now, rates, plan.slots, budgets, ctx.cost)
         try:

@@ -1,29 +1,38 @@
 """The end of a request: what it used, what it cost, one settlement and one spend record.
 
 `finish` settles every reservation of a middleware-metered request once, after its last byte;
-`settle_reservations` and `spend_record` are the pieces route guards share. Settlement is shielded
-from cancellation (a client disconnect cancels the request's task) unless the store never
-suspends, and never raises: a store failure here is logged and counted.
+`settle_reservations`, `send_settlements` and `spend_record` are the pieces route guards share.
+Settlement is shielded from cancellation (a client disconnect cancels the request's task) unless
+the store never suspends, and never raises: a settlement the store does not take is logged,
+counted and queued in the meter's outbox, to be sent again when the store answers.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from typing import Any
 
 import anyio
 
 from llmfence._usage import Usage, usage_from_json
 from llmfence.exceptions import LLMFenceError, StoreError
-from llmfence.stores import Settlement, SpendRecord
+from llmfence.stores import BudgetScope, Settlement, SpendRecord
 
 from .auth import Principal
 from .context import RequestContext
 from .meter import Meter
 from .plan import budget_scopes
 
-__all__ = ["finish", "protected", "settle_reservations", "spend_record", "usage_of"]
+__all__ = [
+    "finish",
+    "protected",
+    "send_settlements",
+    "settle_reservations",
+    "spend_record",
+    "usage_of",
+]
 
 
 def spend_record(
@@ -97,10 +106,7 @@ async def finish(ctx: RequestContext) -> None:
     meter = ctx.meter
     # Counting a prompt nobody counted yet may go to a worker thread: a suspension point.
     with protected(meter, suspends=ctx.prompt_tokens is None and ctx.request is not None):
-        try:
-            await _settle(meter, ctx)
-        except StoreError as error:
-            meter.degraded("settle", error)
+        await _settle(meter, ctx)
 
 
 def protected(meter: Meter, *, suspends: bool = False) -> AbstractContextManager[Any]:
@@ -114,10 +120,11 @@ def protected(meter: Meter, *, suspends: bool = False) -> AbstractContextManager
 
 async def _settle(meter: Meter, ctx: RequestContext) -> None:
     held = [*ctx.reservations, *ctx.uncertain]
-    store = meter.store
+    now = meter.clock()
     if ctx.refused or not ctx.app_called:
         # A refused request is never charged: what earlier checks reserved goes back.
-        await settle_reservations(meter, held, 0, 0, None, refund=True)
+        refunds = [Settlement(rid, now, 0, 0, refund_requests=True) for rid in held]
+        await send_settlements(meter, refunds)
         return
     await meter.tokens(ctx)  # a recorder without guards has not counted the prompt yet
     usage, provenance = usage_of(meter, ctx)
@@ -140,17 +147,23 @@ async def _settle(meter: Meter, ctx: RequestContext) -> None:
             ctx.path,
         )
     tokens = usage.input_tokens + usage.output_tokens
-    took_cost = await settle_reservations(meter, held, cost, tokens, record, budgets=ctx.budget_ids)
-    if not took_cost:
-        # No budget reservation took the cost (a recorder without a budget guard, or a store
-        # that was down at admission): it still lands at every level.
+    charges = ctx.charges
+    # Each admission's settlement names the levels it reserved: should the admission never
+    # have reached the store (it failed open), the cost still lands there.
+    settlements = [
+        Settlement(rid, now, cost, tokens, None, False, charges.get(rid, ())) for rid in held
+    ]
+    if not charges:
+        # No admission reserved the cost (a recorder without a budget guard, or none was
+        # sent): it lands at every tracked level, with the record, under the request's own id.
         scopes = ctx.budget_scopes
         if not scopes:
             model = ctx.request.model if ctx.request is not None else None
             scopes = budget_scopes(meter.tracking, ctx.principal, ctx.end_user, model, ctx.now)
-        await meter.call(store.charge(scopes, cost, meter.clock()))
-    if record is not None and not held:
-        await meter.call(store.settle(Settlement(ctx.request_id, meter.clock(), 0, None, record)))
+        settlements.append(Settlement(ctx.request_id, now, cost, None, record, False, scopes))
+    elif record is not None:
+        settlements[0] = replace(settlements[0], record=record)
+    await send_settlements(meter, settlements)
 
 
 async def settle_reservations(
@@ -161,24 +174,34 @@ async def settle_reservations(
     record: SpendRecord | None,
     *,
     refund: bool = False,
-    budgets: list[str] | None = None,
-) -> bool:
-    """Settle reservations with the actual cost; the record goes with the first.
+    charges: tuple[BudgetScope, ...] = (),
+) -> None:
+    """Settle reservations with the actual cost; the record goes with the first, and the
+    first names the levels that take the cost should it hold no reservation."""
+    now = meter.clock()
+    settlements = [Settlement(rid, now, cost, tokens, None, refund, ()) for rid in request_ids]
+    if settlements:
+        settlements[0] = replace(settlements[0], record=record, charges=charges)
+    await send_settlements(meter, settlements)
 
-    Returns:
-        Whether a reservation named in `budgets` took the cost (the levels are charged).
-    """
-    took = False
-    for request_id in request_ids:
-        # The store appends the record with the first settlement, known reservation or not.
-        settled = await meter.call(
-            meter.store.settle(
-                Settlement(request_id, meter.clock(), cost, tokens, record, refund_requests=refund)
-            )
-        )
-        record = None
-        took = took or (settled and budgets is not None and request_id in budgets)
-    return took
+
+async def send_settlements(meter: Meter, settlements: list[Settlement]) -> None:
+    """Send settlements in order. Those the store does not take go to the outbox (logged and
+    counted), to be sent again when it answers; nothing here raises."""
+    store = meter.store
+    for index, settlement in enumerate(settlements):
+        try:
+            await meter.call(store.settle(settlement))
+        except StoreError as error:
+            meter.degraded("settle", error)
+            # The rest would only wait for the same timeout: they queue behind it.
+            meter.outbox.put(settlements[index:])
+            return
+    outbox = meter.outbox
+    # The store answered: if settlements wait and no lifespan task drains them, a few go
+    # now (after the response: nothing waits for them but this request's task).
+    if outbox.depth and not outbox.running and outbox.due():
+        await outbox.drain(meter.resend, limit=8)
 
 
 def _cost(meter: Meter, ctx: RequestContext, usage: Usage) -> tuple[int, str]:
