@@ -40,6 +40,7 @@ from llmfence.stores import (
 )
 from llmfence.stores._types import RateKind
 from llmfence.stores.redis import RedisStore
+from llmfence.testing import RedisServer
 
 T0 = 1_795_000_000.0
 SCRIPTS = (
@@ -457,6 +458,89 @@ async def test_recovers_after_a_timeout(redis_url: str, inspector: redis.asyncio
         await store.aclose()
 
 
+async def test_a_burst_of_first_calls_waits_for_the_bounded_pool(
+    redis_url: str, inspector: redis.asyncio.Redis
+) -> None:
+    # A cold start: many requests at once on a store that has no connection yet. They share
+    # a bounded pool (waiting for a free connection within their deadline) instead of each
+    # opening its own, and every one of them succeeds.
+    store = RedisStore.from_url(redis_url, timeout=30.0, max_connections=4, client_name="burst")
+    scope = BudgetScope("global", "global", "global")
+
+    async def request(i: int) -> None:
+        assert await store.get_key(f"h{i}") is None
+        assert (await store.admit(Admission(f"r{i}", T0, budgets=(scope,), cost=1))).admitted
+        assert await store.settle(Settlement(f"r{i}", T0, cost=1))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(300):
+                tg.start_soon(request, i)
+        clients = [c for c in await inspector.client_list() if c["name"] == "burst"]
+        assert 1 <= len(clients) <= 4
+        assert (await store.budgets([scope], T0))[0].spent == 300
+    finally:
+        await store.aclose()
+
+
+async def test_calls_after_a_redis_restart_succeed() -> None:
+    # Every pooled connection is broken after a restart: a call that meets one is tried once
+    # more on a fresh connection, so none of them fails.
+    with RedisServer() as server:
+        store = RedisStore.from_url(server.url)
+        scope = BudgetScope("global", "global", "global")
+
+        async def burst(tag: str) -> None:
+            async def request(i: int) -> None:
+                await store.ping()
+                assert await store.get_key(f"h{i}") is None
+                admission = Admission(f"{tag}{i}", T0, budgets=(scope,), cost=1)
+                assert (await store.admit(admission)).admitted
+                assert await store.settle(Settlement(f"{tag}{i}", T0, cost=2))
+                await store.release(f"{tag}{i}", ["parallel:k"])
+                assert (await store.spend_totals("global")).requests == 0
+
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(request, i)
+
+        try:
+            await burst("before")  # the pool holds several connections now
+            server.stop()
+            server.start()  # the same port, an empty Redis
+            await burst("after")
+            assert (await store.budgets([scope], T0))[0].spent == 40
+        finally:
+            await store.aclose()
+
+
+@pytest.mark.parametrize(("script", "repeated"), [("admit", True), ("charge", False)])
+async def test_only_repeatable_calls_are_retried_after_a_connection_error(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch, script: str, repeated: bool
+) -> None:
+    await store.ping()
+    connection = store._connect()
+    sent: list[str] = []
+    execute = connection.execute
+
+    async def flaky(*args: Any) -> Any:
+        sent.append(str(args[0]))
+        if len(sent) == 1:
+            raise redis.ConnectionError("Connection closed by server.")
+        return await execute(*args)
+
+    monkeypatch.setattr(connection, "execute", flaky)
+    scope = BudgetScope("global", "global", "global")
+    if script == "admit":
+        assert (await store.admit(Admission("r", T0, budgets=(scope,), cost=3))).admitted
+    else:
+        with pytest.raises(StoreError) as caught:
+            await store.charge([scope], 3, T0)
+        assert isinstance(caught.value.__cause__, redis.ConnectionError)
+    assert len(sent) == (2 if repeated else 1)
+    assert (await store.budgets([scope], T0))[0].spent == (3 if repeated else 0)
+
+
 def test_redis_is_imported_lazily() -> None:
     code = (
         "import sys; import llmfence.stores.redis; "
@@ -723,7 +807,8 @@ async def test_matches_memory_store(redis_url: str, seed: int) -> None:
 
 async def test_concurrent_admissions_from_many_stores(redis_url: str) -> None:
     # Several app instances, each with its own connections, share one budget exactly.
-    stores = [RedisStore.from_url(redis_url) for _ in range(4)]
+    # A generous deadline: the test is about exactness, not speed, on a shared machine.
+    stores = [RedisStore.from_url(redis_url, timeout=30.0) for _ in range(4)]
     scope = BudgetScope("global", "global", "global", 100_000)
     admitted: list[int] = []
 

@@ -53,6 +53,11 @@ _SCRIPTS: Final = (
 )
 # Scripts that roll budget periods get the one shared definition of the roll prepended.
 _ROLLS_BUDGETS: Final = frozenset({"admit", "charge", "settle"})
+# Scripts that must not run twice: a second `charge` charges twice, and a second create or
+# delete of a record answers "taken" or "none" for the one the first call made or deleted.
+# Every other call is safe to repeat (reads; `admit`, `settle` and `release` are idempotent
+# per request id), so it gets one more try on a fresh connection after a connection error.
+_NOT_REPEATABLE: Final = frozenset({"charge", "record_create", "record_delete"})
 _INSTALL_HINT: Final = 'RedisStore needs the redis package: pip install "llmfence[redis]"'
 
 
@@ -113,6 +118,9 @@ class RedisBase:
         self._max_records = max_spend_records
         # What a call may fail with: its deadline, or Redis (redis-py's errors, socket errors).
         self._errors: tuple[type[BaseException], ...] = (TimeoutError, redis.RedisError, OSError)
+        # What a broken connection fails with (a timeout is no broken connection: retrying it
+        # would only wait again, and the call's deadline is spent).
+        self._broken: tuple[type[BaseException], ...] = (redis.ConnectionError, OSError)
         self._noscript: type[BaseException] = redis.exceptions.NoScriptError
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -158,29 +166,84 @@ class RedisBase:
         return StoreError(f"The Redis store failed ({what}): {type(exc).__name__}.")
 
     async def _run(self, what: str, call: Callable[[Redis], Awaitable[_T]]) -> _T:
-        """Run `call` on the client under the store's deadline; errors become `StoreError`."""
+        """Run `call` on the client under the store's deadline; errors become `StoreError`.
+
+        `call` must be safe to run twice: after a connection error it runs once more, on a
+        fresh connection, within the same deadline.
+        """
         try:
             # One deadline over the whole call: the pool's wait, a connect, the command, the
             # reply. The clients `from_url` opens set no per-read socket timeout of their own
             # (each costs a timer, and redis-py wraps every send in a task for it).
             async with asyncio.timeout(self._timeout):
-                return await call(self._connect().client)
+                connection = self._connect()
+                try:
+                    return await call(connection.client)
+                except self._broken as exc:
+                    if isinstance(exc, TimeoutError):
+                        raise
+                    await _drop_idle(connection.client)
+                    return await call(connection.client)
         except self._errors as exc:
             raise self._failure(what, exc) from exc
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """One EVALSHA of a script under the store's deadline; NOSCRIPT loads it again."""
+        """One EVALSHA of a script under the store's deadline; NOSCRIPT loads it again.
+
+        A connection error (a Redis restart leaves every pooled connection broken) gets one
+        more try on a fresh connection, within the same deadline, unless the script is in
+        `_NOT_REPEATABLE`: a lost reply may hide a script that ran.
+        """
         try:
             async with asyncio.timeout(self._timeout):
                 connection = self._connect()
-                sha = connection.shas[name]
                 try:
-                    return await connection.execute("EVALSHA", sha, len(keys), *keys, *args)
+                    return await connection.execute(
+                        "EVALSHA", connection.shas[name], len(keys), *keys, *args
+                    )
                 except self._noscript:
                     await connection.client.script_load(_script_source(name))
-                    return await connection.execute("EVALSHA", sha, len(keys), *keys, *args)
+                    return await connection.execute(
+                        "EVALSHA", connection.shas[name], len(keys), *keys, *args
+                    )
+                except self._broken as exc:
+                    if isinstance(exc, TimeoutError):
+                        raise
+                    await _drop_idle(connection.client)
+                    if name in _NOT_REPEATABLE:
+                        raise
+                    return await _evalsha(connection, self._noscript, name, keys, args)
         except self._errors as exc:
             raise self._failure(name, exc) from exc
+
+
+async def _evalsha(
+    connection: _Connection,
+    noscript: type[BaseException],
+    name: str,
+    keys: Sequence[str],
+    args: Sequence[Any],
+) -> Any:
+    """EVALSHA, loading the script on NOSCRIPT (a restarted Redis has none)."""
+    sha = connection.shas[name]
+    try:
+        return await connection.execute("EVALSHA", sha, len(keys), *keys, *args)
+    except noscript:
+        await connection.client.script_load(_script_source(name))
+        return await connection.execute("EVALSHA", sha, len(keys), *keys, *args)
+
+
+async def _drop_idle(client: Any) -> None:
+    """Close the idle pooled connections after a connection error, before the retry.
+
+    A connection error mostly means the server went away (a restart, a failover): then every
+    idle connection in the pool is broken too, and each would fail its next call. They are
+    closed here, so the retry and the calls after it connect afresh. Connections in use are
+    left to their callers. A cluster client's nodes are refreshed by redis-py itself.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        await pool.disconnect(inuse_connections=False)
 
 
 # -- codecs ----------------------------------------------------------------------------------

@@ -60,8 +60,13 @@ class RedisStore(RedisLedger, RedisRecords):
     get one at their next touch; until then they stay.
 
     Every call is bounded by `timeout`, as a whole: waiting for a pooled connection,
-    connecting, the command and its reply. A Redis error or a timeout raises `StoreError`
-    from the original exception.
+    connecting, the command and its reply. A call that fails with a connection error (after
+    a Redis restart or failover, every pooled connection is broken) closes the pool's idle
+    connections and, if it is safe to repeat, runs once more on a fresh connection within
+    the same deadline: reads, `admit`, `settle`, `release` (idempotent per request id) and
+    updates are; `charge` and creating or deleting a record are not (a lost reply may hide
+    a call that ran). A Redis error or a timeout raises `StoreError` from the original
+    exception.
 
     Use one store from one event loop at a time. A store made by `from_url` opens its own
     client on first use, and a new one if it finds itself on another event loop (a client's
@@ -111,8 +116,9 @@ class RedisStore(RedisLedger, RedisRecords):
     ) -> RedisStore:
         """A store with its own client, opened on first use and closed by `aclose()`.
 
-        Connections come from a blocking pool: a burst larger than the pool waits for a free
-        connection (within `timeout`) instead of failing.
+        Connections come from a bounded, blocking pool: a burst larger than the pool (a cold
+        start under load) waits for a free connection within each call's `timeout`, instead
+        of opening a connection per call.
 
         Args:
             url: A Redis URL, e.g. `redis://localhost:6379/0` or `rediss://…`.
