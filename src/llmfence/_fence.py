@@ -311,6 +311,20 @@ class Fence(RecordsMixin, RoutesMixin):
             app = cls(app, **options)
         return app
 
+    async def flush(self) -> int:
+        """Send the settlements the store did not take (an outage) again, now.
+
+        The app's lifespan does this on its own: in the background while the app runs, and at
+        shutdown. Call it where no lifespan runs (a script, a test), or before closing the
+        store yourself.
+
+        Returns:
+            How many still wait (the store still fails).
+        """
+        outbox = self.meter.outbox
+        await outbox.drain(self.meter.resend)
+        return outbox.depth
+
     def _layers(self) -> list[tuple[type[Any], dict[str, Any]]]:
         """The six middlewares and their options, outermost first."""
         common: dict[str, Any] = {

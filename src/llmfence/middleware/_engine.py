@@ -39,6 +39,7 @@ from llmfence.exceptions import (
 )
 
 from ._http import api_key, rate_limit_headers, send_error
+from ._lifespan import run_lifespan
 from ._paths import PathRules
 
 __all__ = ["STATE_KEY", "Engine", "Layer"]
@@ -145,7 +146,10 @@ class Engine:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            # Lifespan and websocket scopes pass through untouched (llmfence meters HTTP).
+            if scope["type"] == "lifespan":  # passed through; the outbox drains meanwhile
+                await run_lifespan(self.meter, self.app, scope, receive, send)
+                return
+            # Websocket scopes pass through untouched (llmfence meters HTTP).
             await self.app(scope, receive, send)
             return
         path = scope["path"]

@@ -1,0 +1,59 @@
+"""The app's lifespan, seen by llmfence: the outbox is drained while the app runs and at shutdown.
+
+A settlement the store did not take (an outage) waits in the meter's outbox. For as long as the
+server runs the app's lifespan, one background task sends it again as soon as its backoff
+passes, so a key's lease comes back without waiting for another request. At
+`lifespan.shutdown` the outbox is drained (bounded in time) before the app hears of the
+shutdown, since the app's own shutdown handlers may close the store.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llmfence._core.meter import Meter
+
+__all__ = ["SHUTDOWN_DRAIN_SECONDS", "run_lifespan"]
+
+logger = logging.getLogger("llmfence")
+
+SHUTDOWN_DRAIN_SECONDS = 10.0
+"""The longest a shutdown waits for the outbox (at least three store timeouts)."""
+
+
+async def run_lifespan(
+    meter: Meter, app: ASGIApp, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Pass a lifespan scope to `app`, draining `meter`'s outbox while it runs."""
+    outbox = meter.outbox
+    if outbox.running:  # another llmfence layer over the same meter drains it already
+        await app(scope, receive, send)
+        return
+
+    async def receive_shutdown_last() -> Message:
+        message = await receive()
+        if message["type"] == "lifespan.shutdown" and outbox.depth:
+            with anyio.move_on_after(max(SHUTDOWN_DRAIN_SECONDS, 3 * meter.store_timeout)):
+                await outbox.drain(meter.resend)
+            if outbox.depth:
+                logger.error(
+                    "llmfence shut down with %d settlements the store did not take",
+                    outbox.depth,
+                )
+        return message
+
+    failure: BaseException | None = None
+    outbox.running = True  # before the task starts: an inner layer must not start another
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(outbox.run, meter.resend)
+        try:
+            await app(scope, receive_shutdown_last, send)
+        except BaseException as error:  # re-raised below, outside the task group
+            failure = error
+        finally:
+            tasks.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
