@@ -322,7 +322,7 @@ class Fence(RecordsMixin, RoutesMixin):
             How many still wait (the store still fails).
         """
         outbox = self.meter.outbox
-        await outbox.drain(self.meter.resend)
+        await outbox.drain(self.meter.resend, wait=True)
         return outbox.depth
 
     def _layers(self) -> list[tuple[type[Any], dict[str, Any]]]:

@@ -64,7 +64,7 @@ class Outbox:
         self._failures = 0
         self._next_try = 0.0
         self._wake: anyio.Event | None = None
-        self._draining = False
+        self._lock: anyio.Lock | None = None  # made on first use, inside the event loop
         self.running = False
         """Whether a background task drains this outbox (then requests leave it alone)."""
         self.queued = 0
@@ -99,7 +99,11 @@ class Outbox:
         return bool(self._pending) and self.clock() >= self._next_try
 
     async def drain(
-        self, send: Callable[[Settlement], Awaitable[object]], *, limit: int | None = None
+        self,
+        send: Callable[[Settlement], Awaitable[object]],
+        *,
+        limit: int | None = None,
+        wait: bool = False,
     ) -> bool:
         """Send waiting settlements, oldest first, until the store fails or `limit` were sent.
 
@@ -107,16 +111,18 @@ class Outbox:
             send: Sends one settlement; raises `StoreError` when the store does not take it.
             limit: The most to send in this call (a request's drain stays short).
 
+            wait: Wait for a drain under way to end, then drain; else leave it to that one.
+
         Returns:
-            Whether the outbox is empty (False too while another drain is under way).
+            Whether the outbox is empty (False while another drain is under way and `wait`
+            is not set).
         """
-        if self._draining:
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        if self._lock.locked() and not wait:
             return False
-        self._draining = True
-        try:
+        async with self._lock:
             return await self._drain(send, limit)
-        finally:
-            self._draining = False
 
     async def _drain(
         self, send: Callable[[Settlement], Awaitable[object]], limit: int | None

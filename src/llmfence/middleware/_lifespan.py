@@ -37,7 +37,7 @@ async def run_lifespan(
         message = await receive()
         if message["type"] == "lifespan.shutdown" and outbox.depth:
             with anyio.move_on_after(max(SHUTDOWN_DRAIN_SECONDS, 3 * meter.store_timeout)):
-                await outbox.drain(meter.resend)
+                await outbox.drain(meter.resend, wait=True)
             if outbox.depth:
                 logger.error(
                     "llmfence shut down with %d settlements the store did not take",
