@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from llmfence._core.outbox import Outbox
@@ -139,7 +140,7 @@ async def test_one_drain_at_a_time() -> None:
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(outbox.drain, slow)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         assert not await outbox.drain(store.send)  # the first drain is under way
         release.set()
     assert store.taken == ["r1"]
@@ -149,11 +150,11 @@ async def test_run_drains_what_arrives_until_cancelled() -> None:
     outbox, store = Outbox(), Store()
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(outbox.run, store.send)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         assert outbox.running
         outbox.put([settlement(1)])
         with anyio.fail_after(5):
-            while outbox.depth:
+            while outbox.depth:  # noqa: ASYNC110 - polls another task's progress
                 await anyio.sleep(0.01)
         tasks.cancel_scope.cancel()
     assert store.taken == ["r1"]

@@ -183,7 +183,7 @@ async def test_the_lifespan_sends_what_waits_in_the_background(store: Store) -> 
         assert fence.meter.outbox.running
         stall.settles_fail = False
         with anyio.fail_after(10):  # no request, no flush: the background task sends it
-            while fence.meter.outbox.depth:
+            while fence.meter.outbox.depth:  # noqa: ASYNC110 - polls the background task
                 await anyio.sleep(0.02)
         assert (await client.post(CHAT, json=chat_body(), headers=auth(key))).status_code == 200
 
