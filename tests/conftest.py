@@ -9,7 +9,7 @@ import pytest
 import redis
 from hypothesis import settings
 
-from llmfence import MemoryStore, RedisStore, Store
+from llmfence import MemoryStore, RedisStore, SQLiteStore, Store
 from llmfence.testing import RedisServer, find_redis_server
 
 # The machines are shared and noisy: an example that takes long is not a failure.
@@ -42,11 +42,17 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "sqlite"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """Each store implementation in turn: `MemoryStore`, then `RedisStore` on the real server."""
+    """Each store implementation in turn: `MemoryStore`, `RedisStore` on the real server, then
+    `SQLiteStore` on a file of the test's own."""
     if request.param == "memory":
         yield MemoryStore()
+        return
+    if request.param == "sqlite":
+        sqlite_store = SQLiteStore(request.getfixturevalue("tmp_path") / "llmfence.db")
+        yield sqlite_store
+        await sqlite_store.aclose()
         return
     redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"))
     yield redis_store

@@ -31,7 +31,7 @@ from .middleware import (
     SpendRecorderMiddleware,
     TokenRateLimitMiddleware,
 )
-from .stores import MemoryStore, Store
+from .stores import MemoryStore, SQLiteStore, Store
 from .stores.redis import RedisStore
 
 __version__ = _version("llmfence")
@@ -59,6 +59,7 @@ __all__ = [
     "RequestRateLimitMiddleware",
     "RequestTooLargeError",
     "RouteGuard",
+    "SQLiteStore",
     "SpendRecorderMiddleware",
     "Store",
     "StoreError",

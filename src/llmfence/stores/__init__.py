@@ -37,6 +37,7 @@ from ._types import (
 )
 from .memory import MemoryStore
 from .redis import RedisStore
+from .sqlite import SQLiteStore
 
 __all__ = [
     "Admission",
@@ -53,6 +54,7 @@ __all__ = [
     "RedisStore",
     "Refusal",
     "RegistryStore",
+    "SQLiteStore",
     "Settlement",
     "SlotRequest",
     "SpendGroup",

@@ -19,8 +19,11 @@ __all__ = ["MemoryStore"]
 class MemoryStore(MemoryLedger, MemoryRecords):
     """The embedded store: state in this process's memory, lost when it exits.
 
-    Use it for one process (one uvicorn worker); several workers or hosts need `RedisStore`.
-    It implements every role of `Store`.
+    It is per process: under `uvicorn --workers 4` or `gunicorn -w 4` every worker holds its
+    own counters, so every limit and budget becomes four times larger, and keys, users and
+    teams made through the admin API are gone after a restart. Use it for one process (tests,
+    scripts, a single worker); several workers on one machine need `SQLiteStore`, several
+    machines `RedisStore`. It implements every role of `Store`.
 
     Args:
         max_spend_records: How many spend records the log keeps (oldest dropped first). The
