@@ -278,7 +278,10 @@ class SQLiteBase:
         def call() -> _T:
             return worker.run(deadline, write, job, *args, **kwargs)
 
-        future: Future[_T] = worker.executor.submit(call)
+        try:
+            future: Future[_T] = worker.executor.submit(call)
+        except RuntimeError as exc:  # `aclose` stopped this worker meanwhile
+            raise StoreError(f"The SQLite store was closed during the call ({what}).") from exc
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.wrap_future(future)

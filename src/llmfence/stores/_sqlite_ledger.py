@@ -123,9 +123,11 @@ def _admit(
     request_id = admission.request_id
     budgets = Budgets(db)
     idle = _idle(db, budgets, request_id, now)
+    budgets.load(scope.key for scope in scopes)
 
     # Budgets roll whatever the verdict; buckets are only read until everything fits.
     buckets = Buckets(db)
+    buckets.load(hit.key for hit in rates)
     seen = []  # (bucket, window ms)
     refused_requests = refused_tokens = -1
     drained = _window.drained
@@ -244,11 +246,13 @@ def _settle(db: sqlite3.Connection, settlement: Settlement, keep: int) -> bool:
     now = settlement.now
     budgets = Budgets(db)
     settled = False
-    row = db.execute(
-        "SELECT expires, cost, data FROM reservations WHERE request_id = ?", (request_id,)
-    ).fetchone()
-    if row is not None:
-        db.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
+    # fetchall: a write statement must run to its end before the transaction can commit.
+    rows = db.execute(
+        "DELETE FROM reservations WHERE request_id = ? RETURNING expires, cost, data",
+        (request_id,),
+    ).fetchall()
+    if rows:
+        row = rows[0]
         data = loads(row[2])
         unhold(budgets, data)
         if row[0] > now:
@@ -289,6 +293,7 @@ def _apply(
     now_ms = _window.to_ms(settlement.now)
     buckets = Buckets(db)
     tokens = settlement.tokens
+    buckets.load(entry[0] for entry in (*data["tokens"], *data["requests"]))
     if tokens is not None:
         for key, size, limit, units in data["tokens"]:
             _adjust(buckets, key, size, limit, tokens - units, now_ms)
@@ -330,6 +335,7 @@ def _release(db: sqlite3.Connection, request_id: str, slot_keys: tuple[str, ...]
 
 
 def _charge_into(budgets: Budgets, scopes: Sequence[BudgetScope], cost: int, now: float) -> None:
+    budgets.load(scope.key for scope in scopes)
     for scope in scopes:
         budget = budgets.get(scope.key, scope.level in CLIENT_LEVELS)
         budget.roll(scope.period_end, now)
@@ -347,6 +353,7 @@ def _budgets(
     db: sqlite3.Connection, scopes: tuple[BudgetScope, ...], now: float
 ) -> list[BudgetState]:
     loaded = Budgets(db)
+    loaded.load(scope.key for scope in scopes)
     states = []
     for scope in scopes:
         budget = loaded.find(scope.key) or Budget()

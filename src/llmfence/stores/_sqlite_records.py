@@ -271,28 +271,40 @@ def append_record(db: sqlite3.Connection, record: SpendRecord, keep: int) -> Non
     assert seq is not None
     db.execute("DELETE FROM spend_log WHERE seq <= ?", (seq - keep,))
     added = (record.cost, record.input_tokens, record.output_tokens, 1)
-    new_end_users = 0
-    for name in total_keys(record):
-        end_user = name.startswith(_END_USER)
-        table = "end_user_totals" if end_user else "spend_totals"
-        row = db.execute(
-            f"SELECT cost, input_tokens, output_tokens, requests FROM {table} WHERE name = ?",
-            (name,),
-        ).fetchone()
-        old = (0, 0, 0, 0) if row is None else tuple(int(value) for value in row)
-        values = [db_int(a + b) for a, b in zip(old, added, strict=True)]
-        if end_user:
-            new_end_users += row is None
-            db.execute(
-                "INSERT OR REPLACE INTO end_user_totals VALUES (?, ?, ?, ?, ?, ?)",
-                (name, *values, seq),
+    names = total_keys(record)
+    for table, group in (
+        ("spend_totals", [name for name in names if not name.startswith(_END_USER)]),
+        ("end_user_totals", [name for name in names if name.startswith(_END_USER)]),
+    ):
+        if not group:
+            continue
+        marks = ", ".join("?" * len(group))
+        found = {
+            name: (int(c), int(i), int(o), int(r))
+            for name, c, i, o, r in db.execute(
+                f"SELECT name, cost, input_tokens, output_tokens, requests FROM {table} "
+                f"WHERE name IN ({marks})",
+                group,
             )
+        }
+        rows = [
+            (
+                name,
+                *(db_int(a + b) for a, b in zip(found.get(name, (0, 0, 0, 0)), added, strict=True)),
+            )
+            for name in group
+        ]
+        if table == "spend_totals":
+            db.executemany("INSERT OR REPLACE INTO spend_totals VALUES (?, ?, ?, ?, ?)", rows)
         else:
-            db.execute(
-                "INSERT OR REPLACE INTO spend_totals VALUES (?, ?, ?, ?, ?)", (name, *values)
+            # Each end user is stamped with this record's `seq`: the least recent go first.
+            db.executemany(
+                "INSERT OR REPLACE INTO end_user_totals VALUES (?, ?, ?, ?, ?, ?)",
+                [(*row, seq) for row in rows],
             )
-    if new_end_users:
-        _bound_end_users(db, new_end_users, max(keep, _MIN_END_USER_TOTALS))
+            new = sum(name not in found for name in group)
+            if new:
+                _bound_end_users(db, new, max(keep, _MIN_END_USER_TOTALS))
 
 
 def _bound_end_users(db: sqlite3.Connection, added: int, bound: int) -> None:
@@ -301,7 +313,7 @@ def _bound_end_users(db: sqlite3.Connection, added: int, bound: int) -> None:
         "INSERT INTO counts VALUES ('end_user_totals', ?) ON CONFLICT (name) DO UPDATE SET "
         "value = value + excluded.value RETURNING value",
         (added,),
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     excess = count - bound
     if excess > 0:
         db.execute(

@@ -38,25 +38,39 @@ _Row = tuple[Any, ...]
 class Budgets:
     """Budget counters loaded in one transaction, written back by `save` if they changed."""
 
-    __slots__ = ("_db", "_loaded")
+    __slots__ = ("_absent", "_db", "_loaded")
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
         self._loaded: dict[str, tuple[Budget, _Row | None]] = {}
+        self._absent: set[str] = set()
+
+    def load(self, keys: Iterable[str]) -> None:
+        """Read the counters under `keys` in one statement (`find` then asks nothing more)."""
+        wanted = {key for key in keys if key not in self._loaded}
+        if not wanted:
+            return
+        marks = ", ".join("?" * len(wanted))
+        rows = self._db.execute(
+            "SELECT key, spent, total, ends, epoch, held, client FROM budgets "
+            f"WHERE key IN ({marks})",
+            tuple(wanted),
+        )
+        for key, *row in rows:
+            budget = Budget(int(row[0]), int(row[1]), row[2], row[3], row[4], bool(row[5]))
+            self._loaded[key] = (budget, _budget_row(budget))
+            wanted.discard(key)
+        self._absent |= wanted
 
     def find(self, key: str) -> Budget | None:
         """The counter under `key`, or None if there is none."""
         entry = self._loaded.get(key)
         if entry is not None:
             return entry[0]
-        row = self._db.execute(
-            "SELECT spent, total, ends, epoch, held, client FROM budgets WHERE key = ?", (key,)
-        ).fetchone()
-        if row is None:
-            return None
-        budget = Budget(int(row[0]), int(row[1]), row[2], row[3], row[4], bool(row[5]))
-        self._loaded[key] = (budget, _budget_row(budget))
-        return budget
+        if key not in self._absent:
+            self.load((key,))
+            entry = self._loaded.get(key)
+        return None if entry is None else entry[0]
 
     def get(self, key: str, client: bool = False) -> Budget:
         """The counter under `key`; a missing one is new (`client` says whose it is)."""
@@ -100,16 +114,25 @@ class Buckets:
         self._loaded: dict[str, Bucket | None] = {}
         self._written: dict[str, Bucket] = {}
 
+    def load(self, keys: Iterable[str]) -> None:
+        """Read the buckets under `keys` in one statement (`find` then asks nothing more)."""
+        wanted = {key for key in keys if key not in self._loaded}
+        if not wanted:
+            return
+        marks = ", ".join("?" * len(wanted))
+        rows = self._db.execute(
+            f"SELECT key, level, t, size_ms FROM buckets WHERE key IN ({marks})", tuple(wanted)
+        )
+        for key, level, t, size_ms in rows:
+            self._loaded[key] = Bucket(size_ms, int(level), t)
+        for key in wanted:
+            self._loaded.setdefault(key, None)
+
     def find(self, key: str) -> Bucket | None:
         """The bucket under `key`, or None if there is none."""
-        if key in self._loaded:
-            return self._loaded[key]
-        row = self._db.execute(
-            "SELECT level, t, size_ms FROM buckets WHERE key = ?", (key,)
-        ).fetchone()
-        bucket = None if row is None else Bucket(row[2], int(row[0]), row[1])
-        self._loaded[key] = bucket
-        return bucket
+        if key not in self._loaded:
+            self.load((key,))
+        return self._loaded[key]
 
     def get(self, key: str, size_ms: int) -> Bucket:
         """The bucket under `key`; a missing one reads as empty (and is stored only if written)."""
@@ -131,6 +154,7 @@ class Buckets:
 
 def unhold(budgets: Budgets, data: dict[str, Any]) -> None:
     """A reservation is gone: the counters it held are free to be swept."""
+    budgets.load(key for key, _ in data["budgets"])
     for key, _ in data["budgets"]:
         budget = budgets.find(key)
         if budget is not None:
