@@ -36,6 +36,15 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def fuzz(session: nox.Session) -> None:
+    """A bounded atheris run (60 s) over the request parser, the SSE scanner and the path
+    classifier: `nox -s fuzz -- -max_total_time=600` for longer. A finding stops the run and is
+    written to `crash-*`."""
+    session.install("-e", ".", "atheris")
+    session.run("python", "fuzz/fuzz_request.py", "-max_total_time=60", *session.posargs)
+
+
+@nox.session(python="3.11")
 def examples(session: nox.Session) -> None:
     """Run every example: the scripts end to end, the gateway against the mock upstream."""
     session.install("-e", ".[dev]")
