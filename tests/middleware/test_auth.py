@@ -2,9 +2,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 
-from llmfence import MemoryStore
+from llmfence import Fence, MemoryStore
+from llmfence._core.auth import Authenticator, AuthError
+from llmfence.exceptions import LLMFenceError, StoreError
 from llmfence.testing import FakeClock
 
 from .conftest import CHAT, MODEL, auth, chat_body
@@ -162,3 +165,95 @@ async def test_a_flood_of_unknown_keys_does_not_evict_known_ones() -> None:
     with pytest.raises(Exception, match="Incorrect API key"):
         await authenticator.authenticate(f"sk-unknown-{99:040d}")
     assert reads == reads_before  # a known-unknown key is not read again either
+
+
+class SlowLookups:
+    """A real store whose key lookups take a moment (a cold pool), counted."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.lookups = 0
+        self.fail = 0
+
+    async def get_key(self, key_hash: str) -> Any:
+        self.lookups += 1
+        await anyio.sleep(0.05)
+        if self.fail:
+            self.fail -= 1
+            raise StoreError("did not answer in time")
+        return await self.store.get_key(key_hash)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def test_a_cold_cache_looks_a_key_up_once_for_all_who_ask_at_once() -> None:
+    # Issue 11, item 10: 600 requests of one key on a cold start must not send 600 lookups.
+    store = MemoryStore()
+    fence = Fence(store=store, master_key="sk-master-key")
+    key, _ = await fence.generate_key()
+    slow = SlowLookups(store)
+    authenticator = Authenticator(slow)
+    found: list[Any] = []
+
+    async def ask(api_key: str) -> None:
+        try:
+            found.append(await authenticator.authenticate(api_key))
+        except LLMFenceError as error:
+            found.append(error)
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(50):
+            tasks.start_soon(ask, key)
+        for _ in range(20):
+            tasks.start_soon(ask, "sk-unknown-key-0123456789abcdef")
+    assert slow.lookups == 2
+    principals = [p for p in found if not isinstance(p, LLMFenceError)]
+    assert len(principals) == 50
+    assert all(p is principals[0] for p in principals)
+    assert sum(isinstance(p, AuthError) for p in found) == 20
+
+
+async def test_a_failed_lookup_fails_its_waiters_and_the_next_request_looks_again() -> None:
+    store = MemoryStore()
+    fence = Fence(store=store, master_key="sk-master-key")
+    key, _ = await fence.generate_key()
+    slow = SlowLookups(store)
+    slow.fail = 1
+    authenticator = Authenticator(slow)
+    errors: list[BaseException] = []
+
+    async def ask() -> None:
+        try:
+            await authenticator.authenticate(key)
+        except StoreError as error:
+            errors.append(error)
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(10):
+            tasks.start_soon(ask)
+    assert (slow.lookups, len(errors)) == (1, 10)
+    assert (await authenticator.authenticate(key)).key is not None
+    assert slow.lookups == 2
+
+
+async def test_a_cancelled_lookup_leaves_its_waiters_to_look_again() -> None:
+    store = MemoryStore()
+    fence = Fence(store=store, master_key="sk-master-key")
+    key, _ = await fence.generate_key()
+    slow = SlowLookups(store)
+    authenticator = Authenticator(slow)
+    found: list[Any] = []
+
+    async def wait() -> None:
+        found.append(await authenticator.authenticate(key))
+
+    async with anyio.create_task_group() as outer, anyio.create_task_group() as leader:
+        leader.start_soon(authenticator.authenticate, key)
+        await anyio.sleep(0.01)  # its lookup is under way
+        outer.start_soon(wait)
+        await anyio.sleep(0.01)  # the second request waits for it
+        leader.cancel_scope.cancel()  # the first client left
+    assert len(found) == 1
+    assert found[0].key is not None
+    assert slow.lookups == 2

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import anyio
 from cachetools import TTLCache
 
 from llmfence._models import same_model
@@ -200,6 +201,7 @@ class Authenticator:
         # Resolved principals by key hash, kept no longer than the records they were built
         # from: what an engine derives from a principal shares the records' staleness bound.
         self._principals: TTLCache[str, Principal] = TTLCache(cache_size, cache_ttl, timer=clock)
+        self._flights: dict[str, _Flight] = {}  # lookups under way, by key hash
 
     def is_master(self, api_key: str) -> bool:
         """Whether `api_key` is the master key (constant-time)."""
@@ -223,6 +225,28 @@ class Authenticator:
         key_hash = hash_key(api_key)  # the only hash of the key a request computes
         principal = self._principals.get(key_hash)
         if principal is None:
+            principal = await self._lookup(key_hash, api_key)
+        record = principal.key
+        if record is not None and record.expires is not None and record.expires <= self._clock():
+            raise AuthError(f"The API key {record.key_masked} has expired.")
+        return principal
+
+    async def _lookup(self, key_hash: str, api_key: str) -> Principal:
+        """Resolve a key the cache does not hold, once for all the requests that ask at once.
+
+        On a cold start every request of a key misses the cache together: without this, each
+        sends its own lookups, and hundreds of them queue for the store's connections until
+        their deadlines pass (503s on a healthy store). The first request looks the key up;
+        the others wait for its answer, or its error (a new lookup if it was cancelled).
+        """
+        while (flight := self._flights.get(key_hash)) is not None:
+            await flight.done.wait()
+            if flight.principal is not None:
+                return flight.principal
+            if flight.error is not None:
+                raise flight.error
+        flight = self._flights[key_hash] = _Flight()
+        try:
             generation = self._generation
             if self._is_master_hash(key_hash):
                 principal = Principal(key_masked=mask_key(api_key), is_master=True)
@@ -230,10 +254,14 @@ class Authenticator:
                 principal = await self._resolve(key_hash, api_key)
             if generation == self._generation:
                 self._principals[key_hash] = principal
-        record = principal.key
-        if record is not None and record.expires is not None and record.expires <= self._clock():
-            raise AuthError(f"The API key {record.key_masked} has expired.")
-        return principal
+            flight.principal = principal
+            return principal
+        except Exception as error:
+            flight.error = error
+            raise
+        finally:
+            del self._flights[key_hash]
+            flight.done.set()
 
     async def _resolve(self, key_hash: str, api_key: str) -> Principal:
         # Read from the store, not from another cache: the principal is the cache, so a
@@ -302,6 +330,17 @@ class Authenticator:
         self._generation += 1
         self._groups.clear()
         self._principals.clear()  # their model decisions used the old groups
+
+
+class _Flight:
+    """One key lookup under way, and what it found (a principal or an error)."""
+
+    __slots__ = ("done", "error", "principal")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.principal: Principal | None = None
+        self.error: Exception | None = None
 
 
 async def _direct(awaitable: Awaitable[Any]) -> Any:
