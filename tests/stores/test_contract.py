@@ -31,15 +31,18 @@ from llmfence.testing import FakeClock
 T0 = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC).timestamp()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis_cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore(max_spend_records=50)
         return
     from llmfence.stores.redis import RedisStore
 
-    url = request.getfixturevalue("redis_url")
-    redis_store = RedisStore.from_url(url, max_spend_records=50)
+    cluster = request.param == "redis_cluster"
+    url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
+    # A call costs a few round trips on a cluster: a generous deadline on a shared machine.
+    timeout = 10.0 if cluster else 1.0
+    redis_store = RedisStore.from_url(url, max_spend_records=50, timeout=timeout, cluster=cluster)
     yield redis_store
     await redis_store.aclose()
 

@@ -196,7 +196,7 @@ async def test_money_above_1e15_is_exact(
     assert await store.settle(Settlement("r", T0, cost=big, record=record))  # a top-up
     [state] = await store.budgets([scope], T0)
     assert (state.spent, state.total) == (big, big)
-    assert await inspector.hget("{llmfence}:budget:global", "spent") == str(big)
+    assert await inspector.hget("{llmfence:global}:budget:global", "spent") == str(big)
     assert (await store.spend_totals("global")).cost == big
     assert (await store.spend_records())[0].cost == big
 
@@ -268,7 +268,7 @@ async def test_settle_writes_all_totals_in_one_command(
             await store.settle(Settlement("r", T0, 0, record=record))
             await inspector.echo("llmfence-done")
             while "llmfence-done" not in (command := await monitor.next_command())["command"]:
-                if command["client_type"] == "lua" and "spend:totals" in command["command"]:
+                if command["client_type"] == "lua" and "spend}:totals" in command["command"]:
                     seen.append(command["command"].split()[0].upper())
         return seen
 
@@ -318,12 +318,12 @@ async def test_spend_records_are_json_arrays_and_older_objects_still_read(
 ) -> None:
     record = spend_record("new")
     await store.settle(Settlement("new", T0, 0, record=record))
-    [stored] = await inspector.lrange("{llmfence}:spend:log", 0, -1)
+    [stored] = await inspector.lrange("{llmfence:spend}:log", 0, -1)
     assert json.loads(stored) == list(record)
     # Records an earlier version wrote: an object, and an array without the last fields.
     older = spend_record("object")
-    await inspector.rpush("{llmfence}:spend:log", json.dumps(older.to_dict()))
-    await inspector.rpush("{llmfence}:spend:log", json.dumps(["short", T0, "m", 3]))
+    await inspector.rpush("{llmfence:spend}:log", json.dumps(older.to_dict()))
+    await inspector.rpush("{llmfence:spend}:log", json.dumps(["short", T0, "m", 3]))
     short = SpendRecord(request_id="short", timestamp=T0, model="m", cost=3)
     assert await store.spend_records() == [record, older, short]
 
@@ -599,9 +599,11 @@ async def dump(client: redis.asyncio.Redis) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("prefix", ["llmfence", "tenant-a:prod"])
-async def test_every_key_shares_one_hash_tag(
+async def test_keys_are_tagged_by_scope(
     redis_url: str, inspector: redis.asyncio.Redis, prefix: str
 ) -> None:
+    # One hash tag per scope (a cluster spreads them), one for the spend log and its totals,
+    # and the registry's: every key is one of those, under the store's prefix.
     store = RedisStore.from_url(redis_url, prefix=prefix)
     try:
         await exercise(store, "sk-" + "x" * 40)
@@ -609,8 +611,16 @@ async def test_every_key_shares_one_hash_tag(
         await store.aclose()
     keys = list(await dump(inspector))
     assert len(keys) > 15
-    assert all(key.startswith("{" + prefix + "}:") for key in keys), keys
-    assert len({key_slot(key.encode()) for key in keys}) == 1  # one cluster slot
+    tags = {key[: key.index("}") + 1] for key in keys}
+    scopes = {"global", "user:u", "key:h", "h", "u"}  # busy_admission names no windows
+    scopes |= {f"key:{hash_key('sk-' + 'x' * 40)}"}
+    expected = {"{" + prefix + "}", "{" + prefix + ":spend}"}
+    expected |= {"{" + prefix + ":" + scope + "}" for scope in scopes}
+    assert tags <= expected, tags - expected
+    assert {"{" + prefix + "}", "{" + prefix + ":spend}", "{" + prefix + ":user:u}"} <= tags
+    assert f"{{{prefix}:key:h}}:budget:key:h" in keys
+    assert f"{{{prefix}:key:h}}:lease:parallel:key:h" in keys  # with the key's budget
+    assert len({key_slot(tag.encode()) for tag in tags}) == len(tags)  # all on their own slots
 
 
 async def test_the_plain_key_is_never_stored(
@@ -634,12 +644,12 @@ async def test_buckets_and_leases_expire_on_their_own(
     )  # fmt: skip
     assert (await store.admit(admission)).admitted
     # A bucket is empty one window after its last write; its key outlives it.
-    assert 3600 * 1000 < await inspector.pttl("{llmfence}:bucket:rpm:k") <= 2 * 3600 * 1000
-    assert 3600 * 1000 < await inspector.pttl("{llmfence}:lease:parallel:k") <= 7200 * 1000
+    assert 3600 * 1000 < await inspector.pttl("{llmfence:rpm:k}:bucket:rpm:k") <= 2 * 3600 * 1000
+    assert 3600 * 1000 < await inspector.pttl("{llmfence:k}:lease:parallel:k") <= 7200 * 1000
     assert 0 < await inspector.pttl("{llmfence}:reservation:r") <= 86_400 * 1000
     assert await store.settle(Settlement("r", T0, cost=0))
     assert await inspector.exists("{llmfence}:reservation:r") == 0
-    assert await inspector.zcard("{llmfence}:lease:parallel:k") == 0
+    assert await inspector.zcard("{llmfence:k}:lease:parallel:k") == 0
 
 
 async def test_key_indexes_follow_updates_and_deletes(
@@ -842,6 +852,6 @@ async def test_a_settlement_leaves_a_tombstone_with_a_ttl(
     end_user = BudgetScope("end_user:e", "end_user", "e", None, T0 + 60)
     assert not await store.settle(Settlement("u", T0, cost=5, charges=(end_user,)))
     assert 0 < await inspector.pttl("{llmfence}:tombstone:u") <= 600_000
-    assert 0 < await inspector.pttl("{llmfence}:budget:end_user:e") <= 120_000
+    assert 0 < await inspector.pttl("{llmfence:end_user:e}:budget:end_user:e") <= 120_000
     assert not await store.settle(Settlement("u", T0, cost=5, charges=(end_user,)))
     assert (await store.budgets([end_user], T0))[0].spent == 5

@@ -17,14 +17,15 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from llmfence.exceptions import ConfigurationError, StoreError
 
+from ._redis_keys import SPEND, tag
 from ._types import SpendRecord
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from redis.asyncio import Redis, RedisCluster
 
 __all__ = [
     "RedisBase",
@@ -40,6 +41,7 @@ __all__ = [
 _T = TypeVar("_T")
 
 _SCRIPTS: Final = (
+    "home",
     "admit",
     "settle",
     "charge",
@@ -87,14 +89,38 @@ def _script_sha(name: str) -> str:
 class _Connection:
     """A client, and the scripts' SHAs (hashing the sources is all that happens before I/O)."""
 
-    __slots__ = ("client", "execute", "shas")
+    __slots__ = ("client", "execute", "permits", "shas", "starting")
 
-    def __init__(self, client: Redis) -> None:
-        self.client = client
+    def __init__(self, client: Redis | RedisCluster) -> None:
+        # A cluster client answers every command the store sends as a single node's does
+        # (routing each by its keys), so the parts treat both as `Redis`.
+        self.client = cast("Redis", client)
+        # A cluster client learns the cluster's slots on first use. Calls that all start at
+        # once on a new client trip over each other in redis-py (MOVED storms, connections
+        # closed under other calls), so the first call learns them alone (see `start`).
+        self.starting: asyncio.Lock | None = None
+        # A cluster client's connections are bounded per node, but a call that finds every
+        # one busy fails at once (redis-py has no blocking pool for clusters): the store lets
+        # no more calls run at once than a node may have connections, and the others wait
+        # for a turn within their deadline, as they wait for a pooled connection on one node.
+        self.permits: asyncio.Semaphore | None = None
+        if hasattr(client, "nodes_manager"):
+            self.starting = asyncio.Lock()
+            limit = client.nodes_manager.connection_kwargs.get("max_connections") or 50
+            self.permits = asyncio.Semaphore(limit)
         # Scripts are called through the client's own command path (its pool, its errors),
         # without the two wrapper frames of `evalsha`.
         self.execute: Callable[..., Awaitable[Any]] = client.execute_command
         self.shas = {name: _script_sha(name) for name in _SCRIPTS}
+
+    async def start(self) -> None:
+        """Learn a cluster's slots before the first command (once, whoever calls first)."""
+        starting = self.starting
+        if starting is not None:
+            async with starting:
+                if self.starting is not None:
+                    await self.client.initialize()
+                    self.starting = None
 
 
 class RedisBase:
@@ -111,9 +137,13 @@ class RedisBase:
             raise ConfigurationError(f"timeout must be positive, not {timeout!r}")
         if max_spend_records < 0:
             raise ConfigurationError("max_spend_records must not be negative")
-        self._tag = "{" + prefix + "}:"
-        self._log_key = self._tag + "spend:log"
-        self._totals_key = self._tag + "spend:totals"
+        self._prefix = prefix
+        self._tag = "{" + prefix + "}:"  # the registry's
+        spend = tag(prefix, SPEND)
+        self._log_key = spend + "log"
+        self._totals_key = spend + "totals"
+        self._end_users_key = spend + "end_users"
+        self._cluster = False
         self._timeout = timeout
         self._max_records = max_spend_records
         # What a call may fail with: its deadline, or Redis (redis-py's errors, socket errors).
@@ -177,6 +207,9 @@ class RedisBase:
             # (each costs a timer, and redis-py wraps every send in a task for it).
             async with asyncio.timeout(self._timeout):
                 connection = self._connect()
+                if connection.permits is not None:
+                    async with connection.permits:
+                        return await _on_cluster(connection, call, self._broken)
                 try:
                     return await call(connection.client)
                 except self._broken as exc:
@@ -197,6 +230,13 @@ class RedisBase:
         try:
             async with asyncio.timeout(self._timeout):
                 connection = self._connect()
+                if connection.permits is not None:
+                    async with connection.permits:
+                        return await _on_cluster(
+                            connection,
+                            lambda _: _evalsha(connection, self._noscript, name, keys, args),
+                            self._broken if name not in _NOT_REPEATABLE else (),
+                        )
                 try:
                     return await connection.execute(
                         "EVALSHA", connection.shas[name], len(keys), *keys, *args
@@ -215,6 +255,23 @@ class RedisBase:
                     return await _evalsha(connection, self._noscript, name, keys, args)
         except self._errors as exc:
             raise self._failure(name, exc) from exc
+
+
+async def _on_cluster(
+    connection: _Connection,
+    call: Callable[[Redis], Awaitable[_T]],
+    repeat_on: tuple[type[BaseException], ...],
+) -> _T:
+    """A call on a cluster client: its slots learnt first; once more after a broken
+    connection if the call may be repeated (redis-py refreshes the node's connections)."""
+    if connection.starting is not None:
+        await connection.start()
+    try:
+        return await call(connection.client)
+    except repeat_on as exc:
+        if isinstance(exc, TimeoutError):
+            raise
+        return await call(connection.client)
 
 
 async def _evalsha(

@@ -17,7 +17,7 @@ from ._redis_ledger import RedisLedger
 from ._redis_records import RedisRecords
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from redis.asyncio import Redis, RedisCluster
 
 __all__ = ["RedisStore"]
 
@@ -25,39 +25,53 @@ __all__ = ["RedisStore"]
 class RedisStore(RedisLedger, RedisRecords):
     """The shared store: state in Redis, seen alike by every worker and host.
 
-    It implements every role of `Store`. Every key lives under one hash tag, `{prefix}` (e.g.
-    `{llmfence}:budget:user:alice`), so all of them fall in one Redis Cluster slot and a single
-    script can touch every window, lease set and budget level of a request, as `admit` and
-    `settle` do. (On a cluster, one node therefore holds a store's whole state; give tenants
-    separate prefixes to spread them.) Each script names the keys it touches in `KEYS`; the two
-    that cannot know them in advance (`settle` reads the keys its reservation names; listing
-    keys reads the records an index names) only reach keys under the same tag.
+    It implements every role of `Store`, on a single Redis or on a Redis Cluster. Keys are
+    grouped by what must change together, one hash tag per group, so a cluster spreads them
+    over its slots: each scope's counters (its budget, rate buckets and lease set), the spend
+    log with its totals, and the registry. On a single node `admit` and `settle` are one
+    script each over every key of the request, whatever their tags (a single Redis lets a
+    script reach any key). On a cluster each call is split by slot and the slots run in
+    parallel, exactly (see `_redis_shards`): a refusal on any slot gives back what the others
+    reserved, and a settlement goes once to every slot its request touched. Each script names
+    the keys it touches in `KEYS`; `settle` also reaches the keys its reservation names, which
+    `admit` named on the same slot, and listing keys the records an index names, under the
+    registry's tag.
 
-    Layout, under `{prefix}:`: `budget:<scope>` hashes (spent, total, period end, epoch; an
-    end user's expires a minute after its period ends and never before a reservation that may
-    hold it, or, without a period, a minute after its spend is back at zero; the operator's
-    never expire), `bucket:<scope>` rate-bucket hashes (level, t; expiring after two windows,
-    or a minute if that is longer), `lease:<scope>` sorted sets (request id scored by expiry),
-    `reservation:<request id>` (expiring with the admission's TTL), `tombstone:<request id>`
-    (left by every settlement, so the same settlement sent again changes nothing, and by a
-    release that came before its admission; either turns a late admission into a no-op;
-    expiring after ten minutes), `key:<hash>`,
-    `user:<id>`, `team:<id>` record hashes (one JSON value per field; only a key's hash and
-    masked form are ever stored), `keys`, `keys:by_user`, `keys:by_team` indexes,
-    `access_groups`, `project:<name>`, the bounded `spend:log` list of records (each a JSON
-    array of the record's values in `SpendRecord` field order) and the `spend:totals` hash of
-    running totals (field `<group>:<name>`, e.g. `user:alice` or `global:`; value
-    `"<cost> <input tokens> <output tokens> <requests>"`, summed exactly by `settle.lua`),
-    whose `end_user:` fields are kept for the most recent `max(max_spend_records, 1000)` end
-    users only, ranked in the `spend:end_users` sorted set (field scored by last use, ms).
+    Layout (`<counter>` is a counter's name, `<scope>` what it counts for: `global`,
+    `team:<id>`, `user:<id>`, `key:<hash>`, `end_user:<id>`…; a key's per-model counters go
+    with the key's):
+
+    - `{prefix:<scope>}:budget:<counter>` hashes (spent, total, period end, epoch; an end
+      user's expires a minute after its period ends and never before a reservation that may
+      hold it, or, without a period, a minute after its spend is back at zero; the operator's
+      never expire), `{prefix:<scope>}:bucket:<counter>` rate-bucket hashes (level, t;
+      expiring after two windows, or a minute if that is longer) and
+      `{prefix:<scope>}:lease:<counter>` sorted sets (request id scored by expiry);
+    - `{prefix:spend}:log`, the bounded list of spend records (each a JSON array of the
+      record's values in `SpendRecord` field order), `{prefix:spend}:totals`, the hash of
+      running totals (field `<group>:<name>`, e.g. `user:alice` or `global:`; value
+      `"<cost> <input tokens> <output tokens> <requests>"`, summed exactly by `settle.lua`),
+      whose `end_user:` fields are kept for the most recent `max(max_spend_records, 1000)`
+      end users only, ranked in the `{prefix:spend}:end_users` sorted set (by last use, ms);
+    - the registry, under `{prefix}:`: `key:<hash>`, `user:<id>`, `team:<id>` record hashes
+      (one JSON value per field; only a key's hash and masked form are ever stored), the
+      `keys`, `keys:by_user`, `keys:by_team` indexes, `access_groups`, `project:<name>`;
+    - a request's reservation (expiring with the admission's TTL) and tombstone (left by
+      every settlement, so the same settlement sent again changes nothing, and by a release
+      that came before its admission; either turns a late admission into a no-op; expiring
+      after ten minutes): on a single node `{prefix}:reservation:<request id>` and
+      `{prefix}:tombstone:<request id>`; on a cluster one of each per slot the request
+      touches (`{prefix:<scope>}:reservation:<request id>`…), and its home,
+      `{prefix:req:<request id>}:home`, which records the slots its admission reserved on.
+
     State therefore grows with what the operator created, not with the names clients send.
 
-    The layout may change before 1.0. Earlier development versions stored each record as a
-    JSON object (still read) and each group's totals as its own `spend:totals:<group>:<name>`
-    hash of four fields (no longer read: totals start again from zero), and sliding-window
-    counters as `window:<scope>` hashes (no longer read: rate buckets start empty; the old
-    hashes expire on their own). End users' budget counters written before TTLs were set
-    get one at their next touch; until then they stay.
+    The layout may change before 1.0, and a new layout does not read the old one's keys.
+    This one moved the counters, the spend log and its totals from under the single tag
+    `{prefix}` to the tags above: earlier counters, spend records and totals are not read
+    (budgets, buckets and totals start again from zero; the old keys stay until deleted, the
+    end users' and buckets' expire on their own); key, user and team records, access groups
+    and projects stay where they were and are still read.
 
     Every call is bounded by `timeout`, as a whole: waiting for a pooled connection,
     connecting, the command and its reply. A call that fails with a connection error (after
@@ -74,13 +88,14 @@ class RedisStore(RedisLedger, RedisRecords):
     or the connections left behind stay open until they are garbage-collected.
 
     Args:
-        client: A `redis.asyncio.Redis` client. The caller owns it: `aclose()` does not
+        client: A `redis.asyncio.Redis` client, or a `redis.asyncio.RedisCluster` (the state
+            is then spread over the cluster). The caller owns it: `aclose()` does not
             close it. Either `decode_responses` setting works. Give it no command retries
             (`retry=Retry(NoBackoff(), 0)`): redis-py's default retries may send a script
             again after a lost reply (a second `admit` of the same request takes nothing, but
             a second `charge` charges twice).
-        prefix: Namespace of every key (the hash tag); several apps may share one Redis
-            with different prefixes. Must not contain `{` or `}`.
+        prefix: Namespace of every key (it begins every hash tag); several apps may share
+            one Redis with different prefixes. Must not contain `{` or `}`.
         timeout: Seconds any one store call may take before it fails with `StoreError`.
         max_spend_records: How many spend records the log keeps (oldest dropped first). The
             running totals count every record ever appended.
@@ -94,13 +109,14 @@ class RedisStore(RedisLedger, RedisRecords):
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         prefix: str = "llmfence",
         timeout: float = 1.0,
         max_spend_records: int = 100_000,
     ) -> None:
         self._setup(prefix, timeout, max_spend_records)
+        self._cluster = isinstance(client, import_redis().asyncio.RedisCluster)
         self._connection = _Connection(client)
         self._factory = None
 
@@ -112,6 +128,7 @@ class RedisStore(RedisLedger, RedisRecords):
         prefix: str = "llmfence",
         timeout: float = 1.0,
         max_spend_records: int = 100_000,
+        cluster: bool = False,
         **redis_kwargs: Any,
     ) -> RedisStore:
         """A store with its own client, opened on first use and closed by `aclose()`.
@@ -122,14 +139,18 @@ class RedisStore(RedisLedger, RedisRecords):
 
         Args:
             url: A Redis URL, e.g. `redis://localhost:6379/0` or `rediss://…`.
-            prefix: Namespace of every key (the hash tag).
+            prefix: Namespace of every key (it begins every hash tag).
             timeout: Seconds any one store call may take, all included; also the client's
                 connect timeout. The client gets no socket timeout of its own (the call's
                 deadline already bounds every read and write).
             max_spend_records: How many spend records the log keeps.
-            **redis_kwargs: More connection options, as `redis.asyncio.Redis.from_url` takes
-                them; `max_connections` sizes the pool (default 50). Commands are not
-                retried unless a `retry` is given.
+            cluster: Open a `redis.asyncio.RedisCluster` (the URL names any node; the
+                client finds the others) and spread the state over the cluster's slots.
+            **redis_kwargs: More connection options, as `redis.asyncio.Redis.from_url` (or
+                `RedisCluster.from_url`) takes them; `max_connections` sizes the pool
+                (default 50; on a cluster, per node, where a call finding every connection
+                busy fails instead of waiting). Commands are not retried by redis-py unless a
+                `retry` is given.
 
         Returns:
             The store; nothing is connected yet.
@@ -140,13 +161,18 @@ class RedisStore(RedisLedger, RedisRecords):
 
         options = {
             "socket_connect_timeout": timeout,
-            # No command is sent twice: a script whose reply was lost may have run, and
-            # running `admit` or `settle` again would reserve or record twice. A pooled
-            # connection the server closed is still replaced when it is checked out.
+            # redis-py sends no command twice: a script whose reply was lost may have run,
+            # and only the store knows which calls are safe to repeat (see `_redis_base`).
             "retry": Retry(NoBackoff(), 0),
             **redis_kwargs,
         }
         max_connections = options.pop("max_connections", 50)
+
+        def open_cluster() -> Redis:
+            client: Redis = redis.asyncio.RedisCluster.from_url(
+                url, max_connections=max_connections, **{"socket_timeout": None, **options}
+            )
+            return client
 
         def open_client() -> Redis:
             # The pool's own wait is unbounded: the call's deadline bounds it.
@@ -158,8 +184,9 @@ class RedisStore(RedisLedger, RedisRecords):
 
         store = cls.__new__(cls)
         store._setup(prefix, timeout, max_spend_records)
+        store._cluster = cluster
         store._connection = None
-        store._factory = open_client
+        store._factory = open_cluster if cluster else open_client
         return store
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -10,12 +10,15 @@
 -- ARGV[1] now (Unix seconds, float text)   ARGV[2] now in integer milliseconds
 -- ARGV[3] request id   ARGV[4] cost (nano-USD)   ARGV[5] reservation expiry (Unix seconds)
 -- ARGV[6] reservation key TTL (ms)   ARGV[7] nr   ARGV[8] ns   ARGV[9] nb
+-- ARGV[10] '1' to take nothing and only answer with the states (a cluster store's admission
+--         of an id its home already holds, see _redis_shards.py)
 -- then per bucket (5):  kind ('requests'|'tokens'), window ms, limit, cost, key TTL (ms)
 -- then per lease (3):   limit, lease expiry (Unix seconds), key TTL (ms)
 -- then per budget (3):  limit ('' for none), period end ('' for none), '1' if clients name it
 --                       (an end user's: it expires when idle, see budget.lua)
 --
--- Every key is hash-tagged with the store's prefix, so they all live in one cluster slot.
+-- On a single node one call names every key of the request. A cluster store sends this
+-- script once per slot, with the checks whose keys live there (see _redis_shards.py).
 -- Money never passes through a Lua number into a command: it goes in as the caller's text
 -- (HINCRBY) or through string.format('%d'), because Lua 5.1 formats numbers with %.14g.
 --
@@ -34,7 +37,7 @@ local request_id = ARGV[3]
 local cost_text = ARGV[4]
 local cost = tonumber(cost_text)
 local nr, ns, nb = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local rate_base, slot_base = 9, 9 + 5 * nr
+local rate_base, slot_base = 10, 10 + 5 * nr
 local budget_base = slot_base + 3 * ns
 -- A client-named budget counter outlives any reservation that may hold it.
 local client_floor = tonumber(ARGV[6]) + CLIENT_GRACE_MS
@@ -109,7 +112,7 @@ end
 -- Idempotent per request id: a live reservation (by the caller's clock, as settle.lua judges
 -- it) or a tombstone makes this admission a no-op. An expired reservation is overwritten.
 local held_raw = redis.call('GET', KEYS[1])
-if (held_raw and tonumber(cjson.decode(held_raw).expires) > now)
+if ARGV[10] == '1' or (held_raw and tonumber(cjson.decode(held_raw).expires) > now)
     or redis.call('EXISTS', KEYS[2 + nr + ns + nb]) == 1 then
   expire_clients(0)
   return reply(4, 0, 0)

@@ -6,7 +6,7 @@
 -- ARGV[2]   the user or team id to look up in KEYS[2]
 -- ARGV[3]   the prefix of record key names ("{prefix}:key:"); record keys cannot be passed in
 --           KEYS because which ones are wanted is known only here, and they carry the same
---           hash tag, so they live in this cluster slot
+--           hash tag (the registry's), so they live in this cluster slot
 -- Returns {id, {field, value, …}, …}. The caller still filters on the records' fields: the
 -- index only narrows the search.
 

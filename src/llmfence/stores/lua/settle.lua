@@ -8,6 +8,8 @@
 -- KEYS[4]   the end users' fields of KEYS[3], a sorted set scored by when they last counted:
 --           only the most recent max(records kept, 1000) end users keep their totals (clients
 --           name end users; the operator's groups are kept for ever)
+--           (KEYS[2 .. 4] are only touched when a record is given: a cluster store's part
+--           without one names keys of its own slot there instead)
 -- KEYS[5]   the request id's tombstone (see admit.lua)
 -- KEYS[6 ..] the budget counters to charge when no live reservation holds the id (see below)
 --
