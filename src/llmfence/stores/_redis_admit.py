@@ -70,6 +70,7 @@ def admit_call(
     tombstone: str,
     *,
     idle: bool,
+    undo: bool = False,
 ) -> tuple[list[str], list[Any]]:
     """`admit.lua`'s keys and arguments for some of an admission's checks (all on one node)."""
     now = admission.now
@@ -77,7 +78,7 @@ def admit_call(
     args: list[Any] = [
         num(now), _window.to_ms(now), admission.request_id, admission.cost,
         num(now + admission.ttl), ttl_ms(admission.ttl * 1000),
-        len(rates), len(slots), len(scopes), "1" if idle else "",
+        len(rates), len(slots), len(scopes), "1" if idle else "", "1" if undo else "",
     ]  # fmt: skip
     for hit in rates:
         size = int(hit.window * 1000)

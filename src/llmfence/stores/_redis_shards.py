@@ -195,7 +195,7 @@ class RedisShards(RedisBase):
                 [rates[i] for i in p.rates], [slots[i] for i in p.slots],
                 [scopes[i] for i in p.budgets],
                 p.tag + "reservation:" + request_id, p.tag + "tombstone:" + request_id,
-                idle=idle,
+                idle=idle, undo=True,
             )  # fmt: skip
             return self._script("admit", keys, args)
 

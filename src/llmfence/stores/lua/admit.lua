@@ -12,6 +12,9 @@
 -- ARGV[6] reservation key TTL (ms)   ARGV[7] nr   ARGV[8] ns   ARGV[9] nb
 -- ARGV[10] '1' to take nothing and only answer with the states (a cluster store's admission
 --         of an id its home already holds, see _redis_shards.py)
+-- ARGV[11] '1' to keep in the reservation what each bucket held before (a cluster store, which
+--         may have to take this part back when another slot refuses: settle.lua restores a
+--         bucket nobody has touched since exactly, so a refusal leaves it as it was)
 -- then per bucket (5):  kind ('requests'|'tokens'), window ms, limit, cost, key TTL (ms)
 -- then per lease (3):   limit, lease expiry (Unix seconds), key TTL (ms)
 -- then per budget (3):  limit ('' for none), period end ('' for none), '1' if clients name it
@@ -37,7 +40,7 @@ local request_id = ARGV[3]
 local cost_text = ARGV[4]
 local cost = tonumber(cost_text)
 local nr, ns, nb = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local rate_base, slot_base = 10, 10 + 5 * nr
+local rate_base, slot_base = 11, 11 + 5 * nr
 local budget_base = slot_base + 3 * ns
 -- A client-named budget counter outlives any reservation that may hold it.
 local client_floor = tonumber(ARGV[6]) + CLIENT_GRACE_MS
@@ -69,7 +72,8 @@ for i = 1, nr do
   if not b then
     local v = redis.call('HMGET', key, 'level', 't')
     local level_text, t_text = v[1] or '0', v[2] or '0'
-    b = {level = tonumber(level_text), t = tonumber(t_text), text = level_text .. ' ' .. t_text}
+    b = {level = tonumber(level_text), t = tonumber(t_text), text = level_text .. ' ' .. t_text,
+      old_level = v[1] or '', old_t = v[2] or ''}
     buckets[key] = b
   end
   rate.bucket = b
@@ -164,15 +168,18 @@ for i = 1, nr do
   -- The limit goes with the hit: settle.lua drains by it, as no settlement names one.
   hits[#hits + 1] = {r.key, r.size_text, r.limit_text, r.cost_text, r.ttl}
 end
+local undo = nil
+if ARGV[11] == '1' then undo = {} end
 for i = 1, nr do
   local key = rates[i].key
   local b = buckets[key]
   if b then
     -- %.0f, not %d: a level may pass 2^63 under an absurd limit, and %d would wrap it.
-    redis.call('HSET', key, 'level', string.format('%.0f', b.level),
-      't', string.format('%d', b.t))
+    local level, t = string.format('%.0f', b.level), string.format('%d', b.t)
+    redis.call('HSET', key, 'level', level, 't', t)
     redis.call('PEXPIRE', key, rates[i].ttl)
     buckets[key] = nil
+    if undo then undo[#undo + 1] = {key, b.old_level, b.old_t, level, t} end
   end
 end
 
@@ -200,6 +207,6 @@ expire_clients(cost)
 -- Every value is a string, so cjson's 14-digit number formatting never touches them.
 redis.call('SET', KEYS[1], cjson.encode({
   expires = ARGV[5], cost = cost_text, budgets = reserved, tokens = tokens,
-  requests = requests, slots = slots,
+  requests = requests, slots = slots, undo = undo,
 }), 'PX', ARGV[6])
 return out

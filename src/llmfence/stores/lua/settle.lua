@@ -180,8 +180,27 @@ local function settle_reservation(r)
   -- Move a bucket's level by `change` units now, never below empty (MemoryLedger._adjust).
   -- entry: {key, window ms, the limit it was admitted under, units, key TTL (ms)}; it drains by
   -- that limit, as a settlement names none.
+  -- Taking back a refused admission's part (a cluster store, ARGV[9] 'never'): a bucket
+  -- nobody has touched since gets exactly what it held before (a refused admission writes no
+  -- bucket); one that others hit meanwhile gives back this request's units, as below.
+  local restored = {}
+  if ARGV[9] == 'never' and r.undo then
+    for _, u in ipairs(r.undo) do
+      local key = u[1]
+      local v = redis.call('HMGET', key, 'level', 't')
+      if v[1] == u[4] and v[2] == u[5] then
+        if u[2] == '' then
+          redis.call('DEL', key)
+        else
+          redis.call('HSET', key, 'level', u[2], 't', u[3])
+        end
+        restored[key] = true
+      end
+    end
+  end
+
   local function adjust(entry, change)
-    if change == 0 then
+    if change == 0 or restored[entry[1]] then
       return
     end
     local key = entry[1]
