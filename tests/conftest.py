@@ -67,24 +67,35 @@ def redis_cluster_url(redis_cluster_servers: RedisClusterServers) -> str:
     return redis_cluster_servers.url
 
 
+async def open_store(request: pytest.FixtureRequest, kind: str, **options: object) -> Store:
+    """A fresh store of `kind` (`memory`, `redis`, `redis_cluster`, `sqlite`) for one test."""
+    if kind == "memory":
+        return MemoryStore(**options)  # type: ignore[arg-type]
+    if kind == "sqlite":
+        path = request.getfixturevalue("tmp_path") / "llmfence.db"
+        return SQLiteStore(path, **options)  # type: ignore[arg-type]
+    if kind == "redis_cluster":
+        # A call costs a few round trips on a cluster, and the machines running the suite
+        # are shared: a generous deadline keeps a busy moment from failing a test.
+        url = request.getfixturevalue("redis_cluster_url")
+        options.setdefault("timeout", 10.0)
+        return RedisStore.from_url(url, cluster=True, **options)  # type: ignore[arg-type]
+    return RedisStore.from_url(request.getfixturevalue("redis_url"), **options)  # type: ignore[arg-type]
+
+
 @pytest.fixture(params=["memory", "redis", "redis_cluster", "sqlite"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     """Each store implementation in turn: `MemoryStore`, `RedisStore` on the real server and on
     the real 3-master cluster, then `SQLiteStore` on a file of the test's own."""
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    if request.param == "sqlite":
-        sqlite_store = SQLiteStore(request.getfixturevalue("tmp_path") / "llmfence.db")
-        yield sqlite_store
-        await sqlite_store.aclose()
-        return
-    if request.param == "redis_cluster":
-        # A call costs a few round trips on a cluster, and the machines running the suite
-        # are shared: a generous deadline keeps a busy moment from failing a test.
-        url = request.getfixturevalue("redis_cluster_url")
-        redis_store = RedisStore.from_url(url, cluster=True, timeout=10.0)
-    else:
-        redis_store = RedisStore.from_url(request.getfixturevalue("redis_url"))
-    yield redis_store
-    await redis_store.aclose()
+    opened = await open_store(request, request.param)
+    yield opened
+    await opened.aclose()
+
+
+@pytest.fixture(params=["redis", "redis_cluster", "sqlite"])
+async def lossy_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """The stores whose calls can lose a reply after applying them (all but `MemoryStore`):
+    their settlements must be safe to send again."""
+    opened = await open_store(request, request.param)
+    yield opened
+    await opened.aclose()

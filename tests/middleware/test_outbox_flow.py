@@ -8,7 +8,6 @@ does: commands sent meanwhile queue and run when it resumes, while the caller ha
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -16,7 +15,7 @@ import httpx
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from llmfence import Fence, RedisStore, Store
+from llmfence import Fence, Store
 from llmfence.exceptions import StoreError
 from llmfence.stores import Admission, AdmissionResult, BudgetScope, Settlement
 from llmfence.testing import mock_llm_app
@@ -64,14 +63,6 @@ class Stall:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
-
-
-@pytest.fixture(params=["redis"])
-async def lossy_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """The stores whose calls can lose a reply after applying (all but `MemoryStore`)."""
-    store = RedisStore.from_url(request.getfixturevalue("redis_url"))
-    yield store
-    await store.aclose()
 
 
 async def spent(store: Store) -> int:

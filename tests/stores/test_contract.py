@@ -15,7 +15,6 @@ from llmfence.stores import (
     Admission,
     BudgetScope,
     KeyRecord,
-    MemoryStore,
     RateHit,
     Settlement,
     SlotRequest,
@@ -27,24 +26,16 @@ from llmfence.stores import (
     mask_key,
 )
 from llmfence.testing import FakeClock
+from tests.conftest import open_store
 
 T0 = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC).timestamp()
 
 
-@pytest.fixture(params=["memory", "redis", "redis_cluster"])
+@pytest.fixture(params=["memory", "redis", "redis_cluster", "sqlite"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore(max_spend_records=50)
-        return
-    from llmfence.stores.redis import RedisStore
-
-    cluster = request.param == "redis_cluster"
-    url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
-    # A call costs a few round trips on a cluster: a generous deadline on a shared machine.
-    timeout = 10.0 if cluster else 1.0
-    redis_store = RedisStore.from_url(url, max_spend_records=50, timeout=timeout, cluster=cluster)
-    yield redis_store
-    await redis_store.aclose()
+    opened = await open_store(request, request.param, max_spend_records=50)
+    yield opened
+    await opened.aclose()
 
 
 @pytest.fixture

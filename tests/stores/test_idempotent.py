@@ -5,10 +5,8 @@ items 2 and 3): on every store, rule for rule."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import pytest
 import redis.asyncio
 
 from llmfence.stores import (
@@ -138,14 +136,6 @@ async def test_a_settlement_after_its_tombstone_changes_nothing(store: Store) ->
     assert await spent(store) == 0
     assert await record_ids(store) == []
     await assert_untouched(store)
-
-
-@pytest.fixture(params=["redis"])
-async def lossy_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """The stores whose calls can lose a reply after applying (all but `MemoryStore`)."""
-    store = RedisStore.from_url(request.getfixturevalue("redis_url"))
-    yield store
-    await store.aclose()
 
 
 async def test_a_settlement_sent_again_after_a_lost_reply_is_a_no_op(lossy_store: Store) -> None:

@@ -38,23 +38,11 @@ from llmfence.stores._sqlite_base import SCHEMA_VERSION
 from llmfence.testing import FakeClock, mock_llm_app
 from tests.middleware.conftest import CHAT, auth, chat_body, client_for
 
-from . import test_contract, test_idempotent
+from . import test_contract
 from .test_redis_store import History
 
 T0 = test_contract.T0
 DAY = 86_400.0
-
-# The contract suite, and the idempotency tests for stores that can lose a reply, run here on
-# SQLiteStore: their own modules' store fixtures list memory and redis only.
-for _name in dir(test_contract):
-    if _name.startswith("test_"):
-        globals()[_name] = getattr(test_contract, _name)
-test_a_settlement_sent_again_after_a_lost_reply_is_a_no_op = (
-    test_idempotent.test_a_settlement_sent_again_after_a_lost_reply_is_a_no_op
-)
-test_an_admission_after_its_settlement_takes_nothing = (
-    test_idempotent.test_an_admission_after_its_settlement_takes_nothing
-)
 
 
 @pytest.fixture
