@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
+
+import pytest
 
 import llmfence
+from llmfence import ConfigurationError
 
 DESIGN_NAMES = {
     "Fence",
@@ -69,3 +73,27 @@ def test_middlewares_take_app_positionally_and_options_by_keyword() -> None:
 
 def test_version() -> None:
     assert llmfence.__version__
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("memory://", "MemoryStore"),
+        ("sqlite:///{tmp}/a.db", "SQLiteStore"),
+        ("redis://127.0.0.1:6379/0", "RedisStore"),
+        ("rediss://127.0.0.1:6380", "RedisStore"),
+        ("redis+cluster://127.0.0.1:7000", "RedisStore"),
+    ],
+)
+def test_store_from_url_names_every_store(url: str, kind: str, tmp_path: Path) -> None:
+    store = llmfence.store_from_url(url.format(tmp=tmp_path))
+    assert type(store).__name__ == kind
+    assert getattr(store, "_cluster", None) in (None, url.startswith("redis+cluster"))
+
+
+def test_store_from_url_refuses_what_it_does_not_know_without_echoing_secrets() -> None:
+    with pytest.raises(ConfigurationError) as bad:
+        llmfence.store_from_url("postgres://user:s3cret@db/x")
+    assert "s3cret" not in str(bad.value)
+    with pytest.raises(ConfigurationError):
+        llmfence.store_from_url("sqlite://")

@@ -31,7 +31,7 @@ from .middleware import (
     SpendRecorderMiddleware,
     TokenRateLimitMiddleware,
 )
-from .stores import MemoryStore, SQLiteStore, Store
+from .stores import MemoryStore, SQLiteStore, Store, store_from_url
 from .stores.redis import RedisStore
 
 __version__ = _version("llmfence")
@@ -72,5 +72,6 @@ __all__ = [
     "UsageChunkFilter",
     "parse_duration",
     "parse_request",
+    "store_from_url",
     "usage_from_json",
 ]

@@ -1,4 +1,5 @@
-"""Stores: the store protocols and their implementations, `MemoryStore` and `RedisStore`.
+"""Stores: the store protocols and their implementations, `MemoryStore`, `SQLiteStore` and
+`RedisStore` (one node or a Redis Cluster); `store_from_url` picks one from a URL.
 
 `Store` is the whole protocol; `LedgerStore`, `RegistryStore`, `SpendLogStore` and
 `ProjectStore` are its roles (see `_protocol` for what each covers and the rules every store
@@ -35,6 +36,7 @@ from ._types import (
     hash_key,
     mask_key,
 )
+from ._url import store_from_url
 from .memory import MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
@@ -66,4 +68,5 @@ __all__ = [
     "UserRecord",
     "hash_key",
     "mask_key",
+    "store_from_url",
 ]
