@@ -3,9 +3,10 @@
     pip install -e ".[dev]" && python examples/demo.py
 
 It starts the FastAPI gateway of `examples/fastapi_gateway.py` on 127.0.0.1 with the whole
-llmfence stack on the embedded memory store, in front of an in-process mock of the OpenAI API
-(`llmfence.testing.mock_llm_app`, which reports usage exactly as OpenAI does). A scripted client
-then walks through what llmfence does and prints what it sees.
+llmfence stack on the embedded memory store (one process; `SQLiteStore("llmfence.db")` for
+several workers on one machine, `RedisStore` for several machines), in front of an in-process
+mock of the OpenAI API (`llmfence.testing.mock_llm_app`, which reports usage exactly as OpenAI
+does). A scripted client then walks through what llmfence does and prints what it sees.
 """
 
 from __future__ import annotations
@@ -236,6 +237,10 @@ async def main() -> None:
     while not server.started:  # noqa: ASYNC110 (uvicorn offers no event to wait on)
         await asyncio.sleep(0.01)
     print(f"llmfence demo: gateway on http://127.0.0.1:{port}, mock OpenAI upstream in-process")
+    print(
+        "store: MemoryStore, this process only (SQLiteStore: several workers on one machine; "
+        "RedisStore: several machines)"
+    )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             await walkthrough(client)

@@ -7,11 +7,13 @@ llmfence metered, none of the client's credentials nor its OpenAI organization/p
 no hop-by-hop headers either way; `GET /v1/models` lists the models it serves.
 
     UPSTREAM_BASE_URL=https://api.openai.com/v1 UPSTREAM_API_KEY=sk-... \\
-    LLMFENCE_MASTER_KEY=sk-master-... [REDIS_URL=redis://localhost:6379/0] \\
-    uvicorn examples.fastapi_gateway:app --port 8000
+    LLMFENCE_MASTER_KEY=sk-master-... [LLMFENCE_STORE=sqlite:///llmfence.db] \\
+    uvicorn examples.fastapi_gateway:app --port 8000 [--workers 4]
 
-With `REDIS_URL` set, every gateway instance shares one Redis store; without it, state lives in
-the process (one worker).
+`LLMFENCE_STORE` names the store (`llmfence.store_from_url`): `sqlite:///llmfence.db` for any
+number of workers on one machine, `redis://…` (or `redis+cluster://…`) for several machines;
+`REDIS_URL`, if set instead, means Redis. Without either, state lives in the process: one
+worker only (each worker of several would count on its own).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fastapi import FastAPI, Request
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from llmfence import Fence, MemoryStore, RedisStore, Store
+from llmfence import Fence, Store, store_from_url
 
 # What never goes upstream: the client's credentials (llmfence virtual keys, in any of the headers
 # llmfence reads them from) and cookies; OpenAI's organization and project headers (the gateway's
@@ -149,8 +151,8 @@ def create_app(
 
 
 def _from_environment() -> FastAPI:
-    redis_url = os.environ.get("REDIS_URL")
-    store: Store = RedisStore.from_url(redis_url) if redis_url else MemoryStore()
+    url = os.environ.get("LLMFENCE_STORE") or os.environ.get("REDIS_URL") or "memory://"
+    store: Store = store_from_url(url)
     app, _ = create_app(
         upstream_base_url=os.environ.get("UPSTREAM_BASE_URL", "https://api.openai.com/v1"),
         upstream_api_key=os.environ.get("UPSTREAM_API_KEY", ""),
