@@ -13,6 +13,8 @@ from llmfence.stores import (
     AdmissionResult,
     BudgetScope,
     BudgetState,
+    BudgetTierStore,
+    CustomerStore,
     KeyRecord,
     LedgerStore,
     Lifecycle,
@@ -27,7 +29,15 @@ from llmfence.stores import (
     UserRecord,
 )
 
-ROLES = (Lifecycle, LedgerStore, RegistryStore, SpendLogStore, ProjectStore)
+ROLES = (
+    Lifecycle,
+    LedgerStore,
+    RegistryStore,
+    CustomerStore,
+    BudgetTierStore,
+    SpendLogStore,
+    ProjectStore,
+)
 
 
 class RateLimitOnly:
@@ -86,6 +96,18 @@ class RateLimitOnly:
     async def update_team(self, team_id: str, changes: Mapping[str, Any]) -> TeamRecord | None:
         return None
 
+    async def delete_user(self, user_id: str) -> bool:
+        return False
+
+    async def list_users(self) -> list[UserRecord]:
+        return []
+
+    async def delete_team(self, team_id: str) -> bool:
+        return False
+
+    async def list_teams(self) -> list[TeamRecord]:
+        return []
+
     async def set_access_group(self, name: str, models: Sequence[str]) -> None:
         pass
 
@@ -127,4 +149,5 @@ def test_a_rate_limit_only_backend_needs_two_roles() -> None:
     assert isinstance(registry, RegistryStore)
     assert not isinstance(backend, SpendLogStore)
     assert not isinstance(backend, ProjectStore)
+    assert not isinstance(backend, CustomerStore)
     assert not isinstance(backend, Store)

@@ -1,15 +1,16 @@
 """Stores: the store protocols and their implementations, `MemoryStore`, `SQLiteStore` and
 `RedisStore` (one node or a Redis Cluster); `store_from_url` picks one from a URL.
 
-`Store` is the whole protocol; `LedgerStore`, `RegistryStore`, `SpendLogStore` and
-`ProjectStore` are its roles (see `_protocol` for what each covers and the rules every store
-follows). Importing this package never imports `redis`: `RedisStore` does, when a store is
-built.
-"""
+`Store` is the whole protocol; `LedgerStore`, `RegistryStore`, `CustomerStore`,
+`BudgetTierStore`, `SpendLogStore` and `ProjectStore` are its roles (see `_protocol` for what
+each covers and the rules every store follows). Importing this package never imports `redis`:
+`RedisStore` does, when a store is built."""
 
 from __future__ import annotations
 
 from ._protocol import (
+    BudgetTierStore,
+    CustomerStore,
     LedgerStore,
     Lifecycle,
     ProjectStore,
@@ -23,6 +24,8 @@ from ._types import (
     AdmissionResult,
     BudgetScope,
     BudgetState,
+    BudgetTier,
+    CustomerRecord,
     KeyRecord,
     RateHit,
     RateState,
@@ -46,6 +49,10 @@ __all__ = [
     "AdmissionResult",
     "BudgetScope",
     "BudgetState",
+    "BudgetTier",
+    "BudgetTierStore",
+    "CustomerRecord",
+    "CustomerStore",
     "KeyRecord",
     "LedgerStore",
     "Lifecycle",

@@ -22,11 +22,19 @@ from typing import Any, TypeVar
 
 from ._protocol import SpendGroup
 from ._spend import matches, total_key, total_keys
-from ._types import KeyRecord, SpendRecord, SpendTotals, TeamRecord, UserRecord
+from ._types import (
+    BudgetTier,
+    CustomerRecord,
+    KeyRecord,
+    SpendRecord,
+    SpendTotals,
+    TeamRecord,
+    UserRecord,
+)
 
 __all__ = ["MemoryRecords"]
 
-_R = TypeVar("_R", KeyRecord, UserRecord, TeamRecord)
+_R = TypeVar("_R", KeyRecord, UserRecord, TeamRecord, CustomerRecord, BudgetTier)
 _END_USER = "end_user:"
 _MIN_END_USER_TOTALS = 1000
 
@@ -46,6 +54,8 @@ class MemoryRecords:
         self._keys: dict[str, KeyRecord] = {}
         self._users: dict[str, UserRecord] = {}
         self._teams: dict[str, TeamRecord] = {}
+        self._customers: dict[str, CustomerRecord] = {}
+        self._tiers: dict[str, BudgetTier] = {}
         self._groups: dict[str, tuple[str, ...]] = {}
         self._projects: dict[str, dict[str, Any]] = {}
         self._log: deque[tuple[Any, ...]] = deque(maxlen=max_spend_records)
@@ -107,6 +117,68 @@ class MemoryRecords:
         """Change some fields of a team."""
         return _update(self._teams, team_id, changes)
 
+    async def delete_user(self, user_id: str) -> bool:
+        """Delete a user record (not its keys); False if there was none."""
+        return self._users.pop(user_id, None) is not None
+
+    async def list_users(self) -> list[UserRecord]:
+        """Every user record, oldest first."""
+        return list(self._users.values())
+
+    async def delete_team(self, team_id: str) -> bool:
+        """Delete a team record (not its keys); False if there was none."""
+        return self._teams.pop(team_id, None) is not None
+
+    async def list_teams(self) -> list[TeamRecord]:
+        """Every team record, oldest first."""
+        return list(self._teams.values())
+
+    # -- customers and budget tiers ----------------------------------------------------------
+
+    async def create_customer(self, record: CustomerRecord) -> bool:
+        """Store a new customer; False if the id is taken."""
+        return _create(self._customers, record.user_id, record)
+
+    async def get_customer(self, user_id: str) -> CustomerRecord | None:
+        """A customer by id."""
+        return self._customers.get(user_id)
+
+    async def update_customer(
+        self, user_id: str, changes: Mapping[str, Any]
+    ) -> CustomerRecord | None:
+        """Change some fields of a customer."""
+        return _update(self._customers, user_id, changes)
+
+    async def delete_customer(self, user_id: str) -> bool:
+        """Delete a customer; False if there was none."""
+        return self._customers.pop(user_id, None) is not None
+
+    async def list_customers(self) -> list[CustomerRecord]:
+        """Every customer, oldest first."""
+        return list(self._customers.values())
+
+    async def create_budget_tier(self, tier: BudgetTier) -> bool:
+        """Store a new tier; False if the id is taken."""
+        return _create(self._tiers, tier.budget_id, tier)
+
+    async def get_budget_tier(self, budget_id: str) -> BudgetTier | None:
+        """A tier by id."""
+        return self._tiers.get(budget_id)
+
+    async def update_budget_tier(
+        self, budget_id: str, changes: Mapping[str, Any]
+    ) -> BudgetTier | None:
+        """Change some fields of a tier."""
+        return _update(self._tiers, budget_id, changes)
+
+    async def delete_budget_tier(self, budget_id: str) -> bool:
+        """Delete a tier; False if there was none."""
+        return self._tiers.pop(budget_id, None) is not None
+
+    async def list_budget_tiers(self) -> list[BudgetTier]:
+        """Every tier, oldest first."""
+        return list(self._tiers.values())
+
     async def set_access_group(self, name: str, models: Sequence[str]) -> None:
         """Define (or redefine) a model access group."""
         self._groups[name] = tuple(models)
@@ -152,6 +224,7 @@ class MemoryRecords:
         start: float | None = None,
         end: float | None = None,
         limit: int = 1000,
+        request_id: str | None = None,
     ) -> list[SpendRecord]:
         """Kept spend records matching every filter given, newest first."""
         filters = (key_hash, user_id, team_id, model, start, end)
@@ -159,7 +232,7 @@ class MemoryRecords:
         for values in reversed(self._log):
             if len(found) >= limit:
                 break
-            if matches(values, filters):
+            if matches(values, filters, request_id):
                 found.append(SpendRecord._make(values))
         return found
 

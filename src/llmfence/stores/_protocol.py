@@ -7,16 +7,20 @@ its users need:
     Admissions, settlements, leases and budget counters: what every metered request touches.
 `RegistryStore`
     Key, user and team records and model access groups: what authentication reads.
+`CustomerStore`
+    Registered customers (end users named by request bodies), with their own budgets.
+`BudgetTierStore`
+    Reusable budget tiers that keys, users and customers name by `budget_id`.
 `SpendLogStore`
     The spend log and its running totals: what the admin API and reports read.
 `ProjectStore`
     BudgetManager's project documents.
 
-`Store` is all four at once, as `MemoryStore` and `RedisStore` are. A third-party backend that
-only rate-limits (no spend log, no BudgetManager) implements `LedgerStore` and `RegistryStore`;
-its `settle` may drop the spend record it is handed, since no log reads it back. Every role
-includes `ping` and `aclose` (the `Lifecycle` protocol), so a component that holds one role can
-check and close its store.
+`Store` is all six at once, as `MemoryStore`, `SQLiteStore` and `RedisStore` are. A third-party
+backend that only rate-limits (no spend log, no BudgetManager) implements `LedgerStore` and
+`RegistryStore`; its `settle` may drop the spend record it is handed, since no log reads it
+back. Every role includes `ping` and `aclose` (the `Lifecycle` protocol), so a component that
+holds one role can check and close its store.
 
 Every method is one atomic step in the store — there is no "read, then write" anywhere — and
 takes the current time from its caller. The rules every store follows (and that the shared
@@ -75,6 +79,13 @@ Leases
     reservation (it came before its admission) leaves a tombstone, as a refund does (see
     Settlement): the late admission takes no lease, no reservation and no bucket hit.
 
+Registry
+    A record is created only if its id is free (`create_*` returns False otherwise), and
+    `update_*` changes only the fields it is given, atomically, returning the new record (or
+    None if there is none). Deleting a user or a team deletes its record only: the caller
+    deletes their keys. Lists come oldest first. Records are kept as JSON of their `to_dict()`:
+    a field a store does not know is kept as given, one a record lacks takes its default.
+
 Spend log
     The log keeps a bounded number of records, newest first; the running totals count every
     record ever appended, so they survive the log's bound.
@@ -97,6 +108,8 @@ from ._types import (
     AdmissionResult,
     BudgetScope,
     BudgetState,
+    BudgetTier,
+    CustomerRecord,
     KeyRecord,
     Settlement,
     SpendRecord,
@@ -106,6 +119,8 @@ from ._types import (
 )
 
 __all__ = [
+    "BudgetTierStore",
+    "CustomerStore",
     "LedgerStore",
     "Lifecycle",
     "ProjectStore",
@@ -230,12 +245,82 @@ class RegistryStore(Lifecycle, Protocol):
         """Change some fields of a team; the updated record, or None if there is none."""
         ...
 
+    async def delete_user(self, user_id: str) -> bool:
+        """Delete a user record (not its keys); False if there was none."""
+        ...
+
+    async def list_users(self) -> list[UserRecord]:
+        """Every user record, oldest first."""
+        ...
+
+    async def delete_team(self, team_id: str) -> bool:
+        """Delete a team record (not its keys); False if there was none."""
+        ...
+
+    async def list_teams(self) -> list[TeamRecord]:
+        """Every team record, oldest first."""
+        ...
+
     async def set_access_group(self, name: str, models: Sequence[str]) -> None:
         """Define (or redefine) a model access group."""
         ...
 
     async def access_groups(self) -> dict[str, tuple[str, ...]]:
         """Every model access group and its models."""
+        ...
+
+
+@runtime_checkable
+class CustomerStore(Lifecycle, Protocol):
+    """Registered customers: the end users request bodies name, with budgets of their own."""
+
+    async def create_customer(self, record: CustomerRecord) -> bool:
+        """Store a new customer; False if the id is taken."""
+        ...
+
+    async def get_customer(self, user_id: str) -> CustomerRecord | None:
+        """A customer by id."""
+        ...
+
+    async def update_customer(
+        self, user_id: str, changes: Mapping[str, Any]
+    ) -> CustomerRecord | None:
+        """Change some fields of a customer; the updated record, or None if there is none."""
+        ...
+
+    async def delete_customer(self, user_id: str) -> bool:
+        """Delete a customer; False if there was none."""
+        ...
+
+    async def list_customers(self) -> list[CustomerRecord]:
+        """Every customer, oldest first."""
+        ...
+
+
+@runtime_checkable
+class BudgetTierStore(Lifecycle, Protocol):
+    """Budget tiers: reusable budgets and limits that records name by `budget_id`."""
+
+    async def create_budget_tier(self, tier: BudgetTier) -> bool:
+        """Store a new tier; False if the id is taken."""
+        ...
+
+    async def get_budget_tier(self, budget_id: str) -> BudgetTier | None:
+        """A tier by id."""
+        ...
+
+    async def update_budget_tier(
+        self, budget_id: str, changes: Mapping[str, Any]
+    ) -> BudgetTier | None:
+        """Change some fields of a tier; the updated tier, or None if there is none."""
+        ...
+
+    async def delete_budget_tier(self, budget_id: str) -> bool:
+        """Delete a tier; False if there was none."""
+        ...
+
+    async def list_budget_tiers(self) -> list[BudgetTier]:
+        """Every tier, oldest first."""
         ...
 
 
@@ -253,6 +338,7 @@ class SpendLogStore(Lifecycle, Protocol):
         start: float | None = None,
         end: float | None = None,
         limit: int = 1000,
+        request_id: str | None = None,
     ) -> list[SpendRecord]:
         """Kept spend records matching every filter given, newest first."""
         ...
@@ -276,8 +362,16 @@ class ProjectStore(Lifecycle, Protocol):
 
 
 @runtime_checkable
-class Store(LedgerStore, RegistryStore, SpendLogStore, ProjectStore, Protocol):
+class Store(
+    LedgerStore,
+    RegistryStore,
+    CustomerStore,
+    BudgetTierStore,
+    SpendLogStore,
+    ProjectStore,
+    Protocol,
+):
     """Every role at once: async storage for keys, budgets, windows, leases and spend records.
 
-    `MemoryStore` and `RedisStore` implement all of it.
+    `MemoryStore`, `SQLiteStore` and `RedisStore` implement all of it.
     """

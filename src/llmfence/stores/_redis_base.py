@@ -52,6 +52,7 @@ _SCRIPTS: Final = (
     "record_update",
     "record_delete",
     "list_keys",
+    "registry_delete",
 )
 # Scripts that roll budget periods get the one shared definition of the roll prepended.
 _ROLLS_BUDGETS: Final = frozenset({"admit", "charge", "settle"})
@@ -59,7 +60,7 @@ _ROLLS_BUDGETS: Final = frozenset({"admit", "charge", "settle"})
 # delete of a record answers "taken" or "none" for the one the first call made or deleted.
 # Every other call is safe to repeat (reads; `admit`, `settle` and `release` are idempotent
 # per request id), so it gets one more try on a fresh connection after a connection error.
-_NOT_REPEATABLE: Final = frozenset({"charge", "record_create", "record_delete"})
+_NOT_REPEATABLE: Final = frozenset({"charge", "record_create", "record_delete", "registry_delete"})
 _INSTALL_HINT: Final = 'RedisStore needs the redis package: pip install "llmfence[redis]"'
 
 

@@ -16,14 +16,22 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from ._protocol import SpendGroup
 from ._redis_base import RedisBase, decode_record, text
 from ._spend import matches, total_key
-from ._types import KeyRecord, SpendRecord, SpendTotals, TeamRecord, UserRecord
+from ._types import (
+    BudgetTier,
+    CustomerRecord,
+    KeyRecord,
+    SpendRecord,
+    SpendTotals,
+    TeamRecord,
+    UserRecord,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["RedisRecords"]
+__all__ = ["RedisRecords", "decode_fields"]
 
-_R = TypeVar("_R", KeyRecord, UserRecord, TeamRecord)
+_R = TypeVar("_R", KeyRecord, UserRecord, TeamRecord, CustomerRecord, BudgetTier)
 _KEEP_INDEX: Final = ("keep", "", "keep", "")
 
 
@@ -90,7 +98,7 @@ class RedisRecords(RedisBase):
         else:
             args = ["all", ""]
         reply = await self._script("list_keys", keys, [*args, self._key("key", "")])
-        records = [KeyRecord.from_dict(_decode_fields(fields)) for fields in reply[1::2]]
+        records = [KeyRecord.from_dict(decode_fields(fields)) for fields in reply[1::2]]
         # The index only narrows the search; the records' own fields decide, as in MemoryStore.
         return [
             record
@@ -101,7 +109,7 @@ class RedisRecords(RedisBase):
 
     async def create_user(self, record: UserRecord) -> bool:
         """Store a new user; False if the id is taken."""
-        return await self._create_record(self._key("user", record.user_id), record)
+        return await self._create_record(self._key("user", record.user_id), record, "users")
 
     async def get_user(self, user_id: str) -> UserRecord | None:
         """A user record by id."""
@@ -114,7 +122,7 @@ class RedisRecords(RedisBase):
 
     async def create_team(self, record: TeamRecord) -> bool:
         """Store a new team; False if the id is taken."""
-        return await self._create_record(self._key("team", record.team_id), record)
+        return await self._create_record(self._key("team", record.team_id), record, "teams")
 
     async def get_team(self, team_id: str) -> TeamRecord | None:
         """A team record by id."""
@@ -144,9 +152,18 @@ class RedisRecords(RedisBase):
         groups = await self._run("access_groups", call)
         return {text(name): tuple(json.loads(models)) for name, models in groups.items()}
 
-    async def _create_record(self, key: str, record: UserRecord | TeamRecord) -> bool:
-        args = ["", "none", "", "none", "", *_fields(record.to_dict())]
-        return bool(await self._script("record_create", [key], args))
+    async def _create_record(
+        self,
+        key: str,
+        record: UserRecord | TeamRecord | CustomerRecord | BudgetTier,
+        index: str,
+    ) -> bool:
+        """Create a record and list its id in its kind's index (`users`, `teams`…), in
+        creation order."""
+        record_id = _record_id(record)
+        keys = [key, self._key(index), self._key(index, "seq")]
+        args = [record_id, "none", "", "none", "", *_fields(record.to_dict())]
+        return bool(await self._script("record_create", keys, args))
 
     async def _get_record(self, cls: type[_R], key: str) -> _R | None:
         async def call(client: Redis) -> dict[Any, Any]:
@@ -171,7 +188,7 @@ class RedisRecords(RedisBase):
         known: dict[str, Any] = {name: value for name, value in changes.items() if name in names}
         args = [record_id, *index, *_fields(known)]
         reply = await self._script("record_update", keys, args)
-        return None if reply is None else cls.from_dict(_decode_fields(reply))
+        return None if reply is None else cls.from_dict(decode_fields(reply))
 
     # -- spend records -----------------------------------------------------------------------
 
@@ -185,6 +202,7 @@ class RedisRecords(RedisBase):
         start: float | None = None,
         end: float | None = None,
         limit: int = 1000,
+        request_id: str | None = None,
     ) -> list[SpendRecord]:
         """Kept spend records matching every filter given, newest first.
 
@@ -193,7 +211,8 @@ class RedisRecords(RedisBase):
         if limit <= 0:
             return []
         filters = (key_hash, user_id, team_id, model, start, end)
-        stop = -1 if any(value is not None for value in filters) else limit - 1
+        filtered = request_id is not None or any(value is not None for value in filters)
+        stop = -1 if filtered else limit - 1
         log = self._log_key
 
         async def call(client: Redis) -> list[Any]:
@@ -204,7 +223,7 @@ class RedisRecords(RedisBase):
             if len(found) >= limit:
                 break
             record = decode_record(json.loads(raw))
-            if matches(record, filters):
+            if matches(record, filters, request_id):
                 found.append(record)
         return found
 
@@ -247,6 +266,14 @@ class RedisRecords(RedisBase):
         await self._run("set_project", call)
 
 
+def _record_id(record: UserRecord | TeamRecord | CustomerRecord | BudgetTier) -> str:
+    if isinstance(record, TeamRecord):
+        return record.team_id
+    if isinstance(record, BudgetTier):
+        return record.budget_id
+    return record.user_id
+
+
 def _index_args(value: Any) -> tuple[str, str]:
     # Only string ids are indexed: no string lookup could match any other value.
     return ("set", value) if isinstance(value, str) else ("none", "")
@@ -269,6 +296,6 @@ def _fields(data: Mapping[str, Any]) -> list[str]:
     return pairs
 
 
-def _decode_fields(flat: Iterable[Any]) -> dict[str, Any]:
+def decode_fields(flat: Iterable[Any]) -> dict[str, Any]:
     items = [text(item) for item in flat]
     return {items[i]: json.loads(items[i + 1]) for i in range(0, len(items), 2)}

@@ -15,6 +15,7 @@ from ._types import SpendRecord
 
 __all__ = ["Filters", "matches", "total_key", "total_keys"]
 
+_REQUEST_ID: Final = SpendRecord._fields.index("request_id")
 _MODEL: Final = SpendRecord._fields.index("model")
 _TIMESTAMP: Final = SpendRecord._fields.index("timestamp")
 _KEY_HASH: Final = SpendRecord._fields.index("key_hash")
@@ -50,11 +51,12 @@ def total_key(group: str, name: str) -> str:
     return "global:" if group == "global" else f"{group}:{name}"
 
 
-def matches(values: Sequence[Any], filters: Filters) -> bool:
+def matches(values: Sequence[Any], filters: Filters, request_id: str | None = None) -> bool:
     """Whether a record, given as its values in field order, passes every filter given."""
     key_hash, user_id, team_id, model, start, end = filters
     return (
-        (key_hash is None or values[_KEY_HASH] == key_hash)
+        (request_id is None or values[_REQUEST_ID] == request_id)
+        and (key_hash is None or values[_KEY_HASH] == key_hash)
         and (user_id is None or values[_USER_ID] == user_id)
         and (team_id is None or values[_TEAM_ID] == team_id)
         and (model is None or values[_MODEL] == model)

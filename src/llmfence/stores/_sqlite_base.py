@@ -41,7 +41,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteBase", "db_int", "dumps", "loads"]
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 # One statement per table; `ANY` columns keep what they are given (see the module docstring).
 _SCHEMA: Final = (
@@ -96,6 +96,12 @@ _SCHEMA: Final = (
     "CREATE INDEX end_user_totals_by_use ON end_user_totals (used)",
     # Small counters kept beside the tables (how many end users have totals).
     "CREATE TABLE counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT",
+)
+# Version 2 adds customers and budget tiers: records of a kind, by id, in creation order.
+_SCHEMA_V2: Final = (
+    """CREATE TABLE registry (
+        kind TEXT NOT NULL, id TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (kind, id)
+    ) STRICT""",
 )
 
 _INT64: Final = 1 << 63
@@ -179,8 +185,9 @@ def _migrate(db: sqlite3.Connection) -> None:
     try:
         # Read again under the write lock: another process may have created it meanwhile.
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            for statement in _SCHEMA:
+        if version in (0, 1):
+            # A new file gets every table; a version 1 file gets the tables version 2 added.
+            for statement in (*(_SCHEMA if version == 0 else ()), *_SCHEMA_V2):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif version != SCHEMA_VERSION:

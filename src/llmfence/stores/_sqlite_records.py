@@ -103,10 +103,14 @@ class SQLiteRecords(SQLiteBase):
         start: float | None = None,
         end: float | None = None,
         limit: int = 1000,
+        request_id: str | None = None,
     ) -> list[SpendRecord]:
         """Kept spend records matching every filter given, newest first."""
         where: list[str] = []
         params: list[Any] = []
+        if request_id is not None:
+            where.append("json_extract(record, '$[0]') = ?")  # the record's first field
+            params.append(request_id)
         for column, value in (
             ("key_hash", key_hash),
             ("user_id", user_id),

@@ -6,19 +6,21 @@ caller passes `now` in, so a test can drive every period and window with a fake 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal, NamedTuple, Self
+from dataclasses import dataclass
+from typing import Any, Final, Literal, NamedTuple
 
 from ._quick import quick_init
+from ._record_types import BudgetTier, CustomerRecord, KeyRecord, TeamRecord, UserRecord
 
 __all__ = [
     "Admission",
     "AdmissionResult",
     "BudgetScope",
     "BudgetState",
+    "BudgetTier",
+    "CustomerRecord",
     "KeyRecord",
     "RateHit",
     "RateState",
@@ -47,98 +49,6 @@ def mask_key(key: str) -> str:
     """A short display form of a key, e.g. `sk-...Qw8z`: enough to recognise, useless to use."""
     prefix = "sk-" if key.startswith("sk-") else ""
     return f"{prefix}...{key[-4:]}" if len(key) >= 12 else f"{prefix}..."
-
-
-# -- records ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Limits:
-    """What keys, users and teams all carry: a budget, rate limits and model access."""
-
-    max_budget: int | None = None
-    """Budget in nano-USD, or `None` for no limit."""
-    budget_duration: str | None = None
-    """How often the budget's spend resets (`"30d"`, `"monthly"`…), or `None` for never."""
-    rpm_limit: int | None = None
-    tpm_limit: int | None = None
-    rpd_limit: int | None = None
-    """Requests per day (a one-day bucket beside the per-minute one)."""
-    tpd_limit: int | None = None
-    """Tokens per day."""
-    max_parallel_requests: int | None = None
-    models: tuple[str, ...] = ()
-    """Models or access groups allowed; empty allows every model."""
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    created_at: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        data = dataclasses.asdict(self)
-        data["models"] = list(self.models)
-        data["metadata"] = dict(self.metadata)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        """The record from `to_dict`'s output; unknown fields are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        if "models" in values:
-            values["models"] = tuple(values["models"] or ())
-        if values.get("metadata") is None:
-            values.pop("metadata", None)
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> Self:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
-
-
-_PER_MODEL = ("model_max_budget", "model_budget_duration", "model_rpm_limit", "model_tpm_limit")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KeyRecord(_Limits):
-    """A virtual key, stored under the sha256 of the key."""
-
-    key_hash: str
-    key_masked: str
-    user_id: str | None = None
-    team_id: str | None = None
-    key_alias: str | None = None
-    expires: float | None = None
-    """Unix time after which the key is refused, or `None`."""
-    model_max_budget: Mapping[str, int] = field(default_factory=dict)
-    """Per-model budgets on this key, nano-USD."""
-    model_budget_duration: Mapping[str, str] = field(default_factory=dict)
-    """A per-model budget's own period (LiteLLM's `time_period`); others use the key's."""
-    model_rpm_limit: Mapping[str, int] = field(default_factory=dict)
-    """Requests per minute of this key per model."""
-    model_tpm_limit: Mapping[str, int] = field(default_factory=dict)
-    """Tokens per minute of this key per model."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        data = _Limits.to_dict(self)
-        for name in _PER_MODEL:
-            data[name] = dict(getattr(self, name))
-        return data
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UserRecord(_Limits):
-    """A user: a budget and limits shared by all of the user's keys."""
-
-    user_id: str
-    team_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TeamRecord(_Limits):
-    """A team: a budget and limits shared by all of the team's keys."""
-
-    team_id: str
 
 
 # -- one request's checks --------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """`RedisStore`: one truth for many app instances, kept in Redis.
 
 Each atomic store operation is one Lua script, shipped as package data in `lua/` and called by
-SHA, so `admit` and `settle` cost one round trip each. The store is assembled from three
-private parts: `_redis_base` (the client, the scripts, the time bound, value codecs),
-`_redis_ledger` (admissions, settlements, leases, budgets) and `_redis_records` (registry,
-spend log, projects); this module joins them into the one class users see and opens clients.
+SHA, so `admit` and `settle` cost one round trip each. The store is assembled from four private
+parts: `_redis_base` (the client, the scripts, the time bound, value codecs), `_redis_ledger`
+(admissions, settlements, leases, budgets), `_redis_records` (registry, spend log, projects) and
+`_redis_registry` (customers, budget tiers, listing users and teams); this module joins them
+into the one class users see and opens clients.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._redis_base import _Connection, import_redis
 from ._redis_ledger import RedisLedger
-from ._redis_records import RedisRecords
+from ._redis_registry import RedisRegistry
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisStore"]
 
 
-class RedisStore(RedisLedger, RedisRecords):
+class RedisStore(RedisLedger, RedisRegistry):
     """The shared store: state in Redis, seen alike by every worker and host.
 
     It implements every role of `Store`, on a single Redis or on a Redis Cluster. Keys are
@@ -55,7 +56,9 @@ class RedisStore(RedisLedger, RedisRecords):
       end users only, ranked in the `{prefix:spend}:end_users` sorted set (by last use, ms);
     - the registry, under `{prefix}:`: `key:<hash>`, `user:<id>`, `team:<id>` record hashes
       (one JSON value per field; only a key's hash and masked form are ever stored), the
-      `keys`, `keys:by_user`, `keys:by_team` indexes, `access_groups`, `project:<name>`;
+      `keys`, `keys:by_user`, `keys:by_team` indexes, `access_groups`, `project:<name>`,
+      `customer:<id>` and `budget_tier:<id>` record hashes, and the `users`, `teams`,
+      `customers`, `budget_tiers` indexes (each a sorted set of ids by creation order);
     - a request's reservation (expiring with the admission's TTL) and tombstone (left by
       every settlement, so the same settlement sent again changes nothing, and by a release
       that came before its admission; either turns a late admission into a no-op; expiring

@@ -3,7 +3,8 @@
 The store is assembled from private parts: `_sqlite_base` (the worker thread, its connection,
 the schema, the time bound), `_sqlite_state` (ledger rows as `MemoryStore`'s state objects, and
 the sweep), `_sqlite_ledger` (admissions, settlements, leases, budgets) and `_sqlite_records`
-(registry, spend log, projects); this module joins them into the one class users see.
+(registry, spend log, projects) with `_sqlite_registry` (customers, budget tiers, listing and
+deleting users and teams); this module joins them into the one class users see.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import os
 
 from ._sqlite_ledger import SQLiteLedger
 from ._sqlite_records import SQLiteRecords
+from ._sqlite_registry import SQLiteRegistry
 
 __all__ = ["SQLiteStore"]
 
 
-class SQLiteStore(SQLiteLedger, SQLiteRecords):
+class SQLiteStore(SQLiteLedger, SQLiteRecords, SQLiteRegistry):
     """The embedded shared store: state in one SQLite file, seen alike by every worker.
 
     Pick it for one machine with any number of worker processes (`uvicorn --workers 4`,
