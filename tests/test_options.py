@@ -3,6 +3,7 @@ written; and one `store_timeout` bounds every store's calls."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -124,7 +125,7 @@ _APP = Starlette()
         (BudgetGuardMiddleware, {"clamp_max_tokens": "yes"}, "clamp_max_tokens"),
         (SpendRecorderMiddleware, {"max_body_size": 0}, "max_body_size"),
         (KeyAuthMiddleware, {"cache_ttl": -1}, "cache_ttl"),
-        (KeyAuthMiddleware, {"master_key": "short"}, "master_key"),
+        (KeyAuthMiddleware, {"master_key": ""}, "master_key"),
         (KeyAuthMiddleware, {"access_groups": {"beta": "mistral"}}, "access_groups"),
         (KeyAuthMiddleware, {"store": "redis://localhost"}, "store"),
         (RequestRateLimitMiddleware, {"store": "redis://localhost"}, "store"),
@@ -266,3 +267,14 @@ async def test_lease_ttl_is_a_fence_option() -> None:
     assert (held.status_code, freed.status_code) == (429, 200)
     with pytest.raises(ConfigurationError, match="lease_ttl"):
         Fence(lease_ttl=0)
+
+
+def test_a_short_master_key_is_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # LiteLLM's docs use `master_key: sk-1234`: it works, and the log says it is weak.
+    with caplog.at_level(logging.WARNING, logger="llmfence"):
+        fence = Fence(store=MemoryStore(), master_key="sk-1234")
+        KeyAuthMiddleware(_APP, store=MemoryStore(), master_key="sk-1234")
+    assert fence.authenticator.is_master("sk-1234")
+    warnings = [r for r in caplog.records if r.name == "llmfence" and "master_key" in r.message]
+    assert len(warnings) == 2
+    assert all("sk-1234" not in r.getMessage() for r in caplog.records)

@@ -1,32 +1,25 @@
-"""Where a `BudgetManager` keeps its users' entries: a file, a hosted server, or a `Store`.
+"""Where a `BudgetManager` keeps its users' entries: a file or a hosted server (a `Store`: see
+`_budget_store`).
 
 `DictBackend` holds the entries in memory and saves them whole after every change, through
 `LocalFile` (LiteLLM's `user_cost.json`, replaced atomically) or `Hosted` (LiteLLM's
-`/get_budget` and `/set_budget` protocol). `StoreBackend` keeps spend in the store's atomic budget
-counters, named by `_counters.project` / `project_user`, and the rest of each entry in the
-store's project document. All backends speak integer nano-USD; `to_usd` and `to_nano` convert
-an entry at the edges (LiteLLM's files hold floats). A backend's `charge` and `reset` return
-False for an unknown user: the manager raises.
+`/get_budget` and `/set_budget` protocol). Backends speak integer nano-USD; `to_usd` and
+`to_nano` convert an entry at the edges (LiteLLM's files hold floats). A backend's `charge` and
+`reset` return False for an unknown user: the manager raises.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import uuid
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import anyio.from_thread
-
-from llmfence import _counters
 from llmfence._money import nano_to_usd, usd_to_nano
 from llmfence._usage import Usage, usage_from_json
 from llmfence.exceptions import ConfigurationError, StoreError
-from llmfence.stores import BudgetScope, Store
 
 if TYPE_CHECKING:
     import httpx
@@ -36,7 +29,6 @@ __all__ = [
     "Entry",
     "Hosted",
     "LocalFile",
-    "StoreBackend",
     "as_plain",
     "message_text",
     "model_and_usage",
@@ -50,10 +42,18 @@ Entry = dict[str, Any]
 
 
 class DictBackend:
-    """Entries in memory, loaded from a file or server and saved back after every change."""
+    """Entries in memory, loaded from a file or server and saved back after every change.
+
+    The entries are LiteLLM's `user_dict` itself, live (money in USD, as in the file): an edit
+    made in place through `BudgetManager.user_dict` counts, as in LiteLLM. Beside them, the
+    exact nano-USD entry each change left; an entry that no longer reads as it did was edited
+    by hand and is read from its USD again.
+    """
 
     def __init__(self, persistence: LocalFile | Hosted) -> None:
         self._persistence = persistence
+        self._data: dict[str, Entry] = {}
+        self._exact: dict[str, Entry] = {}
         try:
             self.load()
         except BaseException:
@@ -61,21 +61,33 @@ class DictBackend:
             raise
 
     def load(self) -> None:
-        self._data = {user: to_nano(entry) for user, entry in self._persistence.read().items()}
+        data = self._persistence.read()
+        self._data.clear()  # the same dict: a caller holding `user_dict` sees the reload
+        self._data.update(data)
+        self._exact.clear()
+
+    def live(self) -> dict[str, Entry]:
+        return self._data
 
     def users(self) -> list[str]:
         return list(self._data)
 
     def entry(self, user: str) -> Entry | None:
-        return self._data.get(user)
+        live = self._data.get(user)
+        if live is None:
+            return None
+        exact = self._exact.get(user)
+        if exact is not None and to_usd(exact) == live:
+            return _convert(exact, _same)
+        return to_nano(live)
 
     def put(self, user: str, entry: Entry) -> None:
         self._commit(user, dict(entry))
 
     def charge(self, user: str, model: str, cost: int) -> bool:
-        if user not in self._data:
+        entry = self.entry(user)
+        if entry is None:
             return False
-        entry = copy.deepcopy(self._data[user])
         entry["current_cost"] = entry.get("current_cost", 0) + cost
         models = entry.setdefault("model_cost", {})
         models[model] = models.get(model, 0) + cost
@@ -83,9 +95,9 @@ class DictBackend:
         return True
 
     def reset(self, user: str, now: float | None) -> bool:
-        if user not in self._data:
+        entry = self.entry(user)
+        if entry is None:
             return False
-        entry = copy.deepcopy(self._data[user])
         entry |= {"current_cost": 0, "model_cost": {}}
         if now is not None:
             entry["last_updated_at"] = now
@@ -93,14 +105,20 @@ class DictBackend:
         return True
 
     def save(self) -> dict[str, Any]:
-        return self._persistence.write({user: to_usd(e) for user, e in self._data.items()})
+        return self._persistence.write(self._data)
 
     def _commit(self, user: str, entry: Entry) -> None:
         # Saved first, kept after: a save that fails (a server error, a full disk) leaves the
         # manager as it was, so a retried update is not counted twice.
-        data = {**self._data, user: entry}
-        self._persistence.write({name: to_usd(e) for name, e in data.items()})
-        self._data = data
+        shown = to_usd(entry)
+        self._persistence.write({**self._data, user: shown})
+        live = self._data.get(user)
+        if live is None:
+            self._data[user] = shown
+        else:  # in place: a caller holding `user_dict[user]` sees the change
+            live.clear()
+            live.update(shown)
+        self._exact[user] = entry
 
     def close(self) -> None:
         self._persistence.close()
@@ -180,114 +198,6 @@ class Hosted:
         self._client.close()
 
 
-class StoreBackend:
-    """Spend in the store's atomic budget counters; the rest in the project document.
-
-    The document holds LiteLLM's entry without money, plus `"models"`, the models charged since
-    the last reset (a counter cannot be listed). Only creating a budget, the first charge of a
-    model and resets rewrite the document; two processes doing those for the same project at
-    the same instant may lose one write (spend is never lost: the counters hold it).
-    """
-
-    def __init__(self, store: Store, project: str, clock: Callable[[], float]) -> None:
-        # Not the bare project name: the admin API's `/set_budget` keeps LiteLLM's whole
-        # documents (money included) under that name, in another shape.
-        self._store, self._clock = store, clock
-        self._project = _counters.project(project)
-        self._portal: anyio.from_thread.BlockingPortal | None = None
-        self._stop: weakref.finalize[Any, Any] | None = None
-
-    def _call(self, func: Callable[..., Any], *args: Any) -> Any:
-        if self._portal is None:
-            # One private event loop for the manager's life: a store's connections belong
-            # to the loop that opened them.
-            manager = anyio.from_thread.start_blocking_portal()
-            self._portal = manager.__enter__()
-            self._stop = weakref.finalize(self, _stop_portal, manager, self._portal, self._store)
-        return self._portal.call(func, *args)
-
-    def _document(self) -> dict[str, Any]:
-        return self._call(self._store.get_project, self._project) or {}
-
-    def _scopes(self, user: str, models: Sequence[str]) -> list[BudgetScope]:
-        # (Names are quoted: a user named "a:model:b" cannot share a counter with user "a".)
-        user_scope = BudgetScope(_counters.project_user(self._project, user), "user", user)
-        return [user_scope] + [
-            BudgetScope(_counters.project_user(self._project, user, model), "model", model)
-            for model in models
-        ]
-
-    def _reset_counters(self, user: str, models: Sequence[str]) -> None:
-        for scope in self._scopes(user, models):
-            self._call(self._store.reset_budget, scope.key, None, self._clock())
-
-    def load(self) -> None:
-        pass
-
-    def users(self) -> list[str]:
-        return list(self._document())
-
-    def entry(self, user: str) -> Entry | None:
-        meta = self._document().get(user)
-        if meta is None:
-            return None
-        entry = {key: value for key, value in meta.items() if key != "models"}
-        # The user's own counter is read whatever the document says: it is the truth, and a
-        # document write lost to a concurrent one must not hide the user's spend.
-        models = list(meta.get("models", []))
-        states = self._call(self._store.budgets, self._scopes(user, models), self._clock())
-        if "models" in meta or states[0].spent:
-            entry["current_cost"] = states[0].spent
-            entry["model_cost"] = {
-                model: s.spent for model, s in zip(models, states[1:], strict=True)
-            }
-        return entry
-
-    def put(self, user: str, entry: Entry) -> None:
-        document = self._document()
-        if user in document:  # a new budget starts from zero spent, as in LiteLLM
-            self._reset_counters(user, document[user].get("models", []))
-        document[user] = entry
-        self._call(self._store.set_project, self._project, document)
-
-    def charge(self, user: str, model: str, cost: int) -> bool:
-        document = self._document()
-        if user not in document:
-            return False
-        models = document[user].setdefault("models", [])
-        if model not in models:
-            models.append(model)
-            self._call(self._store.set_project, self._project, document)
-        self._call(self._store.charge, self._scopes(user, [model]), cost, self._clock())
-        return True
-
-    def reset(self, user: str, now: float | None) -> bool:
-        document = self._document()
-        if user not in document:
-            return False
-        self._reset_counters(user, document[user].get("models", []))
-        document[user]["models"] = []
-        if now is not None:
-            document[user]["last_updated_at"] = now
-        self._call(self._store.set_project, self._project, document)
-        return True
-
-    def save(self) -> dict[str, Any]:
-        return {"status": "success"}  # every change is already in the store
-
-    def close(self) -> None:
-        if self._stop is not None:
-            self._stop()
-        self._portal = self._stop = None
-
-
-def _stop_portal(manager: Any, portal: anyio.from_thread.BlockingPortal, store: Store) -> None:
-    try:
-        portal.call(store.aclose)
-    finally:
-        manager.__exit__(None, None, None)
-
-
 def usd(nano: int) -> float:
     return nano_to_usd(nano) if nano else 0  # LiteLLM's files and prints say 0, not 0.0
 
@@ -298,6 +208,10 @@ def to_usd(entry: Entry) -> Entry:
 
 def to_nano(entry: Entry) -> Entry:
     return _convert(entry, usd_to_nano)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _convert(entry: Entry, money: Callable[[Any], Any]) -> Entry:

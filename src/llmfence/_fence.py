@@ -20,6 +20,7 @@ from ._options import (
     checked_access_groups,
     checked_bool,
     checked_int,
+    checked_master_key,
     checked_policy,
     checked_seconds,
     checked_store,
@@ -167,8 +168,7 @@ class Fence(RecordsMixin, RoutesMixin):
         unknown = set(shadow) - _GUARDS
         if unknown:
             raise ConfigurationError(f"shadow names unknown guards: {sorted(unknown)}")
-        if master_key is not None and (not isinstance(master_key, str) or len(master_key) < 8):
-            raise ConfigurationError("master_key must be a string of at least 8 characters")
+        checked_master_key(master_key)
         for name, limit in (
             ("rpm_limit", rpm_limit),
             ("tpm_limit", tpm_limit),

@@ -3,20 +3,28 @@ naming the argument the user wrote (`rpm_limit`, not an internal name)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 
 from .exceptions import ConfigurationError
 
 __all__ = [
+    "MIN_MASTER_KEY_LENGTH",
     "POLICIES",
     "checked_access_groups",
     "checked_bool",
     "checked_int",
+    "checked_master_key",
     "checked_policy",
     "checked_seconds",
     "checked_store",
 ]
+
+logger = logging.getLogger("llmfence")
+
+# Shorter master keys are accepted (LiteLLM's docs use `sk-1234`), with a warning.
+MIN_MASTER_KEY_LENGTH = 8
 
 
 def checked_int(name: str, value: object, *, low: int, high: int | None = None) -> int:
@@ -84,4 +92,26 @@ def checked_policy(name: str, value: object) -> str:
     if value not in POLICIES:
         raise ConfigurationError(f"{name} must be 'fail_open' or 'fail_closed', not {value!r}")
     assert isinstance(value, str)
+    return value
+
+
+def checked_master_key(value: object) -> str | None:
+    """The master key, or None: a non-empty string. One shorter than `MIN_MASTER_KEY_LENGTH`
+    (LiteLLM's docs use `sk-1234`) is accepted with a logged warning, never shown in it.
+
+    Raises:
+        ConfigurationError: It is not a non-empty string.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError("master_key must be a non-empty string")
+    if len(value) < MIN_MASTER_KEY_LENGTH:
+        logger.warning(
+            "master_key is %d characters long, under %d: anyone who guesses it owns the "
+            "gateway. Use a long random key (e.g. 'sk-' + secrets.token_urlsafe(32)) outside "
+            "of tests.",
+            len(value),
+            MIN_MASTER_KEY_LENGTH,
+        )
     return value

@@ -35,12 +35,12 @@ from llmfence._budget_backends import (
     Entry,
     Hosted,
     LocalFile,
-    StoreBackend,
     message_text,
     model_and_usage,
     to_usd,
     usd,
 )
+from llmfence._budget_store import StoreBackend
 from llmfence._duration import parse_duration
 from llmfence._fields import budget_nano, checked_name
 from llmfence._money import nano_to_usd, usd_to_nano
@@ -172,6 +172,8 @@ class BudgetManager:
         """
         # A budget that is not a finite number, negative or absurdly large never gets stored,
         # nor a user id no store can name.
+        if total_budget is None or isinstance(total_budget, str):  # type: ignore[unreachable]
+            raise ConfigurationError(f"total_budget must be a number, not {total_budget!r}")
         budget_nano(total_budget)
         checked_name("user", user)
         entry: Entry = {"total_budget": total_budget}
@@ -320,9 +322,16 @@ class BudgetManager:
 
     @property
     def user_dict(self) -> dict[str, Entry]:
-        """A copy of every user's entry, as LiteLLM's `user_dict` (money in USD)."""
+        """Every user's entry, LiteLLM's `user_dict` (money in USD): the live state, so an
+        edit in place counts (`user_dict[user]["last_updated_at"] -= 86_400`), as in LiteLLM.
+
+        With a file or a hosted server it is the manager's own dict (saved at the next change
+        or `save_data()`). With a store each entry writes its edits through to the store, and
+        users come and go through `create_budget`."""
         with self._lock:
-            return {user: to_usd(self._entry(user)) for user in self._backend.users()}
+            if isinstance(self._backend, DictBackend):
+                return self._backend.live()
+            return self._backend.live(self._edit)
 
     def close(self) -> None:
         """Release the HTTP client or the store (and its event loop). Also runs at exit."""
@@ -342,6 +351,11 @@ class BudgetManager:
         if entry is None:
             raise UnknownUserError(user)
         return entry
+
+    def _edit(self, user: str, changes: Entry, removed: list[str]) -> None:
+        with self._lock:
+            assert isinstance(self._backend, StoreBackend)
+            self._backend.edit(user, changes, removed)
 
     def _chat_tokens(self, model: str, text: str) -> int:
         message = {"role": "user", "content": text}

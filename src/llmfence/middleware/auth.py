@@ -9,8 +9,13 @@ from starlette.types import ASGIApp
 from llmfence._core.auth import Authenticator
 from llmfence._core.checks import AuthCheck
 from llmfence._core.meter import Meter
-from llmfence._options import checked_access_groups, checked_int, checked_seconds, checked_store
-from llmfence.exceptions import ConfigurationError
+from llmfence._options import (
+    checked_access_groups,
+    checked_int,
+    checked_master_key,
+    checked_seconds,
+    checked_store,
+)
 from llmfence.stores import Store
 
 from ._base import DEFAULT_MAX_BODY_SIZE, FenceMiddleware
@@ -52,8 +57,7 @@ class KeyAuthMiddleware(FenceMiddleware):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         cache_ttl: float = 5.0,
     ) -> None:
-        if master_key is not None and (not isinstance(master_key, str) or len(master_key) < 8):
-            raise ConfigurationError("master_key must be a string of at least 8 characters")
+        checked_master_key(master_key)
         checked_seconds("cache_ttl", cache_ttl, zero=True)
         checked_store(store)
         checked_access_groups(access_groups)
