@@ -14,8 +14,9 @@ Every exception derives from `LLMFenceError`::
     └── AuthError                   (internal) no key, a bad key → 401; a forbidden model → 403
 
 Over HTTP the middlewares never raise these through the app: they send the OpenAI-shaped
-error response that `LLMFenceError.to_openai()` describes. Python APIs (`BudgetManager`,
-the per-route guards) raise them.
+error response that `LLMFenceError.to_openai()` describes, or on Anthropic's API (`/v1/messages`)
+Anthropic's shape, `LLMFenceError.to_anthropic()`, with the same status and headers. Python APIs
+(`BudgetManager`, the per-route guards) raise them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ class LLMFenceError(Exception):
         self.message = message
         self.param = param
 
+    @property
+    def anthropic_type(self) -> str:
+        """Anthropic's `error.type` for this error's status (`"rate_limit_error"` for 429…)."""
+        return _ANTHROPIC_TYPES.get(self.status_code, "api_error")
+
+    def to_anthropic(self) -> dict[str, Any]:
+        """Anthropic's error body: `{"type": "error", "error": {"type", "message"}}`."""
+        return {"type": "error", "error": {"type": self.anthropic_type, "message": self.message}}
+
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`."""
         return {
@@ -63,6 +73,22 @@ class LLMFenceError(Exception):
                 "code": self.code,
             }
         }
+
+
+# Anthropic's documented error types, by HTTP status; any other status is an `api_error`. A
+# budget refusal is a 429 like a rate limit (its headers say not to retry), and a store outage
+# (503) is the temporary unavailability Anthropic calls `overloaded_error`.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 
 
 class ConfigurationError(LLMFenceError, ValueError):

@@ -38,7 +38,7 @@ from llmfence.exceptions import (
     StoreError,
 )
 
-from ._http import api_key, rate_limit_headers, send_error
+from ._http import api_key, is_anthropic, rate_limit_headers, send_error
 from ._lifespan import run_lifespan
 from ._paths import PathRules
 
@@ -158,7 +158,8 @@ class Engine:
             # refused, since the app behind may forward either reading.
             exempt, metered = self.paths.classify(path, scope.get("raw_path"))
         except InvalidRequestError as ambiguous:
-            await send_error(send, ambiguous, self.meter.clock())
+            anthropic = is_anthropic(None, path)
+            await send_error(send, ambiguous, self.meter.clock(), anthropic=anthropic)
             return
         if exempt:
             await self.app(scope, receive, send)
@@ -183,7 +184,8 @@ class Engine:
                 ctx.body = await _read_body(scope, receive, self.max_body_size)
                 ctx.request = parse_request(ctx.body, path, meter.deployments)
             except LLMFenceError as bad_request:
-                await send_error(send, bad_request, ctx.now, _request_id(ctx))
+                anthropic = is_anthropic(ctx.request, path)
+                await send_error(send, bad_request, ctx.now, _request_id(ctx), anthropic=anthropic)
                 return
         # A per-request copy of the lifespan state: servers and test transports may hand every
         # request the same dict, and one request's context must never leak into the next.
@@ -195,7 +197,7 @@ class Engine:
             error = await self._check(ctx, scope)
             if error is not None:
                 ctx.refused = True
-                await send_error(out, error, ctx.now)
+                await send_error(out, error, ctx.now, anthropic=is_anthropic(ctx.request, path))
                 return
             if not metered:
                 await self.app(scope, receive, send)
@@ -214,7 +216,8 @@ class Engine:
         error = await self._check(ctx, scope)
         if error is not None:
             ctx.refused = True
-            await send_error(send, error, ctx.now)
+            anthropic = is_anthropic(ctx.request, scope["path"])
+            await send_error(send, error, ctx.now, anthropic=anthropic)
             return
         if ctx.request is not None:
             self._prepare(ctx)

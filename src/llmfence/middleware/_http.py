@@ -16,10 +16,11 @@ from starlette.types import Send
 
 from llmfence._core.auth import KEY_HEADERS
 from llmfence._core.refusals import format_reset
+from llmfence._request import LLMRequest, endpoint_for_path
 from llmfence.exceptions import BudgetExceededError, LLMFenceError, RateLimitExceededError
 from llmfence.stores import RateState
 
-__all__ = ["api_key", "error_headers", "rate_limit_headers", "send_error"]
+__all__ = ["api_key", "error_headers", "is_anthropic", "rate_limit_headers", "send_error"]
 
 _NAMES = {
     kind: tuple(f"x-ratelimit-{what}-{kind}".encode() for what in ("limit", "remaining", "reset"))
@@ -123,10 +124,16 @@ def error_headers(error: LLMFenceError, now: float) -> list[tuple[bytes, bytes]]
 
 
 async def send_error(
-    send: Send, error: LLMFenceError, now: float, extra: Sequence[tuple[bytes, bytes]] = ()
+    send: Send,
+    error: LLMFenceError,
+    now: float,
+    extra: Sequence[tuple[bytes, bytes]] = (),
+    *,
+    anthropic: bool = False,
 ) -> None:
-    """Send an OpenAI-shaped error response (never raise through the app)."""
-    body = json.dumps(error.to_openai()).encode()
+    """Send an error response (never raise through the app): OpenAI-shaped, or Anthropic's
+    shape with `anthropic` (a request to Anthropic's API), with the same status and headers."""
+    body = json.dumps(error.to_anthropic() if anthropic else error.to_openai()).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", b"%d" % len(body)),
@@ -135,6 +142,14 @@ async def send_error(
     ]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def is_anthropic(request: LLMRequest | None, path: str) -> bool:
+    """Whether a refusal speaks Anthropic's error shape: the parsed body's API (`messages`),
+    else, for a request refused before its body was parsed, its path (`*/messages`)."""
+    if request is not None:
+        return request.endpoint == "messages"
+    return endpoint_for_path(path) == "messages"
 
 
 # The core's list of where clients put a key besides `Authorization: Bearer`, as raw names.
