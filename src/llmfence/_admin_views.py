@@ -7,6 +7,7 @@ key never appears here: records hold only its hash and masked form.
 
 from __future__ import annotations
 
+import hmac
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -14,20 +15,23 @@ from typing import Any
 
 from starlette.requests import Request
 
+from ._core.auth import Authenticator, Principal
 from ._json import loads_strict
 from ._money import nano_to_decimal, nano_to_usd
 from .exceptions import InvalidRequestError, LLMFenceError
-from .stores import BudgetState, KeyRecord, SpendRecord, TeamRecord, UserRecord
+from .stores import BudgetState, KeyRecord, SpendRecord, TeamRecord, UserRecord, hash_key
 
 __all__ = [
     "MAX_INT_PARAM",
     "AdminError",
+    "admin_caller",
     "as_usd",
     "int_param",
     "iso",
     "key_view",
     "limits_view",
     "not_found",
+    "own_body",
     "read_body",
     "spend_log_view",
     "spend_view",
@@ -51,6 +55,57 @@ class AdminError(LLMFenceError):
 def not_found(what: str) -> AdminError:
     """A 404 for a key, user or team that does not exist."""
     return AdminError(404, "not_found", "invalid_request_error", f"{what} was not found.")
+
+
+async def admin_caller(
+    authenticator: Authenticator, api_key: str | None, own: str | None
+) -> Principal | None:
+    """Who calls an admin route: `None` for the master key; on a route a key may use for its
+    own records (`own`), the calling key's principal.
+
+    Raises:
+        AdminError: No key (401), or a key other than the master on a master-only route (403).
+        LLMFenceError: On a self-service route, a key that is unknown, expired or blocked (401).
+    """
+    if not api_key:
+        raise AdminError(
+            401, "invalid_api_key", "invalid_request_error", "The admin API needs the master key."
+        )
+    if authenticator.is_master(api_key):
+        return None
+    if own is None:
+        raise AdminError(
+            403, "forbidden", "permission_error", "Only the master key may use the admin API."
+        )
+    return await authenticator.authenticate(api_key)
+
+
+def own_body(body: dict[str, Any], api_key: str, caller: Principal, field: str) -> dict[str, Any]:
+    """A self-service request as its route reads it: `field` (`key`, `api_key`) is the calling
+    key, by default, and may name no other key; `user_id` and `team_id`, if given, are its own.
+
+    Raises:
+        AdminError: The body names another key, user or team (403; never echoing a key).
+    """
+    given = body.get(field) or body.get("key")
+    if given not in (None, ""):
+        if not isinstance(given, str):
+            raise InvalidRequestError(f"'{field}' must be a key.", param=field)
+        if not hmac.compare_digest(hash_key(given).encode(), (caller.key_hash or "").encode()):
+            raise _not_yours("another key's")
+    for name, mine in (("user_id", caller.user_id), ("team_id", caller.team_id)):
+        if body.get(name) not in (None, "", mine):
+            raise _not_yours(f"another {name[:-3]}'s")
+    return {**{k: v for k, v in body.items() if k != "key"}, field: api_key}
+
+
+def _not_yours(whose: str) -> AdminError:
+    return AdminError(
+        403,
+        "forbidden",
+        "permission_error",
+        f"A key may read only its own info and spend, not {whose}; the master key reads all.",
+    )
 
 
 async def read_body(request: Request) -> dict[str, Any]:

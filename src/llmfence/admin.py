@@ -1,9 +1,10 @@
 """The admin HTTP API: virtual keys, users, teams, spend, and the hosted BudgetManager protocol.
 
 Bodies and field names follow LiteLLM's proxy (`/key/generate`, `/user/new`, …), so a client
-written for it can point at an llmfence app. Every route needs the master key. A plain key is
-shown once, in the response that creates it, and never again: everything else shows its masked
-form.
+written for it can point at an llmfence app. Every route needs the master key, except that a
+key may read its own info and spend (`/key/info`, `/spend/logs`, as GET or as POST with a JSON
+body, which keeps keys out of URLs and logs). A plain key is shown once, in the response that
+creates it, and never again: everything else shows its masked form.
 
 ```python
 fence.install(app, admin=True)              # the routes, beside the middleware stack
@@ -28,12 +29,14 @@ from starlette.routing import Route
 from llmfence import _counters
 from llmfence._admin_views import (
     AdminError,
+    admin_caller,
     as_usd,
     int_param,
     iso,
     key_view,
     limits_view,
     not_found,
+    own_body,
     read_body,
     spend_log_view,
     spend_view,
@@ -68,29 +71,23 @@ def admin_routes(fence: Fence) -> list[Route]:
     store = fence.store
     authenticator = fence.authenticator
 
-    def route(path: str, method: str, handler: Handler) -> Route:
+    def route(path: str, method: str, handler: Handler, *, own: str | None = None) -> Route:
+        """A master-key route; with `own`, also one a key may call for itself (the body's
+        `own` field, the key asked about, is then the caller's), as GET and POST (a POST's
+        JSON body keeps the key out of URLs and access logs)."""
+
         async def endpoint(request: Request) -> Response:
             try:
                 api_key = api_key_from_headers(request.headers)
-                if not api_key:
-                    raise AdminError(
-                        401,
-                        "invalid_api_key",
-                        "invalid_request_error",
-                        "The admin API needs the master key.",
-                    )
-                if not authenticator.is_master(api_key):
-                    raise AdminError(
-                        403,
-                        "forbidden",
-                        "permission_error",
-                        "Only the master key may use the admin API.",
-                    )
-                return JSONResponse(await handler(await read_body(request)))
+                caller = await admin_caller(authenticator, api_key, own)
+                body = await read_body(request)
+                if caller is not None and own is not None:
+                    body = own_body(body, api_key or "", caller, own)
+                return JSONResponse(await handler(body))
             except LLMFenceError as error:
                 return JSONResponse(error.to_openai(), status_code=error.status_code)
 
-        return Route(path, endpoint, methods=[method])
+        return Route(path, endpoint, methods=[method, "POST"] if own else [method])
 
     async def budget_state(
         level: str, ident: str, label: str, record: KeyRecord | UserRecord | TeamRecord
@@ -258,14 +255,14 @@ def admin_routes(fence: Fence) -> list[Route]:
 
     return [
         route("/key/generate", "POST", generate),
-        route("/key/info", "GET", key_info_route),
+        route("/key/info", "GET", key_info_route, own="key"),
         route("/key/update", "POST", key_update),
         route("/key/delete", "POST", key_delete),
         route("/user/new", "POST", user_new),
         route("/user/info", "GET", user_info),
         route("/team/new", "POST", team_new),
         route("/team/info", "GET", team_info),
-        route("/spend/logs", "GET", spend_logs),
+        route("/spend/logs", "GET", spend_logs, own="api_key"),
         route("/global/spend", "GET", global_spend),
         route("/get_budget", "POST", get_budget),
         route("/set_budget", "POST", set_budget),
