@@ -16,6 +16,7 @@ from ._core.services import Services
 from ._fence_records import RecordsMixin
 from ._fence_routes import RoutesMixin
 from ._fields import budget_nano, checked_duration, checked_limit
+from ._openapi import install_routes
 from ._options import (
     checked_access_groups,
     checked_bool,
@@ -282,12 +283,11 @@ class Fence(RecordsMixin, RoutesMixin):
         Args:
             app: The app to protect.
             admin: Also add the admin API routes (`/key/generate`, `/user/new`, …; see
-                `llmfence.admin`), which need the master key.
+                `llmfence.admin`), which need the master key. On a FastAPI app they are in
+                its OpenAPI schema, and so are llmfence's refusals of metered and guarded
+                routes.
         """
-        if admin:
-            from .admin import admin_routes
-
-            app.router.routes.extend(admin_routes(self))
+        install_routes(app, self, admin=admin)  # on FastAPI, documented in OpenAPI
         # add_middleware puts the last one added outermost, so add them innermost first.
         for cls, options in reversed(self._layers()):
             app.add_middleware(cls, **options)

@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from ._core.services import Services
+from ._openapi import refusal_responses
 from ._route_ledger import charge_request, exception_handler
 from ._usage import Usage
 from .exceptions import LLMFenceError
@@ -191,6 +192,22 @@ class RoutesMixin:
         """`charge` for sync endpoints, which run in a worker thread; same arguments."""
         call = functools.partial(self.charge, request, response, model=model, usage=usage)
         return anyio.from_thread.run(call)
+
+    def openapi_responses(
+        self, *, anthropic: bool = False, statuses: tuple[int, ...] = (401, 403, 429, 503)
+    ) -> dict[int | str, dict[str, Any]]:
+        """llmfence's refusals of a route, for FastAPI's `responses=` (`install` adds them
+        on its own to metered paths and to routes guarded by `Depends(fence.guard(...))`).
+
+        ```python
+        @app.post("/chat", responses=fence.openapi_responses())
+        ```
+
+        Args:
+            anthropic: Also Anthropic's error shape (a route of Anthropic's API).
+            statuses: Which refusals: any of 400, 401, 403, 413, 429, 503.
+        """
+        return refusal_responses(statuses, anthropic=anthropic)
 
     def add_exception_handlers(self, app: Starlette) -> None:
         """Render `LLMFenceError`s raised in the app (route guard dependencies' refusals) as

@@ -161,7 +161,7 @@ class Engine:
             anthropic = is_anthropic(None, path)
             await send_error(send, ambiguous, self.meter.clock(), anthropic=anthropic)
             return
-        if exempt:
+        if exempt or (scope["method"] == "OPTIONS" and _preflight(scope)):
             await self.app(scope, receive, send)
             return
         state = scope.get("state")
@@ -275,6 +275,11 @@ class Engine:
             options["include_usage"] = True
             ctx.request, ctx.body = amend(request, stream_options=options)
             ctx.hide_usage = True
+
+
+def _preflight(scope: Scope) -> bool:
+    """A CORS preflight: browsers send it without credentials, so auth could only refuse it."""
+    return any(name == b"access-control-request-method" for name, _ in scope["headers"])
 
 
 def _request_id(ctx: RequestContext) -> list[tuple[bytes, bytes]]:

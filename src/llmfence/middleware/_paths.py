@@ -22,7 +22,17 @@ from llmfence.exceptions import InvalidRequestError
 
 __all__ = ["DEFAULT_EXEMPT_PATHS", "PathRules", "normalize_path"]
 
-DEFAULT_EXEMPT_PATHS = ("/health", "/healthz", "/livez", "/readyz")
+DEFAULT_EXEMPT_PATHS = (
+    "/health",
+    "/healthz",
+    "/livez",
+    "/readyz",
+    # FastAPI's interactive docs and the schema they read: a browser opens them with no key.
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "/openapi.json",
+)
 
 # What a path needs to read differently once normalized: a dot segment or a repeated slash, a
 # backslash (a separator to WHATWG URL parsers), a percent escape (decoded again downstream).
