@@ -6,6 +6,7 @@ also drives both stores through the same random history and compares every answe
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -14,9 +15,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 import pytest
@@ -43,6 +44,7 @@ from llmfence.stores.redis import RedisStore
 from llmfence.testing import RedisServer
 
 T0 = 1_795_000_000.0
+_R = TypeVar("_R")
 SCRIPTS = (
     "admit",
     "settle",
@@ -129,6 +131,10 @@ async def client_commands(url: str, action: Callable[[], Awaitable[Any]]) -> lis
     finally:
         await other.aclose()
         await watcher.aclose()
+
+
+def asyncio_gather(calls: Sequence[Awaitable[_R]]) -> asyncio.Future[list[_R]]:
+    return asyncio.gather(*calls)
 
 
 async def evalsha_calls(client: redis.asyncio.Redis) -> int:
@@ -539,6 +545,28 @@ async def test_only_repeatable_calls_are_retried_after_a_connection_error(
         assert isinstance(caught.value.__cause__, redis.ConnectionError)
     assert len(sent) == (2 if repeated else 1)
     assert (await store.budgets([scope], T0))[0].spent == (3 if repeated else 0)
+
+
+async def test_a_burst_of_reads_of_one_record_is_one_read(
+    store: RedisStore, inspector: redis.asyncio.Redis
+) -> None:
+    # A cold start: every request misses the key-record cache at once. They share one read.
+    record = KeyRecord(key_hash="h", key_masked="sk-...h", rpm_limit=5)
+    assert await store.create_key(record)
+    await inspector.config_resetstat()
+    found = await asyncio_gather([store.get_key("h") for _ in range(200)])
+    assert found == [record] * 200
+    stats = await inspector.info("commandstats")
+    assert 1 <= stats["cmdstat_hgetall"]["calls"] < 200
+    # A caller that wrote a record reads what it wrote, shared reads or not.
+    for limit in range(6, 10):
+        reads = [store.get_key("h") for _ in range(5)]
+        pending = asyncio_gather(reads)
+        updated = await store.update_key("h", {"rpm_limit": limit})
+        assert updated is not None
+        assert updated.rpm_limit == limit
+        assert await store.get_key("h") == updated
+        await pending
 
 
 def test_redis_is_imported_lazily() -> None:

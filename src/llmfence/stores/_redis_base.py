@@ -61,6 +61,11 @@ _ROLLS_BUDGETS: Final = frozenset({"admit", "charge", "settle"})
 # Every other call is safe to repeat (reads; `admit`, `settle` and `release` are idempotent
 # per request id), so it gets one more try on a fresh connection after a connection error.
 _NOT_REPEATABLE: Final = frozenset({"charge", "record_create", "record_delete", "registry_delete"})
+# Scripts that write key, user or team records: a read of a record that a write may have
+# overtaken is not shared with a caller who comes after the write (see `_read_record`).
+_RECORD_WRITES: Final = frozenset(
+    {"record_create", "record_update", "record_delete", "registry_delete"}
+)
 _INSTALL_HINT: Final = 'RedisStore needs the redis package: pip install "llmfence[redis]"'
 
 
@@ -154,6 +159,11 @@ class RedisBase:
         self._broken: tuple[type[BaseException], ...] = (redis.ConnectionError, OSError)
         self._noscript: type[BaseException] = redis.exceptions.NoScriptError
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Record reads in flight, shared by the callers that ask for the same record at once
+        # (a cold start: every request misses the key cache together); see `_read_record`.
+        self._reads: dict[str, tuple[int, asyncio.Task[Any]]] = {}
+        self._reads_loop: asyncio.AbstractEventLoop | None = None
+        self._writes = 0  # record writes begun plus record writes ended
 
     @property
     def call_timeout(self) -> float:
@@ -228,6 +238,9 @@ class RedisBase:
         more try on a fresh connection, within the same deadline, unless the script is in
         `_NOT_REPEATABLE`: a lost reply may hide a script that ran.
         """
+        write = name in _RECORD_WRITES
+        if write:
+            self._writes += 1
         try:
             async with asyncio.timeout(self._timeout):
                 connection = self._connect()
@@ -256,6 +269,42 @@ class RedisBase:
                     return await _evalsha(connection, self._noscript, name, keys, args)
         except self._errors as exc:
             raise self._failure(name, exc) from exc
+        finally:
+            if write:
+                self._writes += 1
+
+    async def _read_record(self, key: str) -> dict[Any, Any]:
+        """HGETALL of a record; callers that ask for the same one at once share one call.
+
+        On a cold start every request misses the key-record cache at the same moment: one
+        read per record instead of one per request keeps the burst off the pool and within
+        its deadline. A caller never joins a read that began before a record write of this
+        store began or ended, so a caller that wrote a record reads what it wrote. Each
+        caller waits within its own deadline; the shared read has the store's.
+        """
+        loop = asyncio.get_running_loop()
+        if self._reads_loop is not loop:
+            self._reads, self._reads_loop = {}, loop
+        shared = self._reads.get(key)
+        if shared is None or shared[0] != self._writes:
+
+            async def call(client: Redis) -> dict[Any, Any]:
+                return await client.hgetall(key)
+
+            shared = (self._writes, loop.create_task(self._run("get_record", call)))
+            self._reads[key] = shared
+            shared[1].add_done_callback(functools.partial(self._read_done, key, shared))
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(shared[1])
+        except TimeoutError as exc:
+            raise self._failure("get_record", exc) from exc
+
+    def _read_done(self, key: str, shared: tuple[int, asyncio.Task[Any]], task: Any) -> None:
+        if self._reads.get(key) is shared:
+            del self._reads[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure reaches every caller, or none is left
 
 
 async def _on_cluster(

@@ -166,10 +166,7 @@ class RedisRecords(RedisBase):
         return bool(await self._script("record_create", keys, args))
 
     async def _get_record(self, cls: type[_R], key: str) -> _R | None:
-        async def call(client: Redis) -> dict[Any, Any]:
-            return await client.hgetall(key)
-
-        fields = await self._run("get_record", call)
+        fields = await self._read_record(key)
         if not fields:
             return None
         return cls.from_dict({text(name): json.loads(value) for name, value in fields.items()})
