@@ -67,10 +67,18 @@ async def post(client: httpx.AsyncClient, key: str, body: bytes, path: str = CHA
 
 
 def assert_openai_400(response: httpx.Response, param: str | None = None) -> None:
+    """A 400 in the API's own shape: OpenAI's (naming the field), or Anthropic's on its paths
+    (`{"type": "error", "error": {"type", "message"}}`, which has no `param`: the message
+    names the field)."""
     assert response.status_code == 400, response.text
-    error = response.json()["error"]
+    body = response.json()
+    error = body["error"]
     assert error["type"] == "invalid_request_error"
-    if param is not None:
+    if body.get("type") == "error":  # Anthropic's shape
+        assert set(error) == {"type", "message"}
+        if param is not None:
+            assert param.rsplit(".", 1)[-1] in error["message"]
+    elif param is not None:
         assert error["param"] == param
 
 
@@ -421,7 +429,13 @@ def test_any_body_through_the_stack_is_served_or_refused_uncharged(
         if response.status_code == 200:
             return
         assert 400 <= response.status_code < 500, response.text
-        assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
+        reply = response.json()
+        shape = (
+            {"message", "type"}
+            if path.endswith("/messages")
+            else {"message", "type", "param", "code"}
+        )
+        assert set(reply["error"]) >= shape
         assert (totals.cost, totals.requests) == (0, 0)
 
     anyio.run(run)

@@ -48,12 +48,17 @@ def aof_redis(redis_binary: str, tmp_path: Path) -> Iterator[AofRedis]:
         server.stop()
 
 
-# The stores the suite runs against. SQLiteStore and Redis Cluster join as params here: each
-# yields the URL that `stores.open_store` turns into the store, and, for `faulty_store`, an
-# object that can stall, kill and restart the store's server.
-@pytest.fixture(params=["redis"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    """The URL of a fresh store, one per test, for each store kind in turn."""
+# The stores the suite runs against: each yields the URL that `stores.open_store` turns into
+# the store, and, for `faulty_store`, an object that can stall, kill and restart its server.
+@pytest.fixture(params=["redis", "redis_cluster", "sqlite"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a fresh store, one per test, for each store kind in turn: a Redis of the
+    test's own, the session's 3-master Redis Cluster (flushed), an SQLite file of its own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'llmfence.db'}"
+    if request.param == "redis_cluster":
+        url: str = request.getfixturevalue("redis_cluster_url")
+        return url.replace("redis://", "redis+cluster://", 1)
     server: AofRedis = request.getfixturevalue("aof_redis")
     return server.url
 
@@ -87,6 +92,7 @@ class Gateways:
     upstream: str
     logs: Path
     count: int = 2
+    store_timeout: float | None = None  # the gateways' `Fence(store_timeout=...)`, if set
     processes: list[Process] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
 
@@ -96,6 +102,8 @@ class Gateways:
             "UPSTREAM_BASE_URL": f"{self.upstream}/v1",
             "LLMFENCE_MASTER_KEY": MASTER_KEY,
         }
+        if self.store_timeout is not None:
+            env["LLMFENCE_STORE_TIMEOUT"] = str(self.store_timeout)
         for index in range(self.count):
             port = free_port()
             log = self.logs / f"gateway-{index}.log"
@@ -159,8 +167,9 @@ def gateways(gateway_processes: Gateways) -> Gateways:
 
 @pytest.fixture
 def faulty_gateways(faulty_store: AofRedis, upstream: str, tmp_path: Path) -> Iterator[Gateways]:
-    """Two gateway processes, serving, on `faulty_store`."""
-    gateways = Gateways(faulty_store.url, upstream, tmp_path)
+    """Two gateway processes, serving, on `faulty_store`, with a 1 s store timeout: an operator
+    who prefers a quick 503 (or a fail-open) to a wait, so a stall of a few seconds times out."""
+    gateways = Gateways(faulty_store.url, upstream, tmp_path, store_timeout=1.0)
     try:
         gateways.start()
         yield gateways

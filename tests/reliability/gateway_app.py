@@ -24,12 +24,14 @@ __all__ = ["build_app"]
 
 
 def build_app() -> FastAPI:
-    """The gateway, configured by `LLMFENCE_STORE_URL`, `UPSTREAM_BASE_URL` and
-    `LLMFENCE_MASTER_KEY`."""
+    """The gateway, configured by `LLMFENCE_STORE_URL`, `UPSTREAM_BASE_URL`,
+    `LLMFENCE_MASTER_KEY` and, if set, `LLMFENCE_STORE_TIMEOUT`."""
+    timeout = os.environ.get("LLMFENCE_STORE_TIMEOUT")
     app, _ = create_app(
         upstream_base_url=os.environ["UPSTREAM_BASE_URL"],
         upstream_api_key="sk-upstream-reliability",
         store=open_store(os.environ["LLMFENCE_STORE_URL"]),
         master_key=os.environ["LLMFENCE_MASTER_KEY"],
+        fence_options={"store_timeout": float(timeout)} if timeout else None,
     )
     return app

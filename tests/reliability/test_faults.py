@@ -159,13 +159,6 @@ async def test_a_redis_kill_and_restart_under_load_leaks_nothing(
     await assert_recovered(faulty_gateways, keys, load)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 item 10: on a cold start every request misses the key-record cache and "
-    "calls RedisStore.get_record at once (no single-flight lookup); each process's pool of 50 "
-    "connections makes the rest wait, and the 1 s call deadline counts that wait and the "
-    "connects, so most of the burst gets 503 store_unavailable (get_record) on a healthy Redis",
-)
 async def test_a_cold_start_serves_a_burst_without_a_503(
     store_url: str, gateway_processes: Gateways
 ) -> None:

@@ -29,6 +29,7 @@ from llmfence.stores import (
     Settlement,
     Store,
 )
+from llmfence.stores._protocol import DEFAULT_TIMEOUT
 
 from .checks import BudgetCheck
 from .context import RequestContext
@@ -41,7 +42,7 @@ __all__ = ["Meter"]
 logger = logging.getLogger("llmfence")
 _T = TypeVar("_T")
 
-DEFAULT_STORE_TIMEOUT = 2.0
+DEFAULT_STORE_TIMEOUT = DEFAULT_TIMEOUT
 """The bound of every call to a store that sets none of its own (seconds)."""
 _RELAXED = 1 << 62
 # How many times an admission may be retried with a smaller output allowance: once for the

@@ -101,7 +101,7 @@ Time bounds
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from ._types import (
     Admission,
@@ -129,6 +129,11 @@ __all__ = [
     "SpendLogStore",
     "Store",
 ]
+
+DEFAULT_TIMEOUT: Final = 5.0
+"""The bound of every store call unless the operator sets one (seconds): the shipped stores'
+default `timeout`, and the meter's for a store that sets none. Long enough that a cold start's
+burst on a busy host (where the wait for the event loop counts too) is not refused."""
 
 SpendGroup = Literal["global", "key", "user", "team", "model", "end_user"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from ._protocol import DEFAULT_TIMEOUT
 from ._redis_base import _Connection, import_redis
 from ._redis_ledger import RedisLedger
 from ._redis_registry import RedisRegistry
@@ -99,7 +100,9 @@ class RedisStore(RedisLedger, RedisRegistry):
             a second `charge` charges twice).
         prefix: Namespace of every key (it begins every hash tag); several apps may share
             one Redis with different prefixes. Must not contain `{` or `}`.
-        timeout: Seconds any one store call may take before it fails with `StoreError`.
+        timeout: Seconds any one store call may take before it fails with `StoreError`
+            (default 5: long enough for a cold start's burst on a busy host, where waiting for
+            the event loop counts too; `Fence(store_timeout=...)` sets another).
         max_spend_records: How many spend records the log keeps (oldest dropped first). The
             running totals count every record ever appended.
 
@@ -115,7 +118,7 @@ class RedisStore(RedisLedger, RedisRegistry):
         client: Redis | RedisCluster,
         *,
         prefix: str = "llmfence",
-        timeout: float = 1.0,
+        timeout: float = DEFAULT_TIMEOUT,
         max_spend_records: int = 100_000,
     ) -> None:
         self._setup(prefix, timeout, max_spend_records)
@@ -129,7 +132,7 @@ class RedisStore(RedisLedger, RedisRegistry):
         url: str,
         *,
         prefix: str = "llmfence",
-        timeout: float = 1.0,
+        timeout: float = DEFAULT_TIMEOUT,
         max_spend_records: int = 100_000,
         cluster: bool = False,
         **redis_kwargs: Any,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from ._protocol import DEFAULT_TIMEOUT
 from ._sqlite_ledger import SQLiteLedger
 from ._sqlite_records import SQLiteRecords
 from ._sqlite_registry import SQLiteRegistry
@@ -46,7 +47,8 @@ class SQLiteStore(SQLiteLedger, SQLiteRecords, SQLiteRegistry):
     Args:
         path: The database file (created if missing). Give every worker the same path; a
             local disk, not a network file system (SQLite's locks need one).
-        timeout: Seconds any one store call may take before it fails with `StoreError`.
+        timeout: Seconds any one store call may take before it fails with `StoreError`
+            (default 5; `Fence(store_timeout=...)` sets another).
         max_spend_records: How many spend records the log keeps (oldest dropped first). The
             running totals count every record ever appended.
 
@@ -60,7 +62,7 @@ class SQLiteStore(SQLiteLedger, SQLiteRecords, SQLiteRegistry):
         self,
         path: str | os.PathLike[str] = "llmfence.db",
         *,
-        timeout: float = 2.0,
+        timeout: float = DEFAULT_TIMEOUT,
         max_spend_records: int = 100_000,
     ) -> None:
         self._setup(path, timeout, max_spend_records)
