@@ -84,6 +84,7 @@ async def test_key_lifecycle(admin: tuple[Fence, httpx.AsyncClient, FakeClock]) 
             "duration": "1h",
             "metadata": {"env": "test"},
             "key_alias": "ci",
+            "create_missing": True,
         },
     )
     assert created.status_code == 200, created.text
@@ -227,10 +228,10 @@ async def test_spend_logs_and_global_spend(
     admin: tuple[Fence, httpx.AsyncClient, FakeClock],
 ) -> None:
     _fence, client, clock = admin
-    key = (await client.post("/key/generate", json={"user_id": "alice", "team_id": "t1"})).json()[
-        "key"
-    ]
-    other = (await client.post("/key/generate", json={"user_id": "bob"})).json()["key"]
+    body = {"user_id": "alice", "team_id": "t1", "create_missing": True}
+    key = (await client.post("/key/generate", json=body)).json()["key"]
+    body = {"user_id": "bob", "create_missing": True}
+    other = (await client.post("/key/generate", json=body)).json()["key"]
     for k in (key, key, other):
         await client.post(CHAT, json=chat_body(user="eve"), headers=auth(k))
         clock.advance(10)

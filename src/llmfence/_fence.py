@@ -13,6 +13,8 @@ from ._core.auth import Authenticator
 from ._core.checks import BudgetCheck
 from ._core.meter import Meter
 from ._core.services import Services
+from ._fence_customers import CustomersMixin
+from ._fence_ops import RegistryMixin
 from ._fence_records import RecordsMixin
 from ._fence_routes import RoutesMixin
 from ._fields import budget_nano, checked_duration, checked_limit
@@ -63,7 +65,7 @@ def _patterns(name: str, value: Iterable[str]) -> tuple[str, ...]:
     return patterns
 
 
-class Fence(RecordsMixin, RoutesMixin):
+class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin):
     """Budgets, rate limits, key auth and spend tracking for an app, in one object.
 
     ```python

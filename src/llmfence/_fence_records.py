@@ -8,6 +8,8 @@ from decimal import Decimal
 from typing import Any
 
 from ._core.auth import Authenticator
+from ._fence_customers import ensure_budget
+from ._fence_ops import RecordConflictError, ensure_alias_free, ensure_refs
 from ._fields import (
     ModelBudget,
     checked_key,
@@ -18,7 +20,6 @@ from ._fields import (
     model_budgets,
     model_limits,
 )
-from .exceptions import ConfigurationError
 from .stores import KeyRecord, Store, TeamRecord, UserRecord, hash_key, mask_key
 
 __all__ = ["RecordsMixin"]
@@ -52,6 +53,8 @@ class RecordsMixin:
         models: Iterable[str] = (),
         duration: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        budget_id: str | None = None,
+        create_missing: bool = True,
     ) -> tuple[str, KeyRecord]:
         """Create a virtual key; returns the plain key (shown once) and its stored record.
 
@@ -63,9 +66,16 @@ class RecordsMixin:
                 LiteLLM's `{"budget_limit": 0.5, "time_period": "1d"}` (a period of its own).
             model_rpm_limit: Requests per minute per model (`{"gpt-4o": 10}`).
             model_tpm_limit: Tokens per minute per model.
+            budget_id: A budget tier giving the key what it sets none of itself.
+            create_missing: Create the user and team the key names if they do not exist
+                (default; the admin API's `/key/generate` creates them only when asked
+                with `"create_missing": true`, and answers 404 otherwise). With False,
+                naming one that does not exist is an error.
 
         Raises:
-            ConfigurationError: A field is invalid, or the key already exists.
+            ConfigurationError: A field is invalid, or the key already exists
+                (`RecordConflictError`, as for a `key_alias` another key holds), or the
+                user, team or budget tier named does not exist (`RecordNotFoundError`).
         """
         now = self.clock()
         plain = checked_key(key) if key is not None else "sk-" + secrets.token_urlsafe(32)
@@ -80,6 +90,7 @@ class RecordsMixin:
             model_rpm_limit=model_limits("model_rpm_limit", model_rpm_limit),
             model_tpm_limit=model_limits("model_tpm_limit", model_tpm_limit),
             expires=key_expiry(duration, now),
+            budget_id=_name("budget_id", budget_id),
             **limit_fields(
                 max_budget,
                 budget_duration,
@@ -93,8 +104,13 @@ class RecordsMixin:
                 tpd_limit=tpd_limit,
             ),
         )
+        await ensure_alias_free(self.store, record.key_alias)
+        await ensure_budget(self.store, record.budget_id)
+        await ensure_refs(
+            self.store, self.authenticator, now, record.user_id, record.team_id, create_missing
+        )
         if not await self.store.create_key(record):
-            raise ConfigurationError("that key already exists")
+            raise RecordConflictError("that key already exists")
         self.authenticator.invalidate_key(record.key_hash)
         return plain, record
 
@@ -112,15 +128,26 @@ class RecordsMixin:
         max_parallel_requests: int | None = None,
         models: Iterable[str] = (),
         metadata: Mapping[str, Any] | None = None,
+        budget_id: str | None = None,
+        create_missing: bool = True,
     ) -> UserRecord:
         """Create a user whose budget and limits all of its keys share.
 
+        Args:
+            budget_id: A budget tier giving the user what it sets none of itself.
+            create_missing: Create the team the user names if it does not exist (default;
+                `/user/new` only when asked). With False, naming one that does not exist is
+                an error.
+
         Raises:
-            ConfigurationError: A field is invalid, or the user exists.
+            ConfigurationError: A field is invalid, or the user exists
+                (`RecordConflictError`), or its team or budget tier does not exist
+                (`RecordNotFoundError`).
         """
         record = UserRecord(
             user_id=checked_name("user_id", user_id),
             team_id=_name("team_id", team_id),
+            budget_id=_name("budget_id", budget_id),
             **limit_fields(
                 max_budget,
                 budget_duration,
@@ -134,8 +161,12 @@ class RecordsMixin:
                 tpd_limit=tpd_limit,
             ),
         )
+        await ensure_budget(self.store, record.budget_id)
+        await ensure_refs(
+            self.store, self.authenticator, self.clock(), None, record.team_id, create_missing
+        )
         if not await self.store.create_user(record):
-            raise ConfigurationError(f"user {user_id!r} already exists")
+            raise RecordConflictError(f"user {user_id!r} already exists")
         self.authenticator.invalidate_user(user_id)
         return record
 
@@ -143,6 +174,7 @@ class RecordsMixin:
         self,
         team_id: str,
         *,
+        team_alias: str | None = None,
         max_budget: float | Decimal | None = None,
         budget_duration: str | None = None,
         rpm_limit: int | None = None,
@@ -160,6 +192,7 @@ class RecordsMixin:
         """
         record = TeamRecord(
             team_id=checked_name("team_id", team_id),
+            team_alias=_name("team_alias", team_alias),
             **limit_fields(
                 max_budget,
                 budget_duration,
@@ -174,7 +207,7 @@ class RecordsMixin:
             ),
         )
         if not await self.store.create_team(record):
-            raise ConfigurationError(f"team {team_id!r} already exists")
+            raise RecordConflictError(f"team {team_id!r} already exists")
         self.authenticator.invalidate_team(team_id)
         return record
 

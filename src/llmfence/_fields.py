@@ -64,9 +64,10 @@ KEY_FIELDS = (
     "model_max_budget",
     "model_rpm_limit",
     "model_tpm_limit",
+    "budget_id",
 )
 """The fields of a key (`/key/generate`, `/key/update`)."""
-USER_FIELDS = (*RECORD_FIELDS, "user_id", "team_id", "key_alias", "duration")
+USER_FIELDS = (*RECORD_FIELDS, "user_id", "team_id", "key_alias", "duration", "budget_id")
 """The fields of `/user/new` (the alias and duration are its first key's)."""
 TEAM_FIELDS = (*RECORD_FIELDS, "team_id", "team_alias")
 """The fields of `/team/new`."""
@@ -74,7 +75,7 @@ MIN_KEY_LENGTH = 20
 """The shortest caller-chosen key accepted (`sk-` and 17 more characters)."""
 
 # Fields any admin body may carry besides its own: the routes read them to find a record.
-LOOKUP_FIELDS = frozenset({"key", "keys", "user_id", "team_id"})
+LOOKUP_FIELDS = frozenset({"key", "keys", "user_id", "team_id", "create_missing"})
 MAX_NAME_LENGTH = 256
 """The longest id, alias or model name accepted: each names records and counters in the store."""
 MAX_METADATA_BYTES = 16 * 1024

@@ -27,6 +27,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llmfence import _counters
+from llmfence._admin_customers import customer_handlers
+from llmfence._admin_keys import key_handlers
+from llmfence._admin_shapes import flag
+from llmfence._admin_spend import spend_handlers
+from llmfence._admin_users import user_handlers
 from llmfence._admin_views import (
     AdminError,
     admin_caller,
@@ -44,6 +49,7 @@ from llmfence._admin_views import (
     usd,
 )
 from llmfence._core.auth import api_key_from_headers
+from llmfence._fence_ops import RecordConflictError, RecordNotFoundError, ensure_alias_free
 from llmfence._fields import (
     KEY_FIELDS,
     TEAM_FIELDS,
@@ -102,7 +108,7 @@ def admin_routes(fence: Fence) -> list[Route]:
 
     async def key_info(record: KeyRecord) -> dict[str, Any]:
         return key_view(
-            record, await budget_state("key", record.key_hash, record.key_masked, record)
+            record, await budget_state("key", record.scope_id, record.key_masked, record)
         )
 
     async def generate(body: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +116,11 @@ def admin_routes(fence: Fence) -> list[Route]:
         if "key" in body:
             fields["key"] = json_key(body["key"])
         try:
-            plain, record = await fence.generate_key(**as_usd(fields))
+            plain, record = await fence.generate_key(
+                **as_usd(fields), create_missing=flag(body, "create_missing")
+            )
+        except (RecordNotFoundError, RecordConflictError):
+            raise
         except ConfigurationError as error:
             raise InvalidRequestError(str(error), param="key") from error
         return {"key": plain, "expires": iso(record.expires), **(await key_info(record))}
@@ -134,6 +144,7 @@ def admin_routes(fence: Fence) -> list[Route]:
         )
         if "duration" in changes:
             changes["expires"] = key_expiry(changes.pop("duration"), fence.clock())
+        await ensure_alias_free(store, changes.get("key_alias"), record.scope_id)
         updated = await store.update_key(record.key_hash, changes)
         authenticator.invalidate_key(record.key_hash)
         if updated is None:
@@ -157,15 +168,28 @@ def admin_routes(fence: Fence) -> list[Route]:
             k: fields.pop(k) for k in ("key_alias", "duration") if k in fields
         }
         try:
-            record = await fence.new_user(user_id, **as_usd(fields))
+            record = await fence.new_user(
+                user_id, **as_usd(fields), create_missing=flag(body, "create_missing")
+            )
+        except RecordNotFoundError:
+            raise
         except ConfigurationError as error:
             raise AdminError(400, "user_exists", "invalid_request_error", str(error)) from error
-        key = await generate({"user_id": user_id, **key_fields})
-        return {
+        # The user's first key carries the user's team and metadata.
+        carried = {"team_id": record.team_id, "metadata": dict(record.metadata)}
+        key = await generate(
+            {"user_id": user_id, **key_fields, **{k: v for k, v in carried.items() if v}}
+        )
+        state = await budget_state("user", user_id, user_id, record)
+        return {  # the user's own budget, not its key's
             **key,
             "user_id": user_id,
             "team_id": record.team_id,
+            "budget_id": record.budget_id,
+            "metadata": dict(record.metadata),
             "max_budget": usd(record.max_budget),
+            "budget_duration": record.budget_duration,
+            "budget_reset_at": spend_view(state, record.budget_duration)["budget_reset_at"],
         }
 
     async def record_info(
@@ -179,6 +203,8 @@ def admin_routes(fence: Fence) -> list[Route]:
         }
         if isinstance(record, UserRecord):
             info["team_id"] = record.team_id
+        else:
+            info["team_alias"] = record.team_alias
         return {
             f"{level}_id": ident,
             f"{level}_info": info,
@@ -196,14 +222,17 @@ def admin_routes(fence: Fence) -> list[Route]:
     async def team_new(body: dict[str, Any]) -> Any:
         fields = json_fields(body, TEAM_FIELDS)
         team_id = fields.pop("team_id", None) or str(uuid.uuid4())
-        alias = fields.pop("team_alias", None)
-        if alias is not None:
-            fields["metadata"] = {**fields.get("metadata", {}), "team_alias": alias}
         try:
             record = await fence.new_team(team_id, **as_usd(fields))
         except ConfigurationError as error:
             raise AdminError(400, "team_exists", "invalid_request_error", str(error)) from error
-        return {"team_id": team_id, **limits_view(record)}
+        state = await budget_state("team", team_id, team_id, record)
+        return {
+            "team_id": team_id,
+            "team_alias": record.team_alias,
+            **limits_view(record),
+            **spend_view(state, record.budget_duration),
+        }
 
     async def team_info(body: dict[str, Any]) -> Any:
         team_id = body.get("team_id")
@@ -215,8 +244,11 @@ def admin_routes(fence: Fence) -> list[Route]:
 
     async def spend_logs(body: dict[str, Any]) -> Any:
         key = body.get("api_key") or body.get("key")
+        found = await store.get_key(hash_key(key)) if key else None
         records = await store.spend_records(
-            key_hash=hash_key(key) if key else None,
+            # A regenerated key's records are kept under the key it replaced.
+            key_hash=(found.scope_id if found else hash_key(key)) if key else None,
+            request_id=body.get("request_id") or None,
             user_id=body.get("user_id"),
             team_id=body.get("team_id"),
             model=body.get("model"),
@@ -266,6 +298,11 @@ def admin_routes(fence: Fence) -> list[Route]:
         route("/global/spend", "GET", global_spend),
         route("/get_budget", "POST", get_budget),
         route("/set_budget", "POST", set_budget),
+        *(
+            route(path, method, handler)
+            for handlers in (key_handlers, user_handlers, customer_handlers, spend_handlers)
+            for path, method, handler in handlers(fence)
+        ),
     ]
 
 

@@ -18,7 +18,17 @@ from cachetools import TTLCache
 
 from llmfence._models import same_model
 from llmfence.exceptions import LLMFenceError
-from llmfence.stores import KeyRecord, Store, TeamRecord, UserRecord, hash_key, mask_key
+from llmfence.stores import (
+    CustomerRecord,
+    KeyRecord,
+    Store,
+    TeamRecord,
+    UserRecord,
+    hash_key,
+    mask_key,
+)
+
+from .registry import Customers, team_member, with_tier
 
 __all__ = ["KEY_HEADERS", "AuthError", "Authenticator", "Principal", "api_key_from_headers"]
 
@@ -47,6 +57,14 @@ class AuthError(LLMFenceError):
         error.type = "permission_error"
         return error
 
+    @classmethod
+    def blocked_customer(cls, end_user: str) -> AuthError:
+        """A blocked customer (end user) named by the body: 400, as LiteLLM answers."""
+        error = cls(f"User blocked from making LLM API Calls. User={end_user}", param="user")
+        error.status_code = 400
+        error.code = "user_blocked"
+        return error
+
 
 class Principal:
     """The resolved caller of one request.
@@ -62,6 +80,11 @@ class Principal:
         user: The record of the key's user, if the key has one and it exists.
         team: The record of the key's (or user's) team, if any.
         is_master: Whether the master key was used.
+        member: The key's user's own budget inside the key's team (`max_budget_in_team`),
+            as a user record, if the team gives it one.
+
+    A regenerated key's `key_hash` is the hash of the key it replaced (`KeyRecord.scope_id`):
+    the counters and spend records of a key are kept under it, so they carry over.
     """
 
     __slots__ = (
@@ -70,6 +93,7 @@ class Principal:
         "key",
         "key_hash",
         "key_masked",
+        "member",
         "models",
         "plans",
         "team",
@@ -84,6 +108,7 @@ class Principal:
         user: UserRecord | None = None,
         team: TeamRecord | None = None,
         is_master: bool = False,
+        member: UserRecord | None = None,
     ) -> None:
         self.key_hash = key_hash
         self.key_masked = key_masked
@@ -91,6 +116,7 @@ class Principal:
         self.user = user
         self.team = team
         self.is_master = is_master
+        self.member = member
         self.plans: dict[object, object] = {}
         """Whatever an engine derived from this principal, by engine (see `_core.plan`)."""
         self.models: dict[str, bool] = {}
@@ -202,6 +228,8 @@ class Authenticator:
         # from: what an engine derives from a principal shares the records' staleness bound.
         self._principals: TTLCache[str, Principal] = TTLCache(cache_size, cache_ttl, timer=clock)
         self._flights: dict[str, _Flight] = {}  # lookups under way, by key hash
+        self.customers = Customers(store, cache_size, cache_ttl, clock, self._call)
+        """Registered customers by the id request bodies name (cached)."""
 
     def is_master(self, api_key: str) -> bool:
         """Whether `api_key` is the master key (constant-time)."""
@@ -229,6 +257,8 @@ class Authenticator:
         record = principal.key
         if record is not None and record.expires is not None and record.expires <= self._clock():
             raise AuthError(f"The API key {record.key_masked} has expired.")
+        if record is not None and record.blocked:
+            raise AuthError("Key is blocked. Update via `/key/unblock` if you're an admin.")
         return principal
 
     async def _lookup(self, key_hash: str, api_key: str) -> Principal:
@@ -273,10 +303,25 @@ class Authenticator:
             if generation == self._generation:
                 self._unknown[key_hash] = None
             raise AuthError(f"Incorrect API key provided: {mask_key(api_key)}.")
+        record = await with_tier(store, call, record)
         user = await call(store.get_user(record.user_id)) if record.user_id else None
+        if user is not None:
+            user = await with_tier(store, call, user)
         team_id = record.team_id or (user.team_id if user is not None else None)
         team = await call(store.get_team(team_id)) if team_id else None
-        return Principal(key_hash, record.key_masked, record, user, team)
+        member = team_member(team, record.user_id) if team is not None else None
+        return Principal(record.scope_id, record.key_masked, record, user, team, member=member)
+
+    async def customer(self, end_user: str) -> CustomerRecord | None:
+        """The registered customer a request body names (`user`), or None.
+
+        Raises:
+            AuthError: The customer is blocked (400, as LiteLLM answers).
+        """
+        found = await self.customers.get(end_user)
+        if found is not None and found.blocked:
+            raise AuthError.blocked_customer(end_user)
+        return found
 
     async def check_model(self, principal: Principal, model: str) -> None:
         """Raise a 403 `AuthError` unless every level of the principal allows `model`."""
@@ -324,6 +369,12 @@ class Authenticator:
         """Forget a cached team record (after an admin change)."""
         self._generation += 1
         self._principals.clear()
+
+    def invalidate_all(self) -> None:
+        """Forget every cached principal and customer (after a tier or customer changed)."""
+        self._generation += 1
+        self._principals.clear()
+        self.customers.forget()
 
     def invalidate_groups(self) -> None:
         """Forget the cached access groups (after an admin change)."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from llmfence._pricing import ModelPrice
 from llmfence._request import LLMRequest
 from llmfence._usage import StreamUsageScanner, UsageChunkFilter
-from llmfence.stores import BudgetScope, RateState
+from llmfence.stores import BudgetScope, CustomerRecord, RateState
 
 from .auth import Principal
 
@@ -69,6 +69,7 @@ class RequestContext:
         "charges",
         "completed",
         "cost",
+        "customer",
         "finished",
         "fit",
         "hide_usage",
@@ -102,6 +103,7 @@ class RequestContext:
         self.body = b""
         self.request: LLMRequest | None = None
         self.principal: Principal | None = None
+        self.customer: CustomerRecord | None = None  # the registered customer named, if any
         self.prompt_tokens: int | None = None
         self.price: ModelPrice | None = None
         self.allowance = 0

@@ -113,11 +113,18 @@ class Merged:
 
 
 def record_levels(principal: Principal) -> list[tuple[str, str, str, Any, Any]]:
-    """The team, user and key budget levels: (level, counter, label, limit, record)."""
+    """The team, team member, user and key budget levels: (level, counter, label, limit,
+    record)."""
     found: list[tuple[str, str, str, Any, Any]] = []
     if principal.team is not None:
         team_id = principal.team.team_id
         found.append(("team", _counters.budget("team", team_id), team_id, None, principal.team))
+    member = principal.member
+    if member is not None and member.team_id:
+        # The user's own budget inside the team (`max_budget_in_team`), for team keys only.
+        ident = f"{member.team_id}:{member.user_id}"
+        label = f"{member.user_id} in team {member.team_id}"
+        found.append(("team_member", _counters.budget("team_member", ident), label, None, member))
     if principal.user is not None:
         user_id = principal.user.user_id
         found.append(("user", _counters.budget("user", user_id), user_id, None, principal.user))

@@ -204,8 +204,9 @@ class Meter:
             cost = 1 if kind == "requests" else await self.tokens(ctx)
             rates += (RateHit(key, kind, "model", label, limit, cost, window),)  # type: ignore[arg-type]
         end_user = request.end_user
-        if end_user and plan.end_user_rates:
-            for kind, window, limit in plan.end_user_rates:
+        customer = ctx.customer
+        if end_user and (plan.end_user_rates or customer is not None):
+            for kind, window, limit in plan.end_user_limits(customer):
                 cost = 1 if kind == "requests" else await self.tokens(ctx)
                 key = plan.end_user_counter(kind, window, end_user)
                 hit = RateHit(key, kind, "end_user", end_user, limit, cost, window)  # type: ignore[arg-type]
@@ -213,7 +214,7 @@ class Meter:
         budgets: tuple[BudgetScope, ...] = ()
         if plan.has_budgets:
             await self.projected_cost(ctx)
-            budgets = plan.budget_scopes(request.end_user, request.model, ctx.now)
+            budgets = plan.budget_scopes(request.end_user, request.model, ctx.now, customer)
             if ctx.budget_scopes:  # a level is charged once, by the first layer that names it
                 seen = {scope.key for scope in ctx.budget_scopes}
                 budgets = tuple(scope for scope in budgets if scope.key not in seen)

@@ -54,6 +54,7 @@ class Plan:
 
     __slots__ = (
         "_end_user",
+        "_end_user_kinds",
         "_key_ref",
         "_model",
         "_model_rates",
@@ -124,6 +125,11 @@ class Plan:
             (kind, window, limit) for (kind, window), (limit, _) in end_user.items()
         )
         """Per end user: `(kind, window, limit)`; counters named per request."""
+        # A registered customer's own limits apply where the stack has a window of the kind.
+        self._end_user_kinds: dict[str, RateCheck] = {}
+        for check in checks:
+            if isinstance(check, RateCheck):
+                self._end_user_kinds.setdefault(check.kind, check)
         self.shadow_prefixes = tuple(
             f"{_counters.rate(kind, window, 'end_user', '')}"
             for (kind, window), (_, shadow) in end_user.items()
@@ -175,6 +181,21 @@ class Plan:
         """Whether only shadow checks enforce a counter (its refusals are reported only)."""
         return key in self.shadow_keys or key.startswith(self.shadow_prefixes)
 
+    def end_user_limits(self, customer: Any) -> tuple[tuple[str, float, int], ...]:
+        """The end-user windows of a request: the stack's, with a registered customer's own
+        `rpm_limit` / `tpm_limit` in place of the stack's limit of that kind."""
+        if customer is None:
+            return self.end_user_rates
+        limits = {(kind, window): limit for kind, window, limit in self.end_user_rates}
+        for kind, attr in (("requests", "rpm_limit"), ("tokens", "tpm_limit")):
+            own = getattr(customer, attr)
+            check = self._end_user_kinds.get(kind)
+            if own is not None and check is not None:
+                limits = {k: v for k, v in limits.items() if k[0] != kind}
+                limits[(kind, check.window)] = own
+                self.owners.setdefault((kind, "end_user", ""), check)
+        return tuple((kind, window, limit) for (kind, window), limit in limits.items())
+
     def end_user_counter(self, kind: str, window: float, end_user: str) -> str:
         """The counter of one end user's window, in this caller's end-user namespace."""
         return _counters.rate(kind, window, "end_user", self.end_user_ns + end_user)
@@ -225,9 +246,13 @@ class Plan:
             self.owners.setdefault(("budget", "end_user", ""), chosen)
 
     def budget_scopes(
-        self, end_user: str | None, model: str | None, now: float
+        self, end_user: str | None, model: str | None, now: float, customer: Any = None
     ) -> tuple[BudgetScope, ...]:
-        """Every budget level a request is charged to, limited or not (spend is tracked)."""
+        """Every budget level a request is charged to, limited or not (spend is tracked).
+
+        A registered customer (`CustomerRecord`) named as the end user brings its own budget
+        and period in place of the stack's end-user budget.
+        """
         scopes = [*self._static, *(timed_scope(timed, now) for timed in self._timed)]
         if self._model is not None and model:
             scopes.extend(
@@ -237,8 +262,12 @@ class Plan:
         if end_user and self._end_user is not None:
             check, limit = self._end_user
             key = _counters.budget("end_user", self.end_user_ns + end_user)
-            duration = check.end_user_budget_duration
-            end = _counters.period_end(duration, now, aligned=check.calendar_aligned)
+            duration, anchor = check.end_user_budget_duration, None
+            if customer is not None and customer.max_budget is not None:
+                limit, anchor = customer.max_budget, customer.created_at
+                duration = customer.budget_duration
+            aligned = check.calendar_aligned
+            end = _counters.period_end(duration, now, anchor, aligned=aligned)
             scopes.append(BudgetScope(key, "end_user", end_user, limit, end))
         return tuple(scopes)
 

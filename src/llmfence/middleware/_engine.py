@@ -239,6 +239,8 @@ class Engine:
                 principal = await authenticator.authenticate(api_key(scope["headers"]))
                 if ctx.request is not None and not principal.is_master:
                     await authenticator.check_model(principal, ctx.request.model)
+                if ctx.request is not None and ctx.request.end_user:
+                    ctx.customer = await authenticator.customer(ctx.request.end_user)
             except StoreError as error:
                 meter.degraded("auth", error)  # no store, no keys: auth always fails closed
                 return error
