@@ -269,17 +269,15 @@ async def test_customer_budget_limits_and_blocking(admin: Admin) -> None:
     assert refused.json()["error"]["message"] == (
         "User blocked from making LLM API Calls. User=broke"
     )
-    assert await post(client, "/customer/unblock", user_ids=["broke"]) == {
-        "unblocked_users": ["broke"]
-    }
+    unblocked = await post(client, "/customer/unblock", user_ids=["broke"])
+    assert unblocked == {"unblocked_users": ["broke"]}
     await post(client, "/customer/update", user_id="broke", max_budget=10)
     assert (await call(client, key, user="broke")).status_code == 200
     await post(client, "/customer/update", 404, user_id="nobody", max_budget=1)
     listed = (await client.get("/customer/list")).json()
     assert [c["user_id"] for c in listed] == ["broke", "slow"]
-    assert await post(client, "/customer/delete", user_ids=["slow"]) == {
-        "deleted_customers": ["slow"]
-    }
+    deleted = await post(client, "/customer/delete", user_ids=["slow"])
+    assert deleted == {"deleted_customers": ["slow"]}
     assert (await call(client, key, user="slow")).status_code == 200  # blocked no more
     await post(client, "/customer/delete", 404, user_ids=["slow"])
 

@@ -53,8 +53,8 @@ def customer_handlers(fence: Fence) -> Handlers:
         """`POST /customer/new {"user_id", "max_budget", "budget_duration", "rpm_limit",
         "tpm_limit", "budget_id", "blocked", "alias", "metadata"}`"""
         values = fields(body, _CUSTOMER)
-        record = CustomerRecord(**{"user_id": required(body, "user_id"), **values},
-                                created_at=fence.clock())  # fmt: skip
+        values["user_id"] = required(body, "user_id")
+        record = CustomerRecord(**values, created_at=fence.clock())
         return await view(await checked(fence.create_customer_record(record)))
 
     async def customer_info(body: dict[str, Any]) -> Any:

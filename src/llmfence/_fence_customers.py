@@ -1,4 +1,4 @@
-"""`Fence`'s registered customers (LiteLLM's end users) and budget tiers.
+"""`Fence`'s registered customers (LiteLLM's end users), budget tiers and spend reports.
 
 A customer is an id request bodies name in `user`: its own budget and limits apply to every
 request that names it, and a blocked one is refused (400, as LiteLLM). A budget tier is a
@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
+from ._admin_spend import GROUPS, spend_report
 from ._core.auth import Authenticator
 from ._fence_ops import RecordConflictError, RecordNotFoundError, checked_changes
 from ._fields import (
@@ -22,6 +23,7 @@ from ._fields import (
     checked_metadata,
     checked_name,
 )
+from .exceptions import ConfigurationError
 from .stores import BudgetTier, CustomerRecord, Store
 
 __all__ = ["CustomersMixin", "ensure_budget"]
@@ -242,3 +244,20 @@ class CustomersMixin:
         await self.store.delete_budget_tier(budget_id)
         self.authenticator.invalidate_all()
         return tier
+
+    # -- spend reports -----------------------------------------------------------------------
+
+    async def spend_report(
+        self, start: float, end: float, group_by: str = "team"
+    ) -> list[dict[str, Any]]:
+        """Spend per UTC day between two Unix times, grouped by `"team"`, `"customer"`,
+        `"api_key"`, `"user"` or `"model"` (what `/spend/report` answers), from the spend
+        records the store still keeps.
+
+        Raises:
+            ConfigurationError: An unknown `group_by`.
+        """
+        if group_by not in GROUPS:
+            raise ConfigurationError(f"group_by must be one of {sorted(GROUPS)}")
+        records = await self.store.spend_records(start=start, end=end, limit=1_000_000)
+        return spend_report(records, group_by)

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from ._admin_docs import ROUTE_DOCS
 from ._fields import KEY_FIELDS, RECORD_FIELDS, TEAM_FIELDS, USER_FIELDS
 from ._request import endpoint_for_path
 
@@ -235,8 +236,9 @@ def admin_router(fence: Fence) -> APIRouter:
         )
     }
     for route in admin_routes(fence):
-        summary, fields, required, answer = _ROUTES.get(
-            route.path, (route.path, (), (), {"type": "object"})
+        summary, fields, required, answer = _ROUTES.get(route.path) or (
+            *ROUTE_DOCS.get(route.path, (route.path, (), ())),
+            {"type": "object"},
         )
         for method in sorted((route.methods or set()) - {"HEAD"}):
             ok = {"description": "OK", "content": {"application/json": {"schema": answer}}}
