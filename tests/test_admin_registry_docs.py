@@ -111,3 +111,19 @@ async def test_the_spend_report_from_python(store: Store) -> None:
     assert day["teams"][0]["total_spend"] > 0
     with pytest.raises(ConfigurationError):
         await fence.spend_report(T0, T0, group_by="planet")
+
+
+async def test_a_regenerated_key_reads_its_own_info_with_the_spend_it_carried(
+    store: Store,
+) -> None:
+    fence, app = gateway(store, FakeClock(T0))
+    old, _ = await fence.generate_key(max_budget=5)
+    async with client_for(app) as client:
+        assert await call(client, old) == 200
+        new, _ = await fence.regenerate_key(old)
+        for params in ({"key": new}, {}):
+            own = await client.get("/key/info", params=params, headers=auth(new))
+            assert own.status_code == 200, own.text
+            assert own.json()["info"]["spend"] > 0
+        logs = await client.get("/spend/logs", headers=auth(new))
+        assert len(logs.json()) == 1

@@ -91,7 +91,9 @@ def own_body(body: dict[str, Any], api_key: str, caller: Principal, field: str) 
     if given not in (None, ""):
         if not isinstance(given, str):
             raise InvalidRequestError(f"'{field}' must be a key.", param=field)
-        if not hmac.compare_digest(hash_key(given).encode(), (caller.key_hash or "").encode()):
+        # The key's own hash: a regenerated key's counters (`caller.key_hash`) are the old one's.
+        own = caller.key.key_hash if caller.key is not None else caller.key_hash
+        if not hmac.compare_digest(hash_key(given).encode(), (own or "").encode()):
             raise _not_yours("another key's")
     for name, mine in (("user_id", caller.user_id), ("team_id", caller.team_id)):
         if body.get(name) not in (None, "", mine):
