@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
 __all__ = ["customer_handlers"]
 
-_LIMITS = ("max_budget", "budget_duration", "rpm_limit", "tpm_limit", "max_parallel_requests")
+_LIMITS = ("max_budget", "budget_duration", "rpm_limit", "tpm_limit")
+# A customer's own limits: a budget and RPM/TPM (a tier's parallel limit is for keys and users).
 _CUSTOMER = ("user_id", "alias", *_LIMITS, "budget_id", "metadata")
-_BUDGET = ("budget_id", *_LIMITS)
+_BUDGET = ("budget_id", *_LIMITS, "max_parallel_requests")
 
 
 def customer_handlers(fence: Fence) -> Handlers:

@@ -10,14 +10,9 @@ from ._fields import RECORD_FIELDS
 
 __all__ = ["ROUTE_DOCS"]
 
-_LIMITS: Final = (
-    "max_budget",
-    "budget_duration",
-    "rpm_limit",
-    "tpm_limit",
-    "max_parallel_requests",
-)
+_LIMITS: Final = ("max_budget", "budget_duration", "rpm_limit", "tpm_limit")
 _CUSTOMER: Final = ("user_id", "alias", "blocked", *_LIMITS, "budget_id", "metadata")
+_TIER: Final = ("budget_id", *_LIMITS, "max_parallel_requests")
 _REPORT: Final = ("start_date", "end_date", "group_by")
 
 ROUTE_DOCS: Final[dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]] = {
@@ -61,11 +56,11 @@ ROUTE_DOCS: Final[dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]] = {
     "/customer/block": ("Block customers (their requests get 400)", ("user_ids",), ("user_ids",)),
     "/customer/unblock": ("Unblock customers", ("user_ids",), ("user_ids",)),
     "/customer/list": ("Every customer", (), ()),
-    "/budget/new": ("Create a budget tier", ("budget_id", *_LIMITS), ()),
+    "/budget/new": ("Create a budget tier", _TIER, ()),
     "/budget/info": ("Budget tiers by id", ("budgets", "budget_id"), ()),
     "/budget/update": (
         "Change a budget tier (every record naming it follows)",
-        ("budget_id", *_LIMITS),
+        _TIER,
         ("budget_id",),
     ),
     "/budget/delete": ("Delete a budget tier", ("id",), ("id",)),

@@ -182,7 +182,6 @@ def customer_view(record: CustomerRecord, state: BudgetState) -> dict[str, Any]:
             "budget_reset_at": spend["budget_reset_at"],
             "rpm_limit": record.rpm_limit,
             "tpm_limit": record.tpm_limit,
-            "max_parallel_requests": record.max_parallel_requests,
         },
         "created_at": iso(record.created_at),
     }

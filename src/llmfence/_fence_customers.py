@@ -58,7 +58,6 @@ class CustomersMixin:
         budget_duration: str | None = None,
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
-        max_parallel_requests: int | None = None,
         budget_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> CustomerRecord:
@@ -70,7 +69,8 @@ class CustomersMixin:
             budget_duration: How often that budget resets.
             rpm_limit: Its own requests per minute, in place of `end_user_rpm_limit`.
             tpm_limit: Its own tokens per minute, in place of `end_user_tpm_limit`.
-            budget_id: A budget tier giving what it sets none of.
+            budget_id: A budget tier giving what it sets none of (its amount, period, RPM and
+                TPM; a tier's `max_parallel_requests` is for keys and users).
             blocked: Refuse its requests (400) until unblocked.
 
         Raises:
@@ -86,7 +86,6 @@ class CustomersMixin:
             budget_duration=checked_duration(budget_duration),
             rpm_limit=checked_limit("rpm_limit", rpm_limit),
             tpm_limit=checked_limit("tpm_limit", tpm_limit),
-            max_parallel_requests=checked_limit("max_parallel_requests", max_parallel_requests),
             budget_id=None if budget_id is None else checked_name("budget_id", budget_id),
             metadata=checked_metadata("metadata", metadata),
             created_at=self.clock(),

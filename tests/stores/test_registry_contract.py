@@ -3,6 +3,9 @@ customers, budget tiers, new key fields, and the spend log's `request_id` filter
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 
 from llmfence.stores import (
@@ -11,6 +14,7 @@ from llmfence.stores import (
     KeyRecord,
     Settlement,
     SpendRecord,
+    SQLiteStore,
     Store,
     TeamRecord,
     UserRecord,
@@ -125,3 +129,20 @@ async def test_spend_records_filter_by_request_id(store: Store) -> None:
     assert await store.spend_records(request_id="req-1", model="other") == []
     assert await store.spend_records(request_id="nope") == []
     assert len(await store.spend_records()) == 3
+
+
+async def test_a_version_1_sqlite_file_gets_the_registry_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    store = SQLiteStore(path)
+    await store.create_user(UserRecord(user_id="kept"))
+    await store.aclose()
+    with sqlite3.connect(path) as raw:  # what version 1 wrote: no registry table
+        raw.execute("DROP TABLE registry")
+        raw.execute("PRAGMA user_version = 1")
+    store = SQLiteStore(path)
+    try:
+        assert await store.get_user("kept") is not None
+        assert await store.create_customer(CustomerRecord(user_id="new"))
+        assert [c.user_id for c in await store.list_customers()] == ["new"]
+    finally:
+        await store.aclose()
