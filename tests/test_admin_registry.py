@@ -73,6 +73,7 @@ async def test_block_and_unblock_a_key(admin: Admin) -> None:
     blocked = await post(client, "/key/block", key=key)
     assert blocked["blocked"] is True
     assert key not in str(blocked)
+    assert (await client.get("/key/info", params={"key": key})).json()["info"]["blocked"]
     refused = await call(client, key)
     assert refused.status_code == 401
     assert refused.json()["error"]["message"] == (

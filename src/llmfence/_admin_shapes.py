@@ -106,12 +106,7 @@ async def key_views(fence: Fence, records: list[KeyRecord]) -> list[dict[str, An
     scopes = [_scope(fence, "key", record.scope_id, record, now) for record in records]
     states = await fence.store.budgets(scopes, now) if scopes else []
     return [
-        {
-            "token": record.key_hash,
-            **key_view(record, state),
-            "blocked": record.blocked,
-            "budget_id": record.budget_id,
-        }
+        {"token": record.key_hash, **key_view(record, state)}
         for record, state in zip(records, states, strict=True)
     ]
 

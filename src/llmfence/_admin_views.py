@@ -195,6 +195,8 @@ def key_view(record: KeyRecord, state: BudgetState) -> dict[str, Any]:
         "expires": iso(record.expires),
         "metadata": dict(record.metadata),
         "created_at": iso(record.created_at),
+        "blocked": record.blocked,
+        "budget_id": record.budget_id,
     }
 
 
