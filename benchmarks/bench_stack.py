@@ -12,6 +12,11 @@ trips. Every case of a scenario is interleaved round by round and reported as a 
 holds on a noisy shared machine where the absolute µs do not. The ratios are printed next to the
 issue's targets with a PASS/MISS verdict (information, never an exit code).
 
+A last table shows what metrics cost: the small chat and the stream through the same stack with
+`Fence(metrics=PrometheusMetrics(...))` and without, interleaved in rounds of their own after the
+scenarios above (which it leaves as they were), as the ratio on / off. It is skipped when the
+`prometheus` extra is not installed (`--no-metrics` skips it too).
+
 The upstream (the bare app) is `canned_llm_app` by default: its answers are prebuilt, so a
 request costs it little more than Starlette's routing and a `json.loads`, and the ratio shows
 what llmfence adds, as the targets mean it. `--upstream mock` uses `llmfence.testing.mock_llm_app`
@@ -20,7 +25,7 @@ JSON-encodes every event per request, which makes the bare app several times slo
 correspondingly smaller, so its ratios are not comparable to the targets.
 
 Run: `python benchmarks/bench_stack.py [--quick] [--json PATH] [--upstream canned|mock]
-[--no-redis]`.
+[--no-redis] [--no-metrics]`.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ STREAM = f"(c) streamed response, {CHUNKS} SSE chunks"
 TTFB = f"(c) streamed response, {CHUNKS} SSE chunks: time to first byte"
 REDIS = "(a) small chat, JSON response, RedisStore"
 TABLE_HEADER = ("scenario", "bare µs", "stack µs", "overhead µs", "stack req/s", "stack / bare")
+METRICS_HEADER = ("scenario", "metrics off µs", "metrics on µs", "added µs", "on / off")
 TARGET_HEADER = ("target", "measured", "target", "verdict")
 
 
@@ -281,11 +287,17 @@ def round_samples(samples: list[float], settings: Settings) -> float:
     return statistics.median(samples[-settings.rounds :])
 
 
-async def metered(kind: str, store: Store) -> tuple[Starlette, Fence, str]:
+async def metered(kind: str, store: Store, metrics: Any = None) -> tuple[Starlette, Fence, str]:
     """A new bare app with the whole stack installed over `store`, and a key that never hits
-    a limit (the key of a user, with the global budget set too)."""
+    a limit (the key of a user, with the global budget set too); `metrics`: an adapter."""
     app = upstream(kind)
-    fence = Fence(store=store, master_key=MASTER_KEY, max_budget=1_000_000, budget_duration="30d")
+    fence = Fence(
+        store=store,
+        master_key=MASTER_KEY,
+        max_budget=1_000_000,
+        budget_duration="30d",
+        metrics=metrics,
+    )
     fence.install(app)
     await fence.new_user("alice", **LIMITS)
     key, _ = await fence.generate_key(user_id="alice", **LIMITS)
@@ -332,6 +344,34 @@ class Results:
 
     scenarios: dict[str, dict[str, Stats]] = field(default_factory=dict)
     ttfb: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Stats]] = field(default_factory=dict)
+    """Per scenario: the stack without metrics (`off`) and with Prometheus metrics (`on`)."""
+
+
+async def run_metrics(settings: Settings, kind: str) -> dict[str, dict[str, Stats]]:
+    """The small chat and the stream through a stack without metrics and one with
+    `PrometheusMetrics`, interleaved; empty without the `prometheus` extra."""
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from llmfence.metrics import PrometheusMetrics
+    except ImportError:
+        return {}
+    off, off_fence, off_key = await metered(kind, MemoryStore())
+    adapter = PrometheusMetrics(registry=CollectorRegistry(), labels=("user",))
+    on, on_fence, on_key = await metered(kind, MemoryStore(), adapter)
+    await check(off, off_fence, off_key, [SMALL, STREAM])
+    await check(on, on_fence, on_key, [SMALL, STREAM])
+    if not adapter.requests:
+        raise SystemExit("the metrics stack counted nothing: are its metrics wired?")
+    serial = itertools.count()
+    found: dict[str, dict[str, Stats]] = {}
+    for name in (SMALL, STREAM):
+        make = scenarios()[name]
+        cases = {"off": batch(off, off_key, make, serial), "on": batch(on, on_key, make, serial)}
+        found[name] = await arun_rounds(cases, settings, max_batch=5_000)
+    adapter.registry.unregister(adapter)
+    return found
 
 
 async def run(settings: Settings, kind: str, redis_url: str | None) -> Results:
@@ -444,6 +484,20 @@ def report(results: Results, settings: Settings, kind: str, started: float) -> d
         }
     title = f"µs per request (median of {settings.rounds} interleaved rounds), one at a time"
     print_table(title, TABLE_HEADER, rows)
+    metrics_data: dict[str, dict[str, float]] = {}
+    if results.metrics:
+        metrics_rows = []
+        for name, pair in results.metrics.items():
+            off, on = pair["off"].median, pair["on"].median
+            metrics_rows.append(
+                [name, fmt_us(off), fmt_us(on), fmt_us(on - off), fmt_ratio(on / off)]
+            )
+            metrics_data[name] = {"off_us": off, "on_us": on, "ratio": on / off}
+        print_table(
+            "What metrics cost: the stack with PrometheusMetrics on / off (MemoryStore)",
+            METRICS_HEADER,
+            metrics_rows,
+        )
 
     targets: list[dict[str, Any]] = []
 
@@ -498,6 +552,7 @@ def report(results: Results, settings: Settings, kind: str, started: float) -> d
         "quick": settings.quick,
         "rounds": settings.rounds,
         "scenarios": scenario_data,
+        "metrics": metrics_data,
         "targets": targets,
         "seconds": elapsed,
     }
@@ -512,6 +567,7 @@ def options(parser: argparse.ArgumentParser) -> None:
         help="the bare app: prebuilt answers (default; what the targets mean) or mock_llm_app",
     )
     parser.add_argument("--no-redis", action="store_true", help="skip the RedisStore row")
+    parser.add_argument("--no-metrics", action="store_true", help="skip the metrics on / off table")
 
 
 def main() -> None:
@@ -529,6 +585,8 @@ def main() -> None:
         with RedisServer(binary) as server:
             print(f"redis-server: {binary} on 127.0.0.1:{server.port}")
             results = asyncio.run(run(settings, kind, server.url))
+    if not args.no_metrics:
+        results.metrics = asyncio.run(run_metrics(settings, kind))
     payload = report(results, settings, kind, started)
     if args.json:
         write_json(args.json, payload)

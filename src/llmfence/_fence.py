@@ -12,8 +12,10 @@ from starlette.types import ASGIApp
 from ._core.auth import Authenticator
 from ._core.checks import BudgetCheck
 from ._core.meter import Meter
+from ._core.observe import Observer
 from ._core.services import Services
 from ._fence_customers import CustomersMixin
+from ._fence_metrics import MetricsMixin
 from ._fence_ops import RegistryMixin
 from ._fence_records import RecordsMixin
 from ._fence_routes import RoutesMixin
@@ -65,7 +67,7 @@ def _patterns(name: str, value: Iterable[str]) -> tuple[str, ...]:
     return patterns
 
 
-class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin):
+class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMixin):
     """Budgets, rate limits, key auth and spend tracking for an app, in one object.
 
     ```python
@@ -125,6 +127,9 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin):
             `X-Forwarded-For`; route guards with `per="ip"` then count the address the
             outermost of them saw (the N-th from the right). 0 (default) uses the client
             address of the connection.
+        metrics: A `llmfence.metrics` adapter (`PrometheusMetrics()`, `OpenTelemetryMetrics()`)
+            told of every request, refusal, spend and store call; serve Prometheus's with
+            `metrics_app()`. `None` (default): no metrics, at no cost.
         clock: Unix time (a fake clock in tests).
     """
 
@@ -162,6 +167,7 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin):
         disconnect_extra_tokens: int = 0,
         deployments: Mapping[str, str] | None = None,
         trusted_proxies: int = 0,
+        metrics: Observer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         # Every option is checked here, naming the argument as written: a bad one must fail
@@ -226,6 +232,7 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin):
             disconnect_extra_tokens=disconnect_extra_tokens,
             deployments=deployments,
             clock=clock,
+            observer=metrics,
         )
         self.authenticator = Authenticator(
             self.store,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from llmfence._pricing import ModelPrice
 from llmfence._request import LLMRequest
 from llmfence._usage import StreamUsageScanner, UsageChunkFilter
-from llmfence.stores import BudgetScope, CustomerRecord, RateState
+from llmfence.stores import BudgetScope, CustomerRecord, RateState, Refusal
 
 from .auth import Principal
 
@@ -82,6 +82,7 @@ class RequestContext:
         "prompt_tokens",
         "rate_states",
         "record_spend",
+        "refusal",
         "refused",
         "request",
         "request_id",
@@ -125,6 +126,7 @@ class RequestContext:
         self.json_parts: list[bytes] | None = None
         self.completed = False
         self.refused = False
+        self.refusal: Refusal | None = None  # what the store refused, for the log
         self.app_called = False  # the app read the body or began a response
         self.app_failed = False
         self.finished = False

@@ -16,10 +16,11 @@ from typing import TypeVar
 
 import anyio
 
+from llmfence._logs import log_degraded
 from llmfence._pricing import PriceBook
 from llmfence._request import LLMRequest, amend
 from llmfence._tokens import TokenCounter
-from llmfence.exceptions import LLMFenceError, StoreError
+from llmfence.exceptions import ConfigurationError, LLMFenceError, StoreError
 from llmfence.stores import (
     Admission,
     AdmissionResult,
@@ -33,6 +34,7 @@ from llmfence.stores._protocol import DEFAULT_TIMEOUT
 
 from .checks import BudgetCheck
 from .context import RequestContext
+from .observe import Observer, timed
 from .outbox import Outbox
 from .plan import Plan
 from .refusals import refusal_error
@@ -73,6 +75,9 @@ class Meter:
         deployments: The model each Azure-style deployment (`/openai/deployments/{name}/...`)
             runs; on such paths the deployment, not the body, decides the model.
         clock: Unix time.
+        observer: Told of every request, refusal, spend, store call and degradation (a
+            `llmfence.metrics` adapter); `None` (default): nothing is observed, at the cost of
+            one `is None` check at each of those points.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class Meter:
         disconnect_extra_tokens: int = 0,
         deployments: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        observer: Observer | None = None,
     ) -> None:
         self.store = store
         self.deployments = dict(deployments or {})
@@ -124,15 +130,34 @@ class Meter:
         """How many store calls failed (each logged); exposed for metrics."""
         self.outbox = Outbox()
         """Settlements the store did not take, sent again until it does (`_core.outbox`)."""
+        self.observer: Observer | None = None
+        """Where requests, refusals, spend and store calls are reported (`_core.observe`)."""
+        if observer is not None:
+            self.observe(observer)
+
+    def observe(self, observer: Observer) -> None:
+        """Report to `observer` from now on (a meter has one)."""
+        if not isinstance(observer, Observer):
+            raise ConfigurationError(
+                f"metrics must be an llmfence.metrics adapter (an Observer), not {observer!r}"
+            )
+        if self.observer is not None and self.observer is not observer:
+            raise ConfigurationError("this meter already reports to another metrics adapter")
+        self.observer = observer
+        observer.attach(self)
 
     def context(self, path: str) -> RequestContext:
-        """A fresh context for a request arriving now."""
+        """A fresh context for a request arriving now (in flight until `_core.settle.finish`)."""
+        if self.observer is not None:
+            self.observer.request_started()
         return RequestContext(self, path, self.clock())
 
     # -- store calls -------------------------------------------------------------------------
 
     async def call(self, awaitable: Awaitable[_T]) -> _T:
         """Await one store call under the store timeout; any failure becomes `StoreError`."""
+        if self.observer is not None:
+            awaitable = timed(self.observer, awaitable)
         try:
             if self._store_bounds_calls:
                 return await awaitable
@@ -149,15 +174,12 @@ class Meter:
         """Send one settlement from the outbox again (`StoreError` if the store fails)."""
         await self.call(self.store.settle(settlement))
 
-    def degraded(self, operation: str, error: BaseException) -> None:
+    def degraded(self, operation: str, error: BaseException, request_id: str | None = None) -> None:
         """Log and count a store failure (the request goes on under its guard's policy)."""
         self.degraded_count += 1
-        logger.warning(
-            "llmfence store degraded during %s: %s (cause: %r)",
-            operation,
-            error,
-            error.__cause__,
-        )
+        log_degraded(operation, error, request_id)
+        if self.observer is not None:
+            self.observer.degraded(operation)
 
     # -- projection --------------------------------------------------------------------------
 
@@ -228,7 +250,9 @@ class Meter:
         ctx.uncertain.append(request_id)
         admission = Admission(request_id, ctx.now, rates, plan.slots, budgets, ctx.cost)
         try:
-            result = await self.reserve(self._admit(ctx, plan, admission), plan.fail_closed)
+            result = await self.reserve(
+                self._admit(ctx, plan, admission), plan.fail_closed, ctx.request_id
+            )
         except StoreError as error:
             return error
         if result is None:
@@ -236,8 +260,11 @@ class Meter:
             return None
         ctx.uncertain.remove(request_id)
         ctx.rate_states.extend(result.rates)
+        if self.observer is not None and result.budgets:
+            self.observer.budgets(result.budgets)
         refusal = result.refusal
         if refusal is not None:
+            ctx.refusal = refusal
             # The refusing window: the hit of that kind, level and limit (a key's per-minute
             # and per-day windows differ by their limits), else its check's.
             owner = plan.owner(refusal.reason, refusal.level, refusal.label)
@@ -256,7 +283,10 @@ class Meter:
         return None
 
     async def reserve(
-        self, admission: Awaitable[AdmissionResult], fail_closed: bool
+        self,
+        admission: Awaitable[AdmissionResult],
+        fail_closed: bool,
+        request_id: str | None = None,
     ) -> AdmissionResult | None:
         """Await an admission under the outage policy: its result; `None` when the store is
         down and the checks fail open (logged and counted); `StoreError` when they fail closed.
@@ -264,7 +294,7 @@ class Meter:
         try:
             return await admission
         except StoreError as error:
-            self.degraded("admit", error)
+            self.degraded("admit", error, request_id)
             if fail_closed:
                 raise
             return None

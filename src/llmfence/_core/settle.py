@@ -101,9 +101,11 @@ async def finish(ctx: RequestContext) -> None:
     if ctx.finished:
         return
     ctx.finished = True
+    meter = ctx.meter
+    if meter.observer is not None:
+        meter.observer.request_finished(ctx)
     if not ctx.reservations and not ctx.uncertain and not ctx.record_spend:
         return
-    meter = ctx.meter
     # Counting a prompt nobody counted yet may go to a worker thread: a suspension point.
     with protected(meter, suspends=ctx.prompt_tokens is None and ctx.request is not None):
         await _settle(meter, ctx)
@@ -129,13 +131,16 @@ async def _settle(meter: Meter, ctx: RequestContext) -> None:
     await meter.tokens(ctx)  # a recorder without guards has not counted the prompt yet
     usage, provenance = usage_of(meter, ctx)
     cost, source = _cost(meter, ctx, usage)
+    request = ctx.request
+    model = request.model if request is not None else ""
+    if meter.observer is not None:
+        meter.observer.spent(ctx, model, (usage.input_tokens, usage.output_tokens), cost)
     record = None
     if ctx.record_spend:
-        request = ctx.request
         record = spend_record(
             ctx.request_id,
             ctx.now,
-            request.model if request is not None else "",
+            model,
             cost,
             usage,
             ctx.principal,
@@ -158,8 +163,8 @@ async def _settle(meter: Meter, ctx: RequestContext) -> None:
         # sent): it lands at every tracked level, with the record, under the request's own id.
         scopes = ctx.budget_scopes
         if not scopes:
-            model = ctx.request.model if ctx.request is not None else None
-            scopes = budget_scopes(meter.tracking, ctx.principal, ctx.end_user, model, ctx.now)
+            named = model if request is not None else None
+            scopes = budget_scopes(meter.tracking, ctx.principal, ctx.end_user, named, ctx.now)
         settlements.append(Settlement(ctx.request_id, now, cost, None, record, False, scopes))
     elif record is not None:
         settlements[0] = replace(settlements[0], record=record)
@@ -193,7 +198,7 @@ async def send_settlements(meter: Meter, settlements: list[Settlement]) -> None:
         try:
             await meter.call(store.settle(settlement))
         except StoreError as error:
-            meter.degraded("settle", error)
+            meter.degraded("settle", error, settlement.request_id)
             # The rest would only wait for the same timeout: they queue behind it.
             meter.outbox.put(settlements[index:])
             return

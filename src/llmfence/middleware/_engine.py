@@ -27,6 +27,7 @@ from llmfence._core.checks import (
 from llmfence._core.context import RequestContext
 from llmfence._core.meter import Meter
 from llmfence._core.plan import Plan
+from llmfence._core.refusals import note_refusal
 from llmfence._core.settle import finish
 from llmfence._request import amend, parse_request
 from llmfence._usage import StreamUsageScanner, UsageChunkFilter
@@ -158,6 +159,7 @@ class Engine:
             # refused, since the app behind may forward either reading.
             exempt, metered = self.paths.classify(path, scope.get("raw_path"))
         except InvalidRequestError as ambiguous:
+            note_refusal(self.meter, ambiguous, None, path)
             anthropic = is_anthropic(None, path)
             await send_error(send, ambiguous, self.meter.clock(), anthropic=anthropic)
             return
@@ -184,8 +186,10 @@ class Engine:
                 ctx.body = await _read_body(scope, receive, self.max_body_size)
                 ctx.request = parse_request(ctx.body, path, meter.deployments)
             except LLMFenceError as bad_request:
+                note_refusal(meter, bad_request, ctx)
                 anthropic = is_anthropic(ctx.request, path)
                 await send_error(send, bad_request, ctx.now, _request_id(ctx), anthropic=anthropic)
+                await finish(ctx)
                 return
         # A per-request copy of the lifespan state: servers and test transports may hand every
         # request the same dict, and one request's context must never leak into the next.
@@ -196,7 +200,7 @@ class Engine:
             out = _responder(ctx, send) if metered else send
             error = await self._check(ctx, scope)
             if error is not None:
-                ctx.refused = True
+                note_refusal(meter, error, ctx)
                 await send_error(out, error, ctx.now, anthropic=is_anthropic(ctx.request, path))
                 return
             if not metered:
@@ -215,7 +219,7 @@ class Engine:
         """Run this layer's checks in the request an outer llmfence layer owns."""
         error = await self._check(ctx, scope)
         if error is not None:
-            ctx.refused = True
+            note_refusal(ctx.meter, error, ctx)
             anthropic = is_anthropic(ctx.request, scope["path"])
             await send_error(send, error, ctx.now, anthropic=anthropic)
             return
@@ -242,7 +246,8 @@ class Engine:
                 if ctx.request is not None and ctx.request.end_user:
                     ctx.customer = await authenticator.customer(ctx.request.end_user)
             except StoreError as error:
-                meter.degraded("auth", error)  # no store, no keys: auth always fails closed
+                # No store, no keys: auth always fails closed.
+                meter.degraded("auth", error, ctx.request_id)
                 return error
             except LLMFenceError as error:
                 return error
