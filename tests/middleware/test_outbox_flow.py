@@ -75,7 +75,7 @@ def gateway(store: Stall, **options: Any) -> tuple[Fence, Any]:
         store=store,
         master_key="sk-master-key",
         max_budget=10.0,
-        store_timeout=0.2,
+        store_timeout=1.0,  # a stalled call waits this long; real calls never come near it
         **options,
     )
     fence.install(app)
@@ -181,7 +181,7 @@ async def test_the_lifespan_sends_what_waits_in_the_background(store: Store) -> 
 
 async def test_shutdown_drains_the_outbox_before_the_app_hears_of_it(store: Store) -> None:
     stall = Stall(store)
-    fence = Fence(store=stall, master_key="sk-master-key", max_budget=10.0, store_timeout=0.2)
+    fence = Fence(store=stall, master_key="sk-master-key", max_budget=10.0, store_timeout=1.0)
     closed_with: list[int] = []
     inner = mock_llm_app()
 
