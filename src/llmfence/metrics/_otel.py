@@ -52,8 +52,8 @@ class OpenTelemetryMetrics(Tally):
         meter = provider.get_meter("llmfence", __version__)
         counters: list[tuple[str, str, str, Reader]] = [
             ("llmfence.requests", "{request}", "Requests llmfence checked.", self._requests),
-            ("llmfence.tokens.input", "{token}", "Input tokens.", self._by(self.input_tokens)),
-            ("llmfence.tokens.output", "{token}", "Output tokens.", self._by(self.output_tokens)),
+            ("llmfence.tokens.input", "{token}", "Input tokens.", self._by(0)),
+            ("llmfence.tokens.output", "{token}", "Output tokens.", self._by(1)),
             ("llmfence.spend", "USD", "Spend of settled requests.", self._spend),
             (
                 "llmfence.store.errors",
@@ -93,9 +93,9 @@ class OpenTelemetryMetrics(Tally):
         counts = self.request_counts()
         return [Observation(n, self._attributes(("outcome", o), w)) for (o, w), n in counts.items()]
 
-    def _by(self, counts: dict[tuple[str, Who], int]) -> Reader:
+    def _by(self, index: int) -> Reader:
         def read(_: CallbackOptions) -> Iterable[Observation]:
-            items = list(counts.items())
+            items = self.totals(index).items()
             return [Observation(n, self._attributes(("model", m), w)) for (m, w), n in items]
 
         return read
@@ -103,7 +103,7 @@ class OpenTelemetryMetrics(Tally):
     def _spend(self, _: CallbackOptions) -> Iterable[Observation]:
         return [
             Observation(float(nano_to_usd(nano)), self._attributes(("model", model), who))
-            for (model, who), nano in list(self.spend.items())
+            for (model, who), nano in self.totals(2).items()
         ]
 
     @staticmethod

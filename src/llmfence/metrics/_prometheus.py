@@ -80,18 +80,18 @@ class PrometheusMetrics(Tally, Collector):
             requests.add_metric([outcome, *values], count)
         yield requests
         model = ["model", *who]
-        for name, what, counts in (
-            ("llmfence_input_tokens", "Input (prompt) tokens", self.input_tokens),
-            ("llmfence_output_tokens", "Output (completion) tokens", self.output_tokens),
+        for name, what, index in (
+            ("llmfence_input_tokens", "Input (prompt) tokens", 0),
+            ("llmfence_output_tokens", "Output (completion) tokens", 1),
         ):
             family = CounterMetricFamily(name, f"{what} of settled requests.", labels=model)
-            for (model_name, values), count in list(counts.items()):
+            for (model_name, values), count in self.totals(index).items():
                 family.add_metric([model_name, *values], count)
             yield family
         spend = CounterMetricFamily(
             "llmfence_spend_usd", "Spend of settled requests, USD.", labels=model
         )
-        for (model_name, values), nano in list(self.spend.items()):
+        for (model_name, values), nano in self.totals(2).items():
             spend.add_metric([model_name, *values], _usd(nano))
         yield spend
         remaining = GaugeMetricFamily(

@@ -12,7 +12,7 @@ is a series: cardinality is the operator's choice). No label ever carries a key 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from llmfence._core.observe import REFUSAL_KINDS
@@ -34,6 +34,12 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 """Upper bounds (seconds) of the store latency histogram's buckets, `+Inf` last."""
 
 Who = tuple[str, ...]
+# Each caller label's value for a request, read straight off its context (no dict per call).
+_READ: dict[str, Callable[[RequestContext], str | None]] = {
+    "user": lambda ctx: ctx.principal.user_id if ctx.principal is not None else None,
+    "team": lambda ctx: ctx.principal.team_id if ctx.principal is not None else None,
+    "end_user": lambda ctx: ctx.end_user,
+}
 
 
 def _choice(name: str, given: Iterable[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -60,13 +66,11 @@ class Tally:
         self.labels = _choice("labels", labels, LABELS)
         self.budget_levels = frozenset(_choice("budget_levels", budget_levels, BUDGET_LEVELS))
         self._anonymous: Who = ("",) * len(self.labels)
+        self._read = tuple(_READ[name] for name in self.labels)
         self.requests: dict[tuple[str, Who], int] = {}
         """Requests by (outcome, caller labels)."""
-        self.input_tokens: dict[tuple[str, Who], int] = {}
-        """Input tokens by (model, caller labels); `output_tokens` likewise."""
-        self.output_tokens: dict[tuple[str, Who], int] = {}
-        self.spend: dict[tuple[str, Who], int] = {}
-        """Spend in nano-USD by (model, caller labels)."""
+        self.usage: dict[tuple[str, Who], list[int]] = {}
+        """[input tokens, output tokens, spend in nano-USD] by (model, caller labels)."""
         self.remaining: dict[tuple[str, str], int] = {}
         """Remaining budget in nano-USD by (level, name), as of the last admission there."""
         self.store_calls: dict[str, list[float]] = {}
@@ -98,9 +102,13 @@ class Tally:
 
     def spent(self, ctx: RequestContext, model: str, tokens: tuple[int, int], cost: int) -> None:
         key = (model, self._who(ctx))
-        self.input_tokens[key] = self.input_tokens.get(key, 0) + tokens[0]
-        self.output_tokens[key] = self.output_tokens.get(key, 0) + tokens[1]
-        self.spend[key] = self.spend.get(key, 0) + cost
+        totals = self.usage.get(key)
+        if totals is None:
+            self.usage[key] = [tokens[0], tokens[1], cost]
+        else:
+            totals[0] += tokens[0]
+            totals[1] += tokens[1]
+            totals[2] += cost
 
     def budgets(self, states: tuple[BudgetState, ...]) -> None:
         levels = self.budget_levels
@@ -125,15 +133,16 @@ class Tally:
     # -- reading -----------------------------------------------------------------------------
 
     def _who(self, ctx: RequestContext | None) -> Who:
-        if not self.labels or ctx is None:
+        read = self._read
+        if not read or ctx is None:
             return self._anonymous
-        principal = ctx.principal
-        values = {
-            "user": principal.user_id if principal is not None else None,
-            "team": principal.team_id if principal is not None else None,
-            "end_user": ctx.end_user,
-        }
-        return tuple(values[name] or "" for name in self.labels)
+        if len(read) == 1:
+            return (read[0](ctx) or "",)
+        return tuple([get(ctx) or "" for get in read])
+
+    def totals(self, index: int) -> dict[tuple[str, Who], int]:
+        """Input tokens (0), output tokens (1) or spend in nano-USD (2) by (model, labels)."""
+        return {key: values[index] for key, values in list(self.usage.items())}
 
     def request_counts(self) -> dict[tuple[str, Who], int]:
         """Requests by (outcome, caller labels), every outcome present (0 if none yet)."""

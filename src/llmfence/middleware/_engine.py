@@ -246,8 +246,7 @@ class Engine:
                 if ctx.request is not None and ctx.request.end_user:
                     ctx.customer = await authenticator.customer(ctx.request.end_user)
             except StoreError as error:
-                # No store, no keys: auth always fails closed.
-                meter.degraded("auth", error, ctx.request_id)
+                meter.degraded("auth", error, ctx.request_id)  # no store, no keys: closed
                 return error
             except LLMFenceError as error:
                 return error
