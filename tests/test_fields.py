@@ -33,6 +33,7 @@ def test_limit_fields_in_storage_form() -> None:
     )
     assert fields == {
         "max_budget": 100_000_000,
+        "soft_budget": None,
         "budget_duration": "30d",
         "rpm_limit": 4,
         "tpm_limit": 20_000,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import version as _version
 
+from ._core.alerts import BudgetAlert
 from ._duration import Duration, parse_duration
 from ._fence import Fence
 from ._pricing import ModelPrice, PriceBook, PriceOverride
@@ -37,6 +38,7 @@ from .stores.redis import RedisStore
 __version__ = _version("llmfence")
 
 __all__ = [
+    "BudgetAlert",
     "BudgetExceededError",
     "BudgetGuardMiddleware",
     "BudgetManager",

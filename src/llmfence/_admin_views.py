@@ -143,8 +143,9 @@ def usd(nano: int | None) -> float | None:
 def as_usd(fields: dict[str, Any]) -> dict[str, Any]:
     """Checked fields as `Fence`'s creation methods take them: budgets back in USD (exact)."""
     out = dict(fields)
-    if out.get("max_budget") is not None:
-        out["max_budget"] = nano_to_decimal(out["max_budget"])
+    for name in ("max_budget", "soft_budget"):
+        if out.get(name) is not None:
+            out[name] = nano_to_decimal(out[name])
     if "model_max_budget" in out:
         periods = out.pop("model_budget_duration", {})
         out["model_max_budget"] = {
@@ -174,6 +175,7 @@ def key_view(record: KeyRecord, state: BudgetState) -> dict[str, Any]:
         "spend": spend["spend"],
         "total_spend": spend["total_spend"],
         "max_budget": usd(record.max_budget),
+        "soft_budget": usd(record.soft_budget),
         "budget_duration": record.budget_duration,
         "budget_reset_at": spend["budget_reset_at"],
         "model_max_budget": {
@@ -204,6 +206,7 @@ def limits_view(record: UserRecord | TeamRecord) -> dict[str, Any]:
     """A user's or team's budget, limits, models and metadata."""
     return {
         "max_budget": usd(record.max_budget),
+        "soft_budget": usd(record.soft_budget),
         "budget_duration": record.budget_duration,
         "rpm_limit": record.rpm_limit,
         "tpm_limit": record.tpm_limit,

@@ -14,6 +14,7 @@ from ._core.checks import BudgetCheck
 from ._core.meter import Meter
 from ._core.observe import Observer
 from ._core.services import Services
+from ._fence_alerts import DEFAULT_THRESHOLDS, AlertHook, install_alerts
 from ._fence_customers import CustomersMixin
 from ._fence_metrics import MetricsMixin
 from ._fence_ops import RegistryMixin
@@ -26,6 +27,7 @@ from ._options import (
     checked_bool,
     checked_int,
     checked_master_key,
+    checked_patterns,
     checked_policy,
     checked_seconds,
     checked_store,
@@ -58,13 +60,6 @@ def _budget(name: str, value: object) -> None:
         budget_nano(value)  # type: ignore[arg-type]
     except ConfigurationError as error:
         raise ConfigurationError(f"{name}: {error}") from None
-
-
-def _patterns(name: str, value: Iterable[str]) -> tuple[str, ...]:
-    patterns = () if isinstance(value, str) else tuple(value)
-    if isinstance(value, str) or not all(isinstance(p, str) for p in patterns):
-        raise ConfigurationError(f"{name} must be a collection of path patterns, not {value!r}")
-    return patterns
 
 
 class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMixin):
@@ -130,6 +125,9 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
         metrics: A `llmfence.metrics` adapter (`PrometheusMetrics()`, `OpenTelemetryMetrics()`)
             told of every request, refusal, spend and store call; serve Prometheus's with
             `metrics_app()`. `None` (default): no metrics, at no cost.
+        alert_thresholds: Fractions of a budget that alert `on_alert` once the spend reaches them.
+        on_alert: An async callable given each `BudgetAlert` (once per level, period and
+            threshold across app instances), or a URL they are posted to as JSON, with retries.
         clock: Unix time (a fake clock in tests).
     """
 
@@ -168,6 +166,8 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
         deployments: Mapping[str, str] | None = None,
         trusted_proxies: int = 0,
         metrics: Observer | None = None,
+        alert_thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
+        on_alert: AlertHook | str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         # Every option is checked here, naming the argument as written: a bad one must fail
@@ -202,8 +202,10 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
             checked_seconds("store_timeout", store_timeout)
         checked_seconds("cache_ttl", cache_ttl, zero=True)
         self._lease_ttl = checked_seconds("lease_ttl", lease_ttl)
-        metered = None if metered_paths is None else _patterns("metered_paths", metered_paths)
-        exempt = _patterns("exempt_paths", exempt_paths)
+        metered = (
+            None if metered_paths is None else checked_patterns("metered_paths", metered_paths)
+        )
+        exempt = checked_patterns("exempt_paths", exempt_paths)
         if deployments is not None and (
             not isinstance(deployments, Mapping)
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in deployments.items())
@@ -257,6 +259,7 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
             end_user_scope=end_user_scope,
         )
         self.meter.tracking = self.budget_check
+        install_alerts(self.meter, alert_thresholds, on_alert, clock)
         self._limits = {
             "requests": rpm_limit,
             "tokens": tpm_limit,
@@ -332,6 +335,8 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
         """
         outbox = self.meter.outbox
         await outbox.drain(self.meter.resend, wait=True)
+        if self.meter.alerts is not None:  # and the budget alerts waiting to be sent
+            await self.meter.alerts.flush()
         return outbox.depth
 
     def _layers(self) -> list[tuple[type[Any], dict[str, Any]]]:

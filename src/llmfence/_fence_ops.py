@@ -63,7 +63,7 @@ def checked_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for name, value in changes.items():
-        if name == "max_budget":
+        if name in ("max_budget", "soft_budget"):
             out[name] = budget_nano(value)
         elif name == "budget_duration":
             out[name] = checked_duration(value)

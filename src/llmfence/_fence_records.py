@@ -41,6 +41,7 @@ class RecordsMixin:
         team_id: str | None = None,
         key_alias: str | None = None,
         max_budget: float | Decimal | None = None,
+        soft_budget: float | Decimal | None = None,
         budget_duration: str | None = None,
         model_max_budget: Mapping[str, ModelBudget] | None = None,
         model_rpm_limit: Mapping[str, int] | None = None,
@@ -59,6 +60,8 @@ class RecordsMixin:
         """Create a virtual key; returns the plain key (shown once) and its stored record.
 
         Args:
+            soft_budget: USD of spend in a period that is reported, once, to
+                `Fence(on_alert=...)`; it never refuses a request (LiteLLM's soft budget).
             key: A caller-chosen key for migrations (`sk-` and at least 20 characters);
                 default a new random `sk-` key.
             duration: Key lifetime (`"30d"`…); `None` never expires.
@@ -102,6 +105,7 @@ class RecordsMixin:
                 created_at=self.clock(),
                 rpd_limit=rpd_limit,
                 tpd_limit=tpd_limit,
+                soft_budget=soft_budget,
             ),
         )
         await ensure_alias_free(self.store, record.key_alias)
@@ -120,6 +124,7 @@ class RecordsMixin:
         *,
         team_id: str | None = None,
         max_budget: float | Decimal | None = None,
+        soft_budget: float | Decimal | None = None,
         budget_duration: str | None = None,
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
@@ -159,6 +164,7 @@ class RecordsMixin:
                 created_at=self.clock(),
                 rpd_limit=rpd_limit,
                 tpd_limit=tpd_limit,
+                soft_budget=soft_budget,
             ),
         )
         await ensure_budget(self.store, record.budget_id)
@@ -176,6 +182,7 @@ class RecordsMixin:
         *,
         team_alias: str | None = None,
         max_budget: float | Decimal | None = None,
+        soft_budget: float | Decimal | None = None,
         budget_duration: str | None = None,
         rpm_limit: int | None = None,
         tpm_limit: int | None = None,
@@ -204,6 +211,7 @@ class RecordsMixin:
                 created_at=self.clock(),
                 rpd_limit=rpd_limit,
                 tpd_limit=tpd_limit,
+                soft_budget=soft_budget,
             ),
         )
         if not await self.store.create_team(record):

@@ -52,7 +52,14 @@ __all__ = [
 
 LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "rpd_limit", "tpd_limit", "max_parallel_requests")
 """The rate and concurrency limits of a key, user or team."""
-RECORD_FIELDS = ("max_budget", "budget_duration", *LIMIT_FIELDS, "models", "metadata")
+RECORD_FIELDS = (
+    "max_budget",
+    "soft_budget",
+    "budget_duration",
+    *LIMIT_FIELDS,
+    "models",
+    "metadata",
+)
 """The fields keys, users and teams share."""
 KEY_FIELDS = (
     *RECORD_FIELDS,
@@ -260,6 +267,7 @@ def limit_fields(
     created_at: float,
     rpd_limit: int | None = None,
     tpd_limit: int | None = None,
+    soft_budget: float | Decimal | None = None,
 ) -> dict[str, Any]:
     """The fields keys, users and teams share, checked, in the form their records store.
 
@@ -274,10 +282,12 @@ def limit_fields(
         created_at: When the record is created: its budget periods roll from then.
         rpd_limit: Requests per day, or None.
         tpd_limit: Tokens per day, or None (at most `MAX_DAILY_LIMIT`).
+        soft_budget: USD at which spend is reported (budget alerts), or None; checked as
+            `max_budget` is.
 
     Returns:
-        Keyword arguments for `KeyRecord`, `UserRecord` and `TeamRecord`: `max_budget` in
-        nano-USD, `models` a tuple, `metadata` a dict, and the rest as given.
+        Keyword arguments for `KeyRecord`, `UserRecord` and `TeamRecord`: `max_budget` and
+        `soft_budget` in nano-USD, `models` a tuple, `metadata` a dict, and the rest as given.
 
     Raises:
         ConfigurationError: A budget that is negative, larger than `MAX_BUDGET_USD` or not a
@@ -287,6 +297,7 @@ def limit_fields(
     """
     return {
         "max_budget": budget_nano(max_budget),
+        "soft_budget": _soft_budget(soft_budget),
         "budget_duration": checked_duration(budget_duration),
         "rpm_limit": checked_limit("rpm_limit", rpm_limit),
         "tpm_limit": checked_limit("tpm_limit", tpm_limit),
@@ -297,6 +308,13 @@ def limit_fields(
         "metadata": checked_metadata("metadata", metadata),
         "created_at": created_at,
     }
+
+
+def _soft_budget(usd: float | Decimal | None) -> int | None:
+    try:
+        return budget_nano(usd)
+    except ConfigurationError as error:
+        raise ConfigurationError(f"soft_budget: {error}") from None
 
 
 def budget_amount(usd: float | Decimal | str) -> int:

@@ -261,6 +261,7 @@ def json_name(name: str, value: Any) -> str:
 
 _JSON_CHECKS = {
     "max_budget": _json_budget,
+    "soft_budget": _json_budget,
     "budget_duration": _json_duration,
     "duration": _json_duration,
     **dict.fromkeys(LIMIT_FIELDS, _json_limit),

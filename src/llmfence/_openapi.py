@@ -45,6 +45,7 @@ _NAMES: Schema = {"type": "array", "items": {"type": "string"}}
 _PERIOD: Schema = {"type": ["string", "null"], "examples": ["30d", "monthly", "24h"]}
 _TYPES: dict[str, Schema] = {
     "max_budget": _USD,
+    "soft_budget": _USD,
     "spend": _USD,
     "total_spend": _USD,
     "budget_duration": _PERIOD,
@@ -85,7 +86,7 @@ def _object(names: Iterable[str], required: Iterable[str] = (), **extra: Schema)
 
 
 _KEY_INFO_FIELDS = (
-    "key_name", "key_alias", "spend", "total_spend", "max_budget", "budget_duration",
+    "key_name", "key_alias", "spend", "total_spend", "max_budget", "soft_budget", "budget_duration",
     "budget_reset_at", "model_max_budget", "model_rpm_limit", "model_tpm_limit", "rpm_limit",
     "tpm_limit", "rpd_limit", "tpd_limit", "max_parallel_requests", "models", "user_id",
     "team_id", "expires", "metadata", "created_at",

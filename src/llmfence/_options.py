@@ -16,6 +16,7 @@ __all__ = [
     "checked_bool",
     "checked_int",
     "checked_master_key",
+    "checked_patterns",
     "checked_policy",
     "checked_seconds",
     "checked_store",
@@ -25,6 +26,19 @@ logger = logging.getLogger("llmfence")
 
 # Shorter master keys are accepted (LiteLLM's docs use `sk-1234`), with a warning.
 MIN_MASTER_KEY_LENGTH = 8
+
+
+def checked_patterns(name: str, value: Iterable[str]) -> tuple[str, ...]:
+    """Path patterns (`metered_paths`, `exempt_paths`) as a tuple: a collection of strings,
+    not one string.
+
+    Raises:
+        ConfigurationError: They are not.
+    """
+    patterns = () if isinstance(value, str) else tuple(value)
+    if isinstance(value, str) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigurationError(f"{name} must be a collection of path patterns, not {value!r}")
+    return patterns
 
 
 def checked_int(name: str, value: object, *, low: int, high: int | None = None) -> int:

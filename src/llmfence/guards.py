@@ -352,6 +352,8 @@ async def _admit(
         held.reserved = False
     else:
         ledger.rate_states = list(result.rates)
+        if meter.alerts is not None and result.budgets:  # a route's budgets alert too
+            meter.alerts.check(result, reserve, None, now)
         refusal = result.refusal
         if refusal is not None:
             owner = (h for h in rates if (h.kind, h.label) == (refusal.reason, refusal.label))

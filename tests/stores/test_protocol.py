@@ -14,6 +14,7 @@ from llmfence.stores import (
     BudgetScope,
     BudgetState,
     BudgetTierStore,
+    ClaimStore,
     CustomerStore,
     KeyRecord,
     LedgerStore,
@@ -37,6 +38,7 @@ ROLES = (
     BudgetTierStore,
     SpendLogStore,
     ProjectStore,
+    ClaimStore,
 )
 
 

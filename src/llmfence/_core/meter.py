@@ -32,6 +32,7 @@ from llmfence.stores import (
 )
 from llmfence.stores._protocol import DEFAULT_TIMEOUT
 
+from .alerts import Alerts
 from .checks import BudgetCheck
 from .context import RequestContext
 from .observe import Observer, timed
@@ -130,6 +131,7 @@ class Meter:
         """How many store calls failed (each logged); exposed for metrics."""
         self.outbox = Outbox()
         """Settlements the store did not take, sent again until it does (`_core.outbox`)."""
+        self.alerts: Alerts | None = None  # budget alerts (`_core.alerts`), if configured
         self.observer: Observer | None = None
         """Where requests, refusals, spend and store calls are reported (`_core.observe`)."""
         if observer is not None:
@@ -260,6 +262,8 @@ class Meter:
             return None
         ctx.uncertain.remove(request_id)
         ctx.rate_states.extend(result.rates)
+        if self.alerts is not None and result.budgets:
+            self.alerts.check(result, ctx.cost, ctx.principal, ctx.now)
         if self.observer is not None and result.budgets:
             self.observer.budgets(result.budgets)
         refusal = result.refusal

@@ -1,4 +1,5 @@
-"""The app's lifespan, seen by llmfence: the outbox is drained while the app runs and at shutdown.
+"""The app's lifespan, seen by llmfence: the outbox is drained (and budget alerts are sent)
+while the app runs and at shutdown.
 
 A settlement the store did not take (an outage) waits in the meter's outbox. For as long as the
 server runs the app's lifespan, one background task sends it again as soon as its backoff
@@ -43,12 +44,18 @@ async def run_lifespan(
                     "llmfence shut down with %d settlements the store did not take",
                     outbox.depth,
                 )
+        if message["type"] == "lifespan.shutdown" and alerts is not None:
+            with anyio.move_on_after(SHUTDOWN_DRAIN_SECONDS):
+                await alerts.flush()
         return message
 
     failure: BaseException | None = None
     outbox.running = True  # before the task starts: an inner layer must not start another
+    alerts = meter.alerts  # budget alerts are sent (`_core.alerts`) by a task of their own
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(outbox.run, meter.resend)
+        if alerts is not None:
+            tasks.start_soon(alerts.run)
         try:
             await app(scope, receive_shutdown_last, send)
         except BaseException as error:  # re-raised below, outside the task group

@@ -2,14 +2,15 @@
 `RedisStore` (one node or a Redis Cluster); `store_from_url` picks one from a URL.
 
 `Store` is the whole protocol; `LedgerStore`, `RegistryStore`, `CustomerStore`,
-`BudgetTierStore`, `SpendLogStore` and `ProjectStore` are its roles (see `_protocol` for what
-each covers and the rules every store follows). Importing this package never imports `redis`:
-`RedisStore` does, when a store is built."""
+`BudgetTierStore`, `SpendLogStore`, `ProjectStore` and `ClaimStore` are its roles (see
+`_protocol` for what each covers and the rules every store follows). Importing this package
+never imports `redis`: `RedisStore` does, when a store is built."""
 
 from __future__ import annotations
 
 from ._protocol import (
     BudgetTierStore,
+    ClaimStore,
     CustomerStore,
     LedgerStore,
     Lifecycle,
@@ -51,6 +52,7 @@ __all__ = [
     "BudgetState",
     "BudgetTier",
     "BudgetTierStore",
+    "ClaimStore",
     "CustomerRecord",
     "CustomerStore",
     "KeyRecord",

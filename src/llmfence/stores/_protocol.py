@@ -1,6 +1,6 @@
 """The store protocols: the only door to llmfence's state.
 
-A store plays up to four roles, each a protocol of its own, so a backend implements only what
+A store plays up to seven roles, each a protocol of its own, so a backend implements only what
 its users need:
 
 `LedgerStore`
@@ -15,8 +15,10 @@ its users need:
     The spend log and its running totals: what the admin API and reports read.
 `ProjectStore`
     BudgetManager's project documents.
+`ClaimStore`
+    Claims: names the first caller takes until they expire (budget alerts, sent once).
 
-`Store` is all six at once, as `MemoryStore`, `SQLiteStore` and `RedisStore` are. A third-party
+`Store` is all seven at once, as `MemoryStore`, `SQLiteStore` and `RedisStore` are. A third-party
 backend that only rate-limits (no spend log, no BudgetManager) implements `LedgerStore` and
 `RegistryStore`; its `settle` may drop the spend record it is handed, since no log reads it
 back. Every role includes `ping` and `aclose` (the `Lifecycle` protocol), so a component that
@@ -90,6 +92,11 @@ Spend log
     The log keeps a bounded number of records, newest first; the running totals count every
     record ever appended, so they survive the log's bound.
 
+Claims
+    `claim(name, expires, now)` is True for a name's first caller in any process, False for all
+    others until `expires` (never granted if `expires <= now`); expired claims are swept or
+    expire. A call repeated after a lost reply answers as the first did: one owner at most.
+
 Time bounds
     A store whose class sets `bounds_call_time = True` promises that every call ends (or raises
     `StoreError`) within its own timeout; llmfence then adds no timeout of its own. Any other
@@ -120,6 +127,7 @@ from ._types import (
 
 __all__ = [
     "BudgetTierStore",
+    "ClaimStore",
     "CustomerStore",
     "LedgerStore",
     "Lifecycle",
@@ -367,6 +375,15 @@ class ProjectStore(Lifecycle, Protocol):
 
 
 @runtime_checkable
+class ClaimStore(Lifecycle, Protocol):
+    """Claims: what happens once however many workers see it (a budget alert's crossing)."""
+
+    async def claim(self, name: str, expires: float, now: float) -> bool:
+        """Take `name` until `expires`: True for its first caller only (see "Claims")."""
+        ...
+
+
+@runtime_checkable
 class Store(
     LedgerStore,
     RegistryStore,
@@ -374,6 +391,7 @@ class Store(
     BudgetTierStore,
     SpendLogStore,
     ProjectStore,
+    ClaimStore,
     Protocol,
 ):
     """Every role at once: async storage for keys, budgets, windows, leases and spend records.

@@ -30,6 +30,9 @@ class _Limits:
 
     max_budget: int | None = None
     """Budget in nano-USD, or `None` for no limit."""
+    soft_budget: int | None = None
+    """LiteLLM's soft budget, nano-USD: a key's, user's or team's spend in a period that
+    reaches it is reported once (`Fence(on_alert=...)`); it never refuses a request."""
     budget_duration: str | None = None
     """How often the budget's spend resets (`"30d"`, `"monthly"`…), or `None` for never."""
     rpm_limit: int | None = None

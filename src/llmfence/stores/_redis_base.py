@@ -53,6 +53,7 @@ _SCRIPTS: Final = (
     "record_delete",
     "list_keys",
     "registry_delete",
+    "claim",
 )
 # Scripts that roll budget periods get the one shared definition of the roll prepended.
 _ROLLS_BUDGETS: Final = frozenset({"admit", "charge", "settle"})

@@ -9,11 +9,17 @@ time.
 
 from __future__ import annotations
 
+from typing import Final
+
 from ._memory_ledger import MemoryLedger
 from ._memory_records import MemoryRecords
 from ._types import Settlement
 
 __all__ = ["MemoryStore"]
+
+# Claims held before the expired ones are swept (each sweep's cost is spread over as many
+# claims as it found, so it is amortized O(1) per claim).
+_CLAIMS_SWEEP: Final = 1024
 
 
 class MemoryStore(MemoryLedger, MemoryRecords):
@@ -36,6 +42,8 @@ class MemoryStore(MemoryLedger, MemoryRecords):
     def __init__(self, *, max_spend_records: int = 100_000) -> None:
         MemoryLedger.__init__(self)
         MemoryRecords.__init__(self, max_spend_records)
+        self._claims: dict[str, float] = {}  # name -> when it is free again
+        self._claims_sweep = _CLAIMS_SWEEP
 
     async def settle(self, settlement: Settlement) -> bool:
         """Settle a reservation with the actual cost, release its leases, append its record.
@@ -46,6 +54,19 @@ class MemoryStore(MemoryLedger, MemoryRecords):
         if settled is not None and settlement.record is not None:
             self._append(settlement.record)
         return settled is True
+
+    async def claim(self, name: str, expires: float, now: float) -> bool:
+        """Take `name` until `expires`: True for the first caller, False while it is held."""
+        claims = self._claims
+        if len(claims) >= self._claims_sweep:
+            for held, until in list(claims.items()):
+                if until <= now:
+                    del claims[held]
+            self._claims_sweep = max(_CLAIMS_SWEEP, 2 * len(claims))
+        if expires <= now or claims.get(name, now) > now:
+            return False
+        claims[name] = expires
+        return True
 
     async def ping(self) -> None:
         """Memory always answers."""

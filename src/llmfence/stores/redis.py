@@ -11,10 +11,13 @@ into the one class users see and opens clients.
 from __future__ import annotations
 
 import asyncio
+import math
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from ._protocol import DEFAULT_TIMEOUT
 from ._redis_base import _Connection, import_redis
+from ._redis_keys import tag
 from ._redis_ledger import RedisLedger
 from ._redis_registry import RedisRegistry
 
@@ -66,7 +69,8 @@ class RedisStore(RedisLedger, RedisRegistry):
       after ten minutes): on a single node `{prefix}:reservation:<request id>` and
       `{prefix}:tombstone:<request id>`; on a cluster one of each per slot the request
       touches (`{prefix:<scope>}:reservation:<request id>`…), and its home,
-      `{prefix:req:<request id>}:home`, which records the slots its admission reserved on.
+      `{prefix:req:<request id>}:home`, which records the slots its admission reserved on;
+    - claims (`claim`): `{prefix:claims}:<name>` strings, each expiring when its claim does.
 
     State therefore grows with what the operator created, not with the names clients send.
 
@@ -194,6 +198,19 @@ class RedisStore(RedisLedger, RedisRegistry):
         store._connection = None
         store._factory = open_cluster if cluster else open_client
         return store
+
+    async def claim(self, name: str, expires: float, now: float) -> bool:
+        """Take `name` until `expires`: True for the first caller, False while it is held.
+
+        `SET NX PX` in a script (`claim.lua`) under `{prefix:claims}`, one slot of a cluster;
+        its token makes a call sent again after a lost reply answer as the first did.
+        """
+        if expires <= now:
+            return False
+        key = tag(self._prefix, "claims") + name
+        ttl_ms = max(1, math.ceil((expires - now) * 1000))
+        found = await self._script("claim", [key], [secrets.token_hex(8), ttl_ms])
+        return bool(found)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ deleting users and teams); this module joins them into the one class users see.
 from __future__ import annotations
 
 import os
+import sqlite3
+from typing import Final
 
 from ._protocol import DEFAULT_TIMEOUT
 from ._sqlite_ledger import SQLiteLedger
@@ -17,6 +19,13 @@ from ._sqlite_records import SQLiteRecords
 from ._sqlite_registry import SQLiteRegistry
 
 __all__ = ["SQLiteStore"]
+
+# Claims live in a table of their own, made by the first claim: files of earlier versions
+# stay readable by them (no schema version change for a table they never read).
+_CLAIMS: Final = (
+    "CREATE TABLE IF NOT EXISTS claims (name TEXT PRIMARY KEY, expires REAL NOT NULL) "
+    "STRICT, WITHOUT ROWID"
+)
 
 
 class SQLiteStore(SQLiteLedger, SQLiteRecords, SQLiteRegistry):
@@ -66,3 +75,20 @@ class SQLiteStore(SQLiteLedger, SQLiteRecords, SQLiteRegistry):
         max_spend_records: int = 100_000,
     ) -> None:
         self._setup(path, timeout, max_spend_records)
+
+    async def claim(self, name: str, expires: float, now: float) -> bool:
+        """Take `name` until `expires`: True for the first caller, False while it is held.
+
+        One write transaction: the expired claims are dropped, then the name inserted unless
+        it is held, so of all the processes that claim one name at once, one gets True.
+        """
+        if expires <= now:
+            return False
+        return await self._write("claim", _claim, name, expires, now)
+
+
+def _claim(db: sqlite3.Connection, name: str, expires: float, now: float) -> bool:
+    db.execute(_CLAIMS)
+    db.execute("DELETE FROM claims WHERE expires <= ?", (now,))
+    inserted = db.execute("INSERT OR IGNORE INTO claims VALUES (?, ?)", (name, expires))
+    return inserted.rowcount == 1
