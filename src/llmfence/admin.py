@@ -59,6 +59,7 @@ from llmfence._fields import (
 from llmfence._fields_json import json_fields, json_key, json_name, json_project
 from llmfence.exceptions import ConfigurationError, InvalidRequestError, LLMFenceError
 from llmfence.stores import BudgetScope, BudgetState, KeyRecord, TeamRecord, UserRecord, hash_key
+from llmfence.ui import refusals_handler, spend_page
 
 if TYPE_CHECKING:
     from llmfence._fence import Fence
@@ -129,6 +130,8 @@ def admin_routes(fence: Fence) -> list[Route]:
         if not isinstance(value, str) or not value:
             raise InvalidRequestError("'key' is required.", param="key")
         record = await store.get_key(hash_key(json_name("key", value)))
+        if record is None and len(value) == 64:  # its hash (a token, as /key/list shows)
+            record = await store.get_key(value)
         if record is None:
             raise not_found("The key")
         return record
@@ -298,6 +301,8 @@ def admin_routes(fence: Fence) -> list[Route]:
         route("/global/spend", "GET", global_spend),
         route("/get_budget", "POST", get_budget),
         route("/set_budget", "POST", set_budget),
+        route("/spend/refusals", "GET", refusals_handler()),
+        spend_page(),  # static: the page asks the operator for the master key
         *(
             route(path, method, handler)
             for handlers in (key_handlers, user_handlers, customer_handlers, spend_handlers)

@@ -32,6 +32,8 @@ DEFAULT_EXEMPT_PATHS = (
     "/docs/oauth2-redirect",
     "/redoc",
     "/openapi.json",
+    # The spend page (llmfence.ui): static HTML that asks the operator for the master key.
+    "/ui/spend",
 )
 
 # What a path needs to read differently once normalized: a dot segment or a repeated slash, a

@@ -1,0 +1,5 @@
+"""`python -m llmfence.cli`: the `llmfence` command."""
+
+from llmfence.cli import main
+
+raise SystemExit(main())
