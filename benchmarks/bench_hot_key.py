@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
+import platform
 import time
 from typing import Any
 
 import redis
-from _harness import machine, source_revision, write_json
+from _harness import source_revision, write_json
 
 from llmfence import RedisStore
 from llmfence.stores import Admission, BudgetScope, Settlement, SpendRecord
@@ -103,7 +105,8 @@ async def main() -> None:
         for client in nodes.values():
             client.close()
     per_process = requests / elapsed
-    print(f"llmfence benchmark: the hot key on a 3-master Redis Cluster ({machine()})")
+    host = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
+    print(f"llmfence benchmark: the hot key on a 3-master Redis Cluster ({host})")
     print(f"llmfence at {source_revision()}; {IN_FLIGHT} requests in flight, {elapsed:.1f} s\n")
     print(f"one app process: {per_process:,.0f} requests/s (admit + settle)\n")
     print("| node | holds | server µs per request | ceiling req/s | app processes to saturate |")
