@@ -29,6 +29,7 @@ from ._memory_state import (
     Leases,
     Reservation,
     budget_refusal,
+    budget_state,
     rate_refusal,
     slot_refusal,
     unhold,
@@ -282,22 +283,8 @@ class MemoryLedger:
 
     async def budgets(self, scopes: Sequence[BudgetScope], now: float) -> list[BudgetState]:
         """Read budget levels; a period that has ended reads as zero spent."""
-        states = []
-        for scope in scopes:
-            budget = self._budgets.get(scope.key, Budget())
-            ended = budget.end is not None and now >= budget.end
-            states.append(
-                BudgetState(
-                    scope.key,
-                    scope.level,
-                    scope.label,
-                    scope.limit,
-                    0 if ended else budget.spent,
-                    scope.period_end if ended or budget.end is None else budget.end,
-                    budget.total,
-                )
-            )
-        return states
+        budgets = self._budgets
+        return [budget_state(scope, budgets.get(scope.key, Budget()), now) for scope in scopes]
 
     async def reset_budget(self, key: str, period_end: float | None, now: float) -> None:
         """Start a new period for one budget counter now."""

@@ -8,7 +8,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from . import _window
-from ._types import BudgetScope, RateHit, Refusal, SlotRequest
+from ._types import BudgetScope, BudgetState, RateHit, Refusal, SlotRequest
 
 __all__ = [
     "CLIENT_LEVELS",
@@ -22,6 +22,7 @@ __all__ = [
     "Leases",
     "Reservation",
     "budget_refusal",
+    "budget_state",
     "rate_refusal",
     "slot_refusal",
     "unhold",
@@ -165,3 +166,17 @@ def budget_refusal(scope: BudgetScope, budget: Budget, cost: int, now: float) ->
         "budget", scope.level, scope.label, scope.limit, budget.spent, cost,
         None if resets_at is None else max(0.0, resets_at - now), resets_at,
     )  # fmt: skip
+
+
+def budget_state(scope: BudgetScope, budget: Budget, now: float) -> BudgetState:
+    """What a read of one budget level answers: a period that has ended reads as zero spent."""
+    ended = budget.end is not None and now >= budget.end
+    return BudgetState(
+        scope.key,
+        scope.level,
+        scope.label,
+        scope.limit,
+        0 if ended else budget.spent,
+        scope.period_end if ended or budget.end is None else budget.end,
+        budget.total,
+    )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from llmfence.exceptions import ConfigurationError, StoreError
 
 from ._redis_keys import SPEND, tag
-from ._types import SpendRecord
+from ._types import SpendRecord, checked_timeout
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
@@ -180,13 +180,7 @@ class RedisBase:
         Raises:
             ConfigurationError: `seconds` is not a finite number > 0.
         """
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not (0 < seconds < float("inf"))
-        ):
-            raise ConfigurationError(f"timeout must be a finite number > 0, not {seconds!r}")
-        self._timeout = float(seconds)
+        self._timeout = checked_timeout(seconds)
 
     def _key(self, *parts: str) -> str:
         return self._tag + ":".join(parts)

@@ -36,6 +36,8 @@ from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 from llmfence.exceptions import ConfigurationError, StoreError
 
+from ._types import checked_timeout
+
 __all__ = ["SCHEMA_VERSION", "SQLiteBase", "db_int", "dumps", "loads"]
 
 _T = TypeVar("_T")
@@ -231,13 +233,7 @@ class SQLiteBase:
         Raises:
             ConfigurationError: `seconds` is not a finite number > 0.
         """
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not (0 < seconds < float("inf"))
-        ):
-            raise ConfigurationError(f"timeout must be a finite number > 0, not {seconds!r}")
-        self._timeout = float(seconds)
+        self._timeout = checked_timeout(seconds)
 
     def _current_worker(self) -> _Worker:
         worker = self._worker

@@ -25,6 +25,7 @@ from ._memory_state import (
     SWEEP_EVERY,
     Budget,
     budget_refusal,
+    budget_state,
     rate_refusal,
     slot_refusal,
 )
@@ -354,22 +355,7 @@ def _budgets(
 ) -> list[BudgetState]:
     loaded = Budgets(db)
     loaded.load(scope.key for scope in scopes)
-    states = []
-    for scope in scopes:
-        budget = loaded.find(scope.key) or Budget()
-        ended = budget.end is not None and now >= budget.end
-        states.append(
-            BudgetState(
-                scope.key,
-                scope.level,
-                scope.label,
-                scope.limit,
-                0 if ended else budget.spent,
-                scope.period_end if ended or budget.end is None else budget.end,
-                budget.total,
-            )
-        )
-    return states
+    return [budget_state(scope, loaded.find(scope.key) or Budget(), now) for scope in scopes]
 
 
 def _reset_budget(db: sqlite3.Connection, key: str, period_end: float | None) -> None:

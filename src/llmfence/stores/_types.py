@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
+from llmfence.exceptions import ConfigurationError
+
 from ._quick import quick_init
 from ._record_types import BudgetTier, CustomerRecord, KeyRecord, TeamRecord, UserRecord
 
@@ -31,6 +33,7 @@ __all__ = [
     "SpendTotals",
     "TeamRecord",
     "UserRecord",
+    "checked_timeout",
     "hash_key",
     "mask_key",
 ]
@@ -308,3 +311,14 @@ class Settlement:
     record: SpendRecord | None = None
     refund_requests: bool = False
     charges: tuple[BudgetScope, ...] = ()
+
+
+def checked_timeout(seconds: object) -> float:
+    """A store call's bound as a float; `ConfigurationError` unless a finite number > 0."""
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not (0 < seconds < float("inf"))
+    ):
+        raise ConfigurationError(f"timeout must be a finite number > 0, not {seconds!r}")
+    return float(seconds)
