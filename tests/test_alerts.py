@@ -5,11 +5,7 @@ or for keys without budgets; no alert carries a key or its hash."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -17,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,6 +25,7 @@ from llmfence.stores import hash_key, mask_key
 from llmfence.testing import FakeClock, mock_llm_app
 from tests.conftest import open_store
 
+from ._live import serve
 from .middleware.conftest import CHAT, MODEL, T0, auth, chat_body, client_for
 
 pytestmark = pytest.mark.anyio
@@ -324,29 +320,6 @@ class Receiver:
         if len(self.posts) <= self.failures:
             return Response(status_code=503)
         return JSONResponse({"ok": True})
-
-
-@contextlib.contextmanager
-def serve(app: Starlette) -> Iterator[str]:
-    """Serve an app with uvicorn on a free 127.0.0.1 port in a thread; yield its URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="none", http="h11")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import json
-import socket
 import threading
 import time
 import types
@@ -17,7 +15,6 @@ from typing import Any
 
 import anyio
 import pytest
-import uvicorn
 from openai.types.chat import ChatCompletion
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,6 +26,8 @@ from llmfence._money import usd_to_nano
 from llmfence.budget_manager import BudgetManager, UnknownUserError
 from llmfence.exceptions import BudgetExceededError, ConfigurationError, StoreError
 from llmfence.stores import BudgetScope
+
+from ._live import serve
 
 # The notebook's recorded response (gpt-3.5-turbo-0613 at $1.50/$2.00 per million tokens:
 # 14 × 1.5e-6 + 29 × 2e-6 = $0.000079 a call).
@@ -81,29 +80,6 @@ def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def completion() -> FakeCompletion:
     return FakeCompletion()
-
-
-@contextlib.contextmanager
-def serve(app: Starlette) -> Iterator[str]:
-    """Serve an app with uvicorn on a free 127.0.0.1 port in a thread; yield its URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="none", http="h11")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture
