@@ -53,13 +53,22 @@ def examples(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Run every `benchmarks/bench_*.py` (core, http, peers, stack, store) and print their tables.
+    """Run `benchmarks/run.py`: every comparison (peers in process, over HTTP, the gateway
+    beside the LiteLLM proxy, cost growth, fairness, Redis round trips), tables printed and
+    JSON written to `benchmarks/results/`.
 
-    `nox -s bench -- --quick` for a rough pass in seconds. Arguments after `--` go to every
-    script, so only the shared ones belong there (`--quick`, `--rounds N`); script options such
-    as `--json PATH` are for running one script by hand. The full `bench_http.py` sends 100k+
-    requests per variant (a few minutes), with `wrk` when it is on PATH.
+    `nox -s bench -- --quick` for a rough pass in a minute or two; other arguments after `--` go
+    to `run.py` (`--only gateway,roundtrips`, …). The LiteLLM proxy (`litellm[proxy]`) goes
+    into a virtualenv of its own under `.nox/`, never into this one, and runs offline; the
+    full run takes a while (100k+ requests per variant over HTTP, with `wrk` when on PATH).
     """
     session.install("-e", ".[dev,bench]")
-    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
-        session.run("python", str(script), *session.posargs)
+    litellm = Path(session.virtualenv.location).parent / "bench-litellm"
+    python = litellm / "bin" / "python"
+    if not python.exists():
+        session.run("python", "-m", "venv", str(litellm))
+    session.run(str(python), "-m", "pip", "install", "-q", "litellm[proxy]", external=True)
+    session.run(
+        "python", str(ROOT / "benchmarks" / "run.py"), "--litellm-python", str(python),
+        *session.posargs,
+    )  # fmt: skip

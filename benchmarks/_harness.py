@@ -12,6 +12,8 @@ import argparse
 import gc
 import itertools
 import json
+import os
+import platform
 import random
 import statistics
 import subprocess
@@ -33,9 +35,11 @@ __all__ = [
     "Stats",
     "arun_rounds",
     "canned_llm_app",
+    "finish",
     "fmt_ratio",
     "fmt_us",
     "history",
+    "machine",
     "parse_args",
     "parse_settings",
     "print_table",
@@ -237,6 +241,34 @@ def source_revision() -> str:
 def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:
     """Write results as indented JSON (for `--json PATH`)."""
     Path(path).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def machine() -> str:
+    """The machine, as the tables name it."""
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs visible"
+
+
+def finish(
+    path: str | None, benchmark: str, started: float, quick: bool, payload: Mapping[str, Any]
+) -> None:
+    """Print how long the script took; with `path` (`--json`), write `payload` there, after
+    what every script's JSON says first (which script, llmfence's version and commit, Python,
+    the machine, whether `--quick`)."""
+    import llmfence
+
+    elapsed = time.perf_counter() - started
+    print(f"done in {elapsed:.1f} s")
+    if path:
+        head = {
+            "benchmark": benchmark,
+            "llmfence": llmfence.__version__,
+            "revision": source_revision(),
+            "python": platform.python_version(),
+            "machine": machine(),
+            "quick": quick,
+        }
+        write_json(path, {**head, **payload, "seconds": elapsed})
+        print(f"results written to {path}")
 
 
 def print_table(

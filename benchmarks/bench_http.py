@@ -1,22 +1,25 @@
-"""Over HTTP: uvicorn serving the bare app, and the same app behind `Fence(...).install(app)`.
+"""Over HTTP: uvicorn serving the bare app and each variant of `_variants` in front of it.
 
-Each variant runs in its own uvicorn process (1 worker, 127.0.0.1, a free port,
-`--no-access-log`, uvicorn's default loop and HTTP implementation as installed), both started
-once and kept for the whole run, so that the stack's process has served every request by the
+The variants are those of `bench_peers.py`: the bare app, llmfence's whole stack on
+`MemoryStore`, `SQLiteStore` (a file in a temporary directory) and `RedisStore` (a private
+redis-server), slowapi, and the naive middleware (`--variants` picks some). Each variant runs
+in its own uvicorn process (1 worker, 127.0.0.1, a free port, `--no-access-log`, uvicorn's
+default loop and HTTP implementation as installed), all started
+once and kept for the whole run, so that each process has served every request by the
 end (at least 100k at 32 connections by default): the garbage collector's full passes, which
 come every so many thousand requests, are then inside the figures. The bare app is the
-upstream of `bench_stack.py` (`canned_llm_app` by default, `--upstream mock` for
-`llmfence.testing.mock_llm_app`); the stack is the whole stack over a `MemoryStore`, with a
-generated key (of a user) whose limits never refuse. Every request is the small chat request of
+upstream of `bench_stack.py` (`canned_llm_app`); llmfence's key (of a user) has limits that
+never refuse. Every request is the small chat request of
 `bench_stack.py`, a keep-alive `POST /v1/chat/completions` with a bearer key.
 
 The load generator is `wrk` when it is on PATH (a Lua script sets the POST body and the header,
 and reports its latency histogram), else a Python asyncio client on raw keep-alive HTTP/1.1
 sockets, in a process of its own (closed loop: each connection sends its next request when the
 previous response is complete). `--quick` always uses the Python client. Variants are
-interleaved: several shorter runs, alternating bare/stack, at 1 connection and then at 32;
-req/s is the median of the runs, p50/p99/max come from every latency of the variant pooled.
-Ratios stack / bare are printed next to the issue's targets (32 connections; PASS/MISS is
+interleaved: several shorter runs, the variants in turn (the order reversed every other
+round), at 1 connection and then at 32; req/s is the median of the runs, p50/p99/max come from
+every latency of the variant pooled. Ratios to the bare app are printed, MemoryStore's next to
+the issue's targets (32 connections; PASS/MISS is
 information, never an exit code). Each server also reports its garbage collections (counted by a
 `gc.callbacks` hook in both variants alike) when it stops.
 
@@ -24,7 +27,7 @@ Every process the script starts is stopped by its PID when it ends, on Ctrl-C an
 the servers also stop by themselves if the script disappears.
 
 Run: `python benchmarks/bench_http.py [--quick] [--requests N] [--rounds R] [--connections C]
-[--client auto|wrk|python] [--upstream canned|mock] [--json PATH]`.
+[--client auto|wrk|python] [--variants A,B,…] [--json PATH]`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import json
 import math
 import os
 import platform
-import secrets
 import selectors
 import shutil
 import signal
@@ -47,24 +49,37 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
 from _harness import (
+    finish,
     fmt_ratio,
     parse_args,
     print_table,
     source_revision,
     verdict,
-    write_json,
 )
+from _variants import (
+    BARE,
+    FENCES,
+    MEMORY,
+    REDIS,
+    SHORT,
+    SLOWAPI,
+    VARIANTS,
+    load_slowapi,
+    machine,
+    new_key,
+)
+
+from llmfence.testing import RedisServer, find_redis_server
 
 HERE = Path(__file__).resolve().parent
 PATH = "/v1/chat/completions"
-VARIANTS = ("bare", "stack")
 DEFAULT_REQUESTS = 100_000
 TARGET_RPS = 0.45  # stack req/s / bare req/s, at least, at 32 connections
 TARGET_P99 = 3.0  # stack p99 / bare p99, at most, at 32 connections
@@ -78,68 +93,73 @@ SERVER_LIFETIME = 6 * 3600.0  # a server stops by itself after this long, whatev
 
 
 def server_app() -> Any:
-    """uvicorn's `--factory`: the app of one variant, as `ENV` describes it."""
-    import gc
+    """uvicorn's `--factory`: the app of one variant (`_variants.build`), as `ENV` describes it.
 
-    import bench_stack
-    from starlette.applications import Starlette
-
-    from llmfence import Fence, MemoryStore
-
+    The variant is built in the lifespan's startup, inside the server's event loop (the stores
+    open their connections there), behind a thin shim that every variant has alike.
+    """
     settings = json.loads(os.environ[ENV])
-    app: Starlette = bench_stack.upstream(settings["upstream"])
-    fence: Fence | None = None
-    if settings["variant"] == "stack":
-        fence = Fence(
-            store=MemoryStore(),
-            master_key=bench_stack.MASTER_KEY,
-            max_budget=1_000_000,
-            budget_duration="30d",
-        )
-        fence.install(app)
-    collections = [0, 0, 0]
-    pauses: list[float] = []
-    started = [0.0]
+    return _Served(settings)
 
-    def watch_gc(phase: str, info: dict[str, int]) -> None:
+
+class _Served:
+    """Builds the variant at startup, serves it, reports the garbage collections at shutdown."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.app: Any = None
+        self.collections = [0, 0, 0]
+        self.pauses: list[float] = []
+        self.started = 0.0
+
+    def watch_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            started[0] = time.perf_counter()
+            self.started = time.perf_counter()
             return
         generation = info["generation"]
-        collections[generation] += 1
+        self.collections[generation] += 1
         if generation == 2:
-            pauses.append((time.perf_counter() - started[0]) * 1e3)
+            self.pauses.append((time.perf_counter() - self.started) * 1e3)
 
-    async def watchdog() -> None:
+    async def watchdog(self) -> None:
         """Stop when the benchmark that started this server is gone, or after a long while."""
         deadline = time.monotonic() + SERVER_LIFETIME
         while True:
             await asyncio.sleep(1.0)
-            if os.getppid() != settings["parent"] or time.monotonic() > deadline:
+            if os.getppid() != self.settings["parent"] or time.monotonic() > deadline:
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        if fence is not None:
-            await fence.new_user("alice", **bench_stack.LIMITS)
-            await fence.generate_key(key=settings["key"], user_id="alice", **bench_stack.LIMITS)
-        guard = asyncio.create_task(watchdog())
-        gc.callbacks.append(watch_gc)
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        import gc
+
+        from _variants import Places, build, load_slowapi
+
+        settings = self.settings
+        await receive()  # lifespan.startup
+        places = Places(Path(settings["directory"]), settings.get("redis_url"))
+        slowapi, _ = load_slowapi()
+        built = await build(settings["variant"], settings["key"], places, slowapi=slowapi)
+        self.app = built.app
+        guard = asyncio.create_task(self.watchdog())
+        gc.callbacks.append(self.watch_gc)
+        await send({"type": "lifespan.startup.complete"})
         try:
-            yield
+            await receive()  # lifespan.shutdown
         finally:
-            gc.callbacks.remove(watch_gc)
+            gc.callbacks.remove(self.watch_gc)
             guard.cancel()
+            await built.close()
             report = {
-                "collections": collections,
-                "gen2_pauses_ms": pauses,
+                "collections": self.collections,
+                "gen2_pauses_ms": self.pauses,
                 "tracked_objects": len(gc.get_objects()),
             }
             write_report(settings["stats"], report)
-
-    app.router.lifespan_context = lifespan
-    return app
+        await send({"type": "lifespan.shutdown.complete"})
 
 
 def write_report(path: str, report: Mapping[str, Any]) -> None:
@@ -154,30 +174,45 @@ def free_port() -> int:
         return port
 
 
-class Server:
-    """One uvicorn process serving one variant."""
+def uvicorn_command(factory: str, port: int | str = "{port}", app_dir: Path = HERE) -> list[str]:
+    """uvicorn serving `factory` with one worker on 127.0.0.1:`port` (by default the
+    placeholder `Server` fills in), no access log."""
+    return [
+        sys.executable, "-m", "uvicorn", factory, "--factory",
+        "--app-dir", str(app_dir), "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
 
-    def __init__(self, variant: str, *, key: str, upstream: str, workdir: Path) -> None:
+
+class Server:
+    """One server process: by default uvicorn serving one variant of `_variants` (`settings`
+    says which), or any `command` (its `{port}` filled in) with extra `env`."""
+
+    def __init__(
+        self,
+        variant: str,
+        *,
+        workdir: Path,
+        settings: Mapping[str, Any] | None = None,
+        command: list[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.variant = variant
         self.port = free_port()
-        self.stats_path = workdir / f"{variant}-gc.json"
-        self.log_path = workdir / f"{variant}.log"
-        settings = {
-            "variant": variant,
-            "key": key,
-            "upstream": upstream,
-            "stats": str(self.stats_path),
-            "parent": os.getpid(),
-        }
-        command = [
-            sys.executable, "-m", "uvicorn", "bench_http:server_app", "--factory",
-            "--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", "1", "--no-access-log", "--log-level", "warning",
-        ]  # fmt: skip
+        slug = "".join(c if c.isalnum() else "-" for c in variant.lower())
+        self.stats_path = workdir / f"{slug}-gc.json"
+        self.log_path = workdir / f"{slug}.log"
+        extra = dict(env or {})
+        if command is None:
+            settings = {**(settings or {}), "stats": str(self.stats_path), "parent": os.getpid()}
+            extra[ENV] = json.dumps(settings)
+            command = uvicorn_command("bench_http:server_app", self.port)
+        else:
+            command = [part.replace("{port}", str(self.port)) for part in command]
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             command,
-            env={**os.environ, ENV: json.dumps(settings)},
+            env={**os.environ, **extra},
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -225,8 +260,9 @@ class Server:
 
 
 def http_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """One request on a new connection: status, headers (lower-cased names) and body."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    """One request on a new connection: status, headers (lower-cased names) and body (with
+    content-length, or chunked)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(request)
         data = b""
         while True:
@@ -242,29 +278,52 @@ def http_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes
             for line in lines[1:]:
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
+            status = int(lines[0].split()[1])
+            rest = data[end + 4 :]
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                if rest.endswith(b"0\r\n\r\n"):
+                    return status, headers, _dechunk(rest)
+                continue
             length = int(headers.get("content-length", "-1"))
             if length < 0:
                 raise OSError("a response without content-length")
-            if len(data) >= end + 4 + length:
-                return int(lines[0].split()[1]), headers, data[end + 4 : end + 4 + length]
+            if len(rest) >= length:
+                return status, headers, rest[:length]
 
 
-def chat_request(key: str) -> tuple[bytes, bytes]:
-    """The small chat request of `bench_stack.py`: its body, and the whole HTTP/1.1 request."""
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    at = 0
+    while True:
+        stop = data.index(b"\r\n", at)
+        size = int(data[at:stop].split(b";")[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += data[stop + 2 : stop + 2 + size]
+        at = stop + 2 + size + 2
+
+
+def chat_request(
+    key: str, *, stream: bool = False, user: str | None = "bob"
+) -> tuple[bytes, bytes]:
+    """The small chat request of `bench_stack.py` (`stream`: as a 200-chunk stream): its body,
+    and the whole HTTP/1.1 request."""
     question = "Hey, how's it going? What is item 7 on my last invoice?"
-    body = json.dumps(
-        {
-            "model": "gpt-4o-mini",
-            "messages": [
-                {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": question},
-            ],
-            "user": "bob",
-        }
-    ).encode()
+    fields: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": question},
+        ],
+    }
+    if user is not None:
+        fields["user"] = user
+    if stream:
+        fields["stream"] = True
+    body = json.dumps(fields).encode()
     head = (
         f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: llmfence-bench\r\n"
-        f"Accept: application/json\r\nContent-Type: application/json\r\n"
+        f"Accept: */*\r\nContent-Type: application/json\r\n"
         f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return body, head.encode() + body
@@ -299,6 +358,7 @@ class _Connection(asyncio.Protocol):
         self.load = load
         self.buffer = bytearray()
         self.need = -1
+        self.scan = 0
         self.status = 0
         self.sent = 0
         self.busy = False
@@ -331,11 +391,22 @@ class _Connection(asyncio.Protocol):
                 head = bytes(buffer[:end]).lower()
                 self.status = int(head[9:12])
                 at = head.find(b"\r\ncontent-length:")
-                if at < 0:
-                    self.failed("response without content-length")
+                if at >= 0:
+                    stop = head.find(b"\r\n", at + 2)
+                    self.need = end + 4 + int(head[at + 17 : stop if stop > 0 else len(head)])
+                elif b"\r\ntransfer-encoding: chunked" in head:
+                    self.need = 0  # found by the last chunk, below
+                    self.scan = end + 2  # the body's first chunk size follows "\r\n"
+                else:
+                    self.failed("response with neither content-length nor chunks")
                     return
-                stop = head.find(b"\r\n", at + 2)
-                self.need = end + 4 + int(head[at + 17 : stop if stop > 0 else len(head)])
+            if self.need == 0:
+                # Chunked: the response ends with the zero-size chunk, "\r\n0\r\n\r\n".
+                last = buffer.find(b"\r\n0\r\n\r\n", self.scan)
+                if last < 0:
+                    self.scan = max(self.scan, len(buffer) - 7)
+                    return
+                self.need = last + 7
             if len(buffer) < self.need:
                 return
             del buffer[: self.need]
@@ -469,8 +540,11 @@ class WrkClient:
 
     name = "wrk (1 thread)"
 
-    def __init__(self, binary: str, body: bytes, key: str, workdir: Path) -> None:
+    def __init__(
+        self, binary: str, body: bytes, key: str, workdir: Path, timeout: float = 10.0
+    ) -> None:
         self.binary = binary
+        self.timeout = timeout
         text = body.decode()
         if "]==]" in text:
             raise ValueError("the body cannot go into a Lua long string")
@@ -500,7 +574,8 @@ class WrkClient:
         del count
         duration = max(1, round(seconds))
         command = [
-            self.binary, "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
+            self.binary, "-t1", f"-c{connections}", f"-d{duration}s",
+            "--timeout", f"{self.timeout:g}s",
             "-s", str(self.script), f"http://127.0.0.1:{port}{PATH}",
         ]  # fmt: skip
         done = subprocess.run(
@@ -587,11 +662,16 @@ def interleave(
     total: int,
     rounds: int,
     rates: dict[str, float],
+    seconds: float | None = None,
 ) -> dict[str, Series]:
-    """At least `total` requests per variant in `rounds` runs or more, alternating variants.
+    """At least `total` requests per variant in `rounds` runs or more, alternating variants
+    (the order reversed every other round); with `seconds`, exactly `rounds` runs of about that
+    long per variant instead (longer where a variant's last rate would not let every connection
+    finish three requests).
 
-    A count-bounded client sends `total / rounds` requests per run; wrk runs for the seconds
-    that many requests should take at the variant's last measured rate (`rates`, updated).
+    A count-bounded client sends `total / rounds` requests per run (with `seconds`: what the
+    variant's last rate says fits); wrk runs for the seconds that many requests should take at
+    the variant's last measured rate (`rates`, updated), or for `seconds`.
     """
     series = {variant: Series() for variant in servers}
     per_run = math.ceil(total / rounds)
@@ -601,8 +681,14 @@ def interleave(
         if round_ >= 3 * rounds:
             break  # wrk's rate guesses were far off; report what was measured
         for variant in order if round_ % 2 == 0 else order[::-1]:
-            seconds = per_run / max(rates.get(variant, 1.0), 1.0)
-            run = client.run(servers[variant].port, connections, per_run, seconds)
+            rate = max(rates.get(variant, 1.0), 1.0)
+            if seconds is None:
+                count, length = per_run, per_run / rate
+            else:
+                # Long enough for every connection to finish a few requests at the last rate.
+                length = max(seconds, 3 * connections / rate)
+                count = max(20, round(rate * length))
+            run = client.run(servers[variant].port, connections, count, length)
             if run.errors:
                 raise SystemExit(f"{variant}, {connections} connections: errors {run.errors}")
             series[variant].runs.append(run)
@@ -618,29 +704,32 @@ def fmt_ms(value: float) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:,.0f}"
 
 
-def report(
-    phases: Mapping[int, Mapping[str, Series]],
-    gc_reports: Mapping[str, dict[str, Any] | None],
-    total: int,
-    quick: bool,
+def latency_figures(series: Series) -> dict[str, Any]:
+    """req/s (median of the runs) and p50/p99/p99.9/max ms (every request pooled)."""
+    pooled = series.latencies()
+    return {
+        "requests": series.requests,
+        "runs": len(series.runs),
+        "req_per_s": series.per_second,
+        "p50_ms": percentile(pooled, 0.50),
+        "p99_ms": percentile(pooled, 0.99),
+        "p99.9_ms": percentile(pooled, 0.999),
+        "max_ms": max(pooled) / 1000 if pooled else math.nan,
+    }
+
+
+def phase_tables(
+    phases: Mapping[int, Mapping[str, Series]], baseline: str, scenario: str = "small chat"
 ) -> dict[str, Any]:
+    """Print the figures of every variant and their ratios to `baseline`; return them."""
     rows = []
     ratio_rows = []
     data: dict[str, Any] = {}
     for connections, series in phases.items():
-        figures = {}
-        for variant, s in series.items():
-            pooled = s.latencies()
-            figures[variant] = {
-                "requests": s.requests,
-                "runs": len(s.runs),
-                "req_per_s": s.per_second,
-                "p50_ms": percentile(pooled, 0.50),
-                "p99_ms": percentile(pooled, 0.99),
-                "p99.9_ms": percentile(pooled, 0.999),
-                "max_ms": max(pooled) / 1000 if pooled else math.nan,
-            }
-            f = figures[variant]
+        figures = {variant: latency_figures(s) for variant, s in series.items()}
+        base = figures[baseline]
+        ratios: dict[str, dict[str, float]] = {}
+        for variant, f in figures.items():
             rows.append(
                 [
                     str(connections),
@@ -653,50 +742,63 @@ def report(
                     fmt_ms(f["max_ms"]),
                 ]
             )
-        bare, stack = figures["bare"], figures["stack"]
-        ratios = {
-            "req_per_s": stack["req_per_s"] / bare["req_per_s"],
-            "p50": stack["p50_ms"] / bare["p50_ms"],
-            "p99": stack["p99_ms"] / bare["p99_ms"],
-            "p99.9": stack["p99.9_ms"] / bare["p99.9_ms"],
-        }
-        ratio_rows.append(
-            [
-                str(connections),
-                fmt_ratio(ratios["req_per_s"]),
-                fmt_ratio(ratios["p50"]),
-                fmt_ratio(ratios["p99"]),
-                fmt_ratio(ratios["p99.9"]),
-            ]
-        )
-        data[str(connections)] = {**figures, "stack_over_bare": ratios}
+            if variant == baseline:
+                continue
+            ratios[variant] = {
+                "req_per_s": f["req_per_s"] / base["req_per_s"],
+                "p50": f["p50_ms"] / base["p50_ms"],
+                "p99": f["p99_ms"] / base["p99_ms"],
+                "p99.9": f["p99.9_ms"] / base["p99.9_ms"],
+                "added_p50_ms": f["p50_ms"] - base["p50_ms"],
+            }
+            r = ratios[variant]
+            ratio_rows.append(
+                [
+                    str(connections),
+                    variant,
+                    fmt_ratio(r["req_per_s"]),
+                    fmt_ratio(r["p50"]),
+                    fmt_ratio(r["p99"]),
+                    fmt_ratio(r["p99.9"]),
+                    f"{r['added_p50_ms']:+.3f}",
+                ]
+            )
+        data[str(connections)] = {**figures, "over_" + baseline: ratios}
     print_table(
-        "Requests/s (median of the runs) and latency in ms (all requests of a variant pooled)",
-        (
-            "connections",
-            "variant",
-            "requests in runs",
-            "req/s",
-            "p50 ms",
-            "p99 ms",
-            "p99.9 ms",
-            "max ms",
-        ),
+        f"{scenario}: requests/s (median of the runs) and latency in ms (all requests pooled)",
+        ("conns", "variant", "requests in runs", "req/s", "p50 ms", "p99 ms", "p99.9", "max ms"),
         rows,
         left=2,
     )
-    print_table("Stack / bare", ("connections", "req/s", "p50", "p99", "p99.9"), ratio_rows, left=1)
+    print_table(
+        f"{scenario}: ratios to the {baseline}",
+        ("conns", "variant", "req/s", "p50", "p99", "p99.9", "p50 added ms"),
+        ratio_rows,
+        left=2,
+    )
+    return data
 
+
+def report(
+    phases: Mapping[int, Mapping[str, Series]],
+    gc_reports: Mapping[str, dict[str, Any] | None],
+    total: int,
+    quick: bool,
+) -> dict[str, Any]:
+    data = phase_tables(phases, BARE)
     targets = []
     busiest = max(phases)
     enough = all(s.requests >= TARGET_MIN_REQUESTS for s in phases[busiest].values())
-    ratios = data[str(busiest)]["stack_over_bare"]
-    for label, measured, limit, at_least in (
-        (f"req/s stack / bare, {busiest} connections", ratios["req_per_s"], TARGET_RPS, True),
-        (f"p99 stack / bare, {busiest} connections", ratios["p99"], TARGET_P99, False),
-    ):
-        judged = verdict(measured, limit, at_least=at_least) if enough else "—"
-        targets.append({"target": label, "measured": measured, "limit": limit, "verdict": judged})
+    ratios = data[str(busiest)]["over_" + BARE].get(MEMORY)
+    if ratios is not None:
+        for label, measured, limit, at_least in (
+            (f"req/s MemoryStore / bare, {busiest} conns", ratios["req_per_s"], TARGET_RPS, True),
+            (f"p99 MemoryStore / bare, {busiest} conns", ratios["p99"], TARGET_P99, False),
+        ):
+            judged = verdict(measured, limit, at_least=at_least) if enough else "—"
+            targets.append(
+                {"target": label, "measured": measured, "limit": limit, "verdict": judged}
+            )
     target_rows = [
         [
             t["target"],
@@ -716,7 +818,12 @@ def report(
             f"(no verdict: the targets count after {TARGET_MIN_REQUESTS:,} requests per variant;"
             f" this run sent {total:,}{', --quick' if quick else ''})"
         )
+    gc_table(gc_reports)
+    return {"phases": data, "targets": targets, "gc": dict(gc_reports)}
 
+
+def gc_table(gc_reports: Mapping[str, dict[str, Any] | None]) -> None:
+    """Print each server's garbage collections over the run."""
     gc_rows = []
     for variant, gc_report in gc_reports.items():
         if gc_report is None:
@@ -740,7 +847,6 @@ def report(
         ("server", "gen 0", "gen 1", "gen 2", "gen-2 max ms", "gen-2 total ms", "objects at end"),
         gc_rows,
     )
-    return {"phases": data, "targets": targets, "gc": dict(gc_reports)}
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -759,8 +865,8 @@ def options(parser: argparse.ArgumentParser) -> None:
         help="load generator: wrk when on PATH (auto; not with --quick), or the Python one",
     )  # fmt: skip
     parser.add_argument(
-        "--upstream", choices=("canned", "mock"), default="canned",
-        help="the bare app, as in bench_stack.py",
+        "--variants", default=",".join(SHORT),
+        help="comma-separated variants (default all): " + ",".join(SHORT),
     )  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--load-client", action="store_true", help=argparse.SUPPRESS)
@@ -768,6 +874,26 @@ def options(parser: argparse.ArgumentParser) -> None:
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(f"stopped by signal {signum}")
+
+
+def pick_client(
+    kind: str,
+    quick: bool,
+    body: bytes,
+    key: str,
+    request: bytes,
+    workdir: Path,
+    timeout: float = 10.0,
+) -> Client:
+    """wrk when asked, or on `auto` when it is on PATH and the run is not `--quick`; else the
+    Python generator."""
+    wrk = shutil.which("wrk")
+    use_wrk = kind == "wrk" or (kind == "auto" and wrk and not quick)
+    if use_wrk and wrk is None:
+        raise SystemExit("--client wrk: wrk is not on PATH")
+    return (
+        WrkClient(wrk or "wrk", body, key, workdir, timeout) if use_wrk else PythonClient(request)
+    )
 
 
 def main() -> None:
@@ -782,45 +908,69 @@ def main() -> None:
     single = max(settings.rounds, total // 10 if not settings.quick else 100)
     rounds = settings.rounds if not settings.quick else 2
     warmup = min(2_000, max(100, total // 50))
-    wrk = shutil.which("wrk")
-    use_wrk = args.client == "wrk" or (args.client == "auto" and wrk and not settings.quick)
-    if use_wrk and wrk is None:
-        raise SystemExit("--client wrk: wrk is not on PATH")
-    key = "sk-bench-" + secrets.token_urlsafe(24)
+    key = new_key()
     body, request = chat_request(key)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in SHORT]
+    if unknown or "bare" not in names:
+        raise SystemExit(f"--variants: unknown {unknown} or no 'bare'; know {','.join(SHORT)}")
+    wanted = [SHORT[v] for v in names]
+    skipped: dict[str, str] = {}
+    slowapi, note = load_slowapi()
+    if slowapi is None and SLOWAPI in wanted:
+        skipped[SLOWAPI] = note
+    binary = find_redis_server() if REDIS in wanted else None
+    if REDIS in wanted and binary is None:
+        skipped[REDIS] = "no redis-server found"
+    variants = [v for v in VARIANTS if v in wanted and v not in skipped]
 
     import uvicorn
 
     import llmfence
 
-    print("llmfence benchmark: HTTP (uvicorn, bare app vs. the same app behind Fence)")
+    print("llmfence benchmark: HTTP (uvicorn, the bare app and each variant in front of it)")
     print(
         f"llmfence {llmfence.__version__} at {source_revision()}; uvicorn {uvicorn.__version__}, "
-        f"1 worker, defaults as installed ({_uvicorn_defaults()}); upstream {args.upstream}; "
-        f"MemoryStore; Python {platform.python_version()}"
+        f"1 worker, defaults as installed ({_uvicorn_defaults()}); canned upstream; "
+        f"Python {platform.python_version()}; {machine()}"
     )
+    for variant, why in skipped.items():
+        print(f"{variant}: skipped: {why}")
 
     servers: dict[str, Server] = {}
     client: Client | None = None
     gc_reports: dict[str, dict[str, Any] | None] = {}
     phases: dict[int, dict[str, Series]] = {}
-    with tempfile.TemporaryDirectory(prefix="llmfence-bench-http-") as tmp:
+    with (
+        contextlib.ExitStack() as stack,
+        tempfile.TemporaryDirectory(prefix="llmfence-bench-http-") as tmp,
+    ):
         workdir = Path(tmp)
+        redis_url = None
+        if binary is not None and REDIS in variants:
+            redis_url = stack.enter_context(RedisServer(binary)).url
         try:
-            for variant in VARIANTS:
-                servers[variant] = Server(variant, key=key, upstream=args.upstream, workdir=workdir)
+            for variant in variants:
+                servers[variant] = Server(
+                    variant,
+                    workdir=workdir,
+                    settings={
+                        "variant": variant,
+                        "key": key,
+                        "directory": tmp,
+                        "redis_url": redis_url,
+                    },
+                )
             for variant, server in servers.items():
                 headers = server.wait_ready(request)
                 metered = "x-ratelimit-remaining-requests" in headers
-                if metered != (variant == "stack"):
+                if metered != (variant in FENCES):
                     raise SystemExit(f"the {variant} server is {'' if metered else 'not '}metered")
-            client = (
-                WrkClient(wrk or "wrk", body, key, workdir) if use_wrk else PythonClient(request)
-            )
+            client = pick_client(args.client, settings.quick, body, key, request, workdir)
             print(
                 f"load: {client.name}; {total:,}+ requests per variant at {args.connections} "
                 f"connections and {single:,}+ at 1, in {rounds}+ runs per variant each, "
-                f"alternating bare/stack; warm-up {warmup:,} per variant (not counted)"
+                f"variants alternating; warm-up {warmup:,} per variant (not counted)"
             )
             rates: dict[str, float] = {}
             for variant, server in servers.items():
@@ -836,26 +986,19 @@ def main() -> None:
             for variant, server in servers.items():
                 gc_reports[variant] = server.stop()
         payload = report(phases, gc_reports, total, settings.quick)
-    elapsed = time.perf_counter() - started
-    print(f"done in {elapsed:.1f} s")
-    if args.json:
-        write_json(
-            args.json,
-            {
-                "benchmark": "bench_http",
-                "llmfence": llmfence.__version__,
-                "revision": source_revision(),
-                "python": platform.python_version(),
-                "uvicorn": uvicorn.__version__,
-                "upstream": args.upstream,
-                "client": client.name if client is not None else None,
-                "quick": settings.quick,
-                "requests_per_variant": total,
-                **payload,
-                "seconds": elapsed,
-            },
-        )
-        print(f"results written to {args.json}")
+    finish(
+        args.json,
+        "bench_http",
+        started,
+        settings.quick,
+        {
+            "uvicorn": uvicorn.__version__,
+            "client": client.name if client is not None else None,
+            "requests_per_variant": total,
+            "skipped": skipped,
+            **payload,
+        },
+    )
 
 
 def _uvicorn_defaults() -> str:
