@@ -161,7 +161,9 @@ class Outbox:
                     await self._wake.wait()
                     self._wake = None
                 await anyio.sleep(max(0.0, self._next_try - self.clock()))
-                await self.drain(send)
+                if self._next_try > self.clock():  # the backoff grew meanwhile: wait again
+                    continue
+                await self.drain(send, wait=True)  # after any drain under way (a flush)
         finally:
             self.running = False
             self._wake = None
