@@ -28,7 +28,7 @@ from ._memory_state import (
     Budget,
     Leases,
     Reservation,
-    budget_refusal,
+    budget_room,
     budget_state,
     rate_refusal,
     slot_refusal,
@@ -129,15 +129,7 @@ class MemoryLedger:
                     if len(held.held) >= slot.limit:
                         refusal = slot_refusal(slot, len(held.held))
                         break
-        headroom: int | None = None
-        for scope, budget in zip(scopes, budgets, strict=True):
-            limit = scope.limit
-            if limit is not None:
-                room = limit - budget.spent
-                if headroom is None or room < headroom:
-                    headroom = room
-                if refusal is None and not idle and cost > room:
-                    refusal = budget_refusal(scope, budget, cost, now)
+        headroom, refusal = budget_room(scopes, budgets, cost, now, refusal, idle)
 
         if refusal is None and not idle:
             tokens: list[tuple[str, int, int, int]] = []

@@ -5,6 +5,7 @@ reservations."""
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import _window
@@ -22,6 +23,7 @@ __all__ = [
     "Leases",
     "Reservation",
     "budget_refusal",
+    "budget_room",
     "budget_state",
     "rate_refusal",
     "slot_refusal",
@@ -180,3 +182,25 @@ def budget_state(scope: BudgetScope, budget: Budget, now: float) -> BudgetState:
         scope.period_end if ended or budget.end is None else budget.end,
         budget.total,
     )
+
+
+def budget_room(
+    scopes: Sequence[BudgetScope],
+    budgets: Sequence[Budget],
+    cost: int,
+    now: float,
+    refusal: Refusal | None,
+    idle: bool,
+) -> tuple[int | None, Refusal | None]:
+    """The tightest room left under the levels' limits, and the first level `cost` does not
+    fit (unless an earlier check refused already, or the admission takes nothing)."""
+    headroom: int | None = None
+    for scope, budget in zip(scopes, budgets, strict=True):
+        limit = scope.limit
+        if limit is not None:
+            room = limit - budget.spent
+            if headroom is None or room < headroom:
+                headroom = room
+            if refusal is None and not idle and cost > room:
+                refusal = budget_refusal(scope, budget, cost, now)
+    return headroom, refusal

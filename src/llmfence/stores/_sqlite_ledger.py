@@ -24,7 +24,7 @@ from ._memory_state import (
     CLIENT_PREFIX,
     SWEEP_EVERY,
     Budget,
-    budget_refusal,
+    budget_room,
     budget_state,
     rate_refusal,
     slot_refusal,
@@ -165,15 +165,7 @@ def _admit(
                 if held >= slot.limit:
                     refusal = slot_refusal(slot, held)
                     break
-    headroom: int | None = None
-    for scope, budget in zip(scopes, counters, strict=True):
-        limit = scope.limit
-        if limit is not None:
-            room = limit - budget.spent
-            if headroom is None or room < headroom:
-                headroom = room
-            if refusal is None and not idle and cost > room:
-                refusal = budget_refusal(scope, budget, cost, now)
+    headroom, refusal = budget_room(scopes, counters, cost, now, refusal, idle)
 
     if refusal is None and not idle:
         tokens: list[list[Any]] = []
