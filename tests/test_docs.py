@@ -79,7 +79,7 @@ def blocks(page: Path) -> list[Block]:
     i = 0
     while i < len(lines):
         line = lines[i]
-        if (hidden := _HIDDEN.match(line)) is not None:
+        if _HIDDEN.match(line) is not None:
             end = lines.index("-->", i + 1)
             found.append(Block(page, i + 1, "python", "\n".join(lines[i + 1 : end]), hidden=True))
             i = end + 1
@@ -123,7 +123,9 @@ def live_gateway() -> Iterator[tuple[str, str]]:
     app = mock_llm_app()
     Fence(store=MemoryStore(), master_key=MASTER).install(app, admin=True)
     with serve(app) as url:
-        made = httpx.post(f"{url}/key/generate", json={}, headers={"authorization": f"Bearer {MASTER}"})
+        made = httpx.post(
+            f"{url}/key/generate", json={}, headers={"authorization": f"Bearer {MASTER}"}
+        )
         made.raise_for_status()
         yield url, made.json()["key"]
 
@@ -167,7 +169,9 @@ async def test_every_block_of_the_page_runs(page: Path, monkeypatch: pytest.Monk
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         monkeypatch.chdir(tmp)  # files a block writes (a SQLite store, user_cost.json) go here
         for block in found:
-            assert block.lang in RUN | NOT_CODE, f"{block.where}: a ```{block.lang} block is never run"
+            assert block.lang in RUN | NOT_CODE, (
+                f"{block.where}: a ```{block.lang} block is never run"
+            )
             if block.skip is not None or block.lang in NOT_CODE:
                 continue
             if block.lang == "python":
@@ -188,3 +192,61 @@ def test_the_api_reference_names_every_public_name_once() -> None:
     text = (DOCS / "reference" / "api.md").read_text()
     named = re.findall(r"^::: llmfence\.(\w+)$", text, re.M)
     assert sorted(named) == sorted(llmfence.__all__)
+
+
+def test_the_middleware_tables_match_the_signatures() -> None:
+    text = (DOCS / "reference" / "middlewares.md").read_text()
+    for section in text.split("\n## `")[1:]:
+        name, _, body = section.partition("`")
+        rows = re.findall(r"^\| `(\w+)` \| (.+?) \| ", body, re.M)
+        parameters = inspect.signature(getattr(llmfence, name).__init__).parameters
+        assert [row[0] for row in rows] == [p for p in parameters if p != "self"], name
+        for option, default in rows:
+            expected = parameters[option].default
+            if expected is inspect.Parameter.empty:
+                assert default == "positional", (name, option)
+            else:
+                written = default.split(" ")[0].strip("`").replace('"', "'")
+                assert written == repr(expected), (name, option, default)
+
+
+def test_the_admin_routes_reference_names_every_route() -> None:
+    from llmfence.admin import admin_routes
+
+    text = (DOCS / "reference" / "admin-routes.md").read_text()
+    for route in admin_routes(Fence()):
+        for method in sorted(route.methods - {"HEAD"}):
+            assert re.search(rf"`{method} {re.escape(route.path)}(?![\w/])", text), (
+                method,
+                route.path,
+            )
+
+
+def test_every_key_field_is_documented_for_key_generate() -> None:
+    from llmfence._fields import KEY_FIELDS
+
+    text = (DOCS / "reference" / "admin-routes.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `POST /key/generate`"))
+    for field in KEY_FIELDS:
+        assert f"`{field}`" in row, field
+
+
+def test_the_tests_the_docs_name_exist() -> None:
+    """`tests/…py::test_name` (or a file's base name, and `::name` after it) in the docs."""
+    tests: dict[str, list[Path]] = {}
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        tests.setdefault(path.name, []).append(path)
+    for page in PAGES:
+        last: Path | None = None
+        for path, name in re.findall(
+            r"`((?:tests/)?[\w/]*test_\w+\.py)?(?:::(\w+))?`", page.read_text()
+        ):
+            if path:
+                if path.startswith("tests/"):
+                    last = ROOT / path
+                else:
+                    [last] = tests[path]  # a name two folders share needs its folder
+                assert last.exists(), (page.name, path)
+            if name:
+                assert last is not None, (page.name, name)
+                assert re.search(rf"def {name}\(", last.read_text()), (page.name, last, name)

@@ -4,8 +4,6 @@ store calls), no label names a key or its hash, and OpenTelemetry sees the same.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,7 +11,7 @@ import httpx
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
@@ -252,30 +250,6 @@ async def test_without_metrics_nothing_is_observed() -> None:
     async with client_for(app) as client:
         response = await client.post(CHAT, json=chat_body(), headers=auth(key))
     assert response.status_code == 200
-
-
-def readme_example() -> str:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Metrics and logs", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match is not None
-    return match.group(1)
-
-
-async def test_the_readme_example_serves_metrics() -> None:
-    code = readme_example()
-    namespace: dict[str, Any] = {"Fence": Fence, "store": MemoryStore(), "app": mock_llm_app()}
-    exec(compile(code, "README.md", "exec"), namespace)
-    fence, app = namespace["fence"], namespace["app"]
-    try:
-        key, _ = await fence.generate_key()
-        async with client_for(app) as client:
-            await client.post(CHAT, json=chat_body(), headers=auth(key))
-            scrape = await client.get("/metrics", follow_redirects=True)
-    finally:
-        REGISTRY.unregister(fence.meter.observer)
-    assert scrape.status_code == 200
-    assert total(samples(scrape.text), "llmfence_requests_total", outcome="allowed") == 1
 
 
 def test_the_metrics_package_exports_what_it_lists() -> None:

@@ -109,8 +109,9 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
         max_body_size: Largest request body accepted on a metered path, in bytes.
         store_timeout: Seconds any one store call may take, whatever the store: `RedisStore`
             is given this bound in place of its own `timeout`, and calls to other stores run
-            under it. `None` (default): the store's own bound (`RedisStore`'s `timeout`, 1 s
-            by default), else 2 s. `MemoryStore` answers without waiting, so it always fits.
+            under it. `None` (default): the store's own bound (`RedisStore`'s and
+            `SQLiteStore`'s `timeout`, 5 s by default), else 5 s. `MemoryStore` answers
+            without waiting, so it always fits.
         cache_ttl: Seconds key records are cached (bounded staleness across instances).
         disconnect_extra_tokens: Output tokens charged beyond what was streamed when a client
             disconnects mid-stream.

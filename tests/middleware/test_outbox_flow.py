@@ -225,7 +225,7 @@ async def test_a_failed_open_admission_that_runs_late_is_charged_once(
         queued = list(stall.queued)
         # The order is the test's: the background task must not send the settlement while the
         # late admission runs. (Concurrently, on Redis Cluster, a settlement and its own
-        # admission are several steps each and can interleave: a known limit, README.)
+        # admission are several steps each and can interleave: a known limit, docs.)
         fence.meter.outbox._next_try = float("inf")
         stall.stalled, stall.queued = False, []
         if settle_first:

@@ -1,7 +1,7 @@
 """Load and the bounds it must keep, as functions any store's run can reuse.
 
 `fire` sends a bounded batch of requests, concurrently, across the gateways and returns what
-came back; the `assert_*` functions check one promise of the README's "Guarantees" each, on that
+came back; the `assert_*` functions check one promise of the docs' "Guarantees" each, on that
 outcome and on what the admin API and the upstream report.
 """
 

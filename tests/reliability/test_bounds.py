@@ -1,4 +1,4 @@
-"""The bounds under concurrent load, on two gateway processes sharing one store (README,
+"""The bounds under concurrent load, on two gateway processes sharing one store (the docs,
 "Guarantees"): spend never passes a budget, a burst admits exactly the RPM limit, in flight never
 above max_parallel, every nano-USD spent has its spend record, and no 500s anywhere."""
 

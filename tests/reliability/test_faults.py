@@ -1,4 +1,4 @@
-"""Store faults under load, on two gateway processes sharing one Redis (README, "Guarantees" and
+"""Store faults under load, on two gateway processes sharing one Redis (docs, "Guarantees" and
 "Store outages"; issue 11, items 2, 3 and 10).
 
 While Redis is stalled (SIGSTOP) or killed and restarted (its append-only file keeps what it
@@ -161,7 +161,7 @@ async def test_a_redis_kill_and_restart_under_load_leaks_nothing(
 
 # Not on Redis Cluster: its admissions and settlements take two round trips each (a request's
 # home, then its slots), and 600 requests at once on two busy cores then run past the 5 s
-# store timeout (measured: 105 to 183 of 600 got 503s under load). README, "Redis Cluster".
+# store timeout (measured: 105 to 183 of 600 got 503s under load). docs, "Redis Cluster".
 @pytest.mark.parametrize("store_url", ["redis", "sqlite"], indirect=True)
 async def test_a_cold_start_serves_a_burst_without_a_503(
     store_url: str, gateway_processes: Gateways
