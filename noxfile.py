@@ -52,6 +52,21 @@ def examples(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Build the documentation site (`docs/`, `mkdocs.yml`) with `mkdocs build --strict`: a
+    broken link, a page missing from the nav or a docstring mkdocstrings cannot read fails it.
+
+    The site goes to a temporary directory; `nox -s docs -- --site-dir site` keeps it in
+    `site/` (ignored by git). Offline: no plugin fetches anything. The code blocks of the pages
+    are run by `tests/test_docs.py` (in `nox -s tests`), not here.
+    """
+    session.install("-e", ".[docs]")
+    site = Path(session.create_tmp()) / "site"
+    session.env["NO_MKDOCS_2_WARNING"] = "1"  # material's notice about its successor
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(site), *session.posargs)
+
+
+@nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """Run `benchmarks/run.py`: every comparison (peers in process, over HTTP, the gateway
     beside the LiteLLM proxy, cost growth, fairness, Redis round trips), tables printed and
