@@ -663,6 +663,23 @@ def test_filter_any_chunking(ending: str, data: st.DataObject) -> None:
     assert run_filter(split_at(body, points)) == (without_usage_chunk(body, ENDINGS[ending]), True)
 
 
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+def test_filter_takes_a_whole_long_stream_in_one_chunk(ending: str) -> None:
+    # A transport that buffers (httpx's ASGITransport, a proxy) hands over the stream at once:
+    # only the events holding the marker are looked at, so 20k events cost 20k, not 20k².
+    blank = ENDINGS[ending] * 2
+    content = [
+        f'data: {{"choices":[{{"index":0,"delta":{{"content":"w{i}"}}}}]}}'.encode()
+        for i in range(20_000)
+    ]
+    decoy = b'data: {"choices":[{"index":0,"delta":{"content":"prompt_tokens\\""}}]}'
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":20001}}'
+    events = [*content[:10_000], decoy, *content[10_000:], usage, b"data: [DONE]"]
+    body = blank.join(events) + blank
+    kept = [event for event in events if event != usage]
+    assert run_filter([body]) == (blank.join(kept) + blank, True)
+
+
 def test_filter_holds_back_only_the_incomplete_event() -> None:
     body = recorded(CHAT)
     events = [event + b"\n\n" for event in body.split(b"\n\n")[:-1]]

@@ -9,7 +9,7 @@ an event's `data`. Nothing here knows what the events mean: `_usage` does.
 
 from __future__ import annotations
 
-__all__ = ["SSEFramer", "event_data", "events", "events_with", "next_cut"]
+__all__ = ["SSEFramer", "event_around", "event_data", "events", "events_with", "next_cut"]
 
 # Any two line endings in a row contain one of these; one line ending (LF, CR, CRLF) contains
 # none of them.
@@ -107,6 +107,15 @@ def next_cut(buf: bytes, start: int) -> int:
     """The end of the first blank-line run in `buf[start:]`, or -1."""
     found = [i for i in (buf.find(pattern, start) for pattern in _TWO_ENDINGS) if i >= 0]
     return _run_end(buf, min(found) + 2, len(buf)) if found else -1
+
+
+def event_around(buf: bytes, at: int) -> tuple[int, int]:
+    """Where the event holding byte `at` of a run of events starts and ends (its blank line
+    included; the run's end if it has none). Costs the length of that event, not of the run:
+    a search from the run's start for every event would make a chunk of n events cost n²."""
+    start = _last_cut(buf, at)
+    end = next_cut(buf, at)
+    return max(start, 0), len(buf) if end < 0 else end
 
 
 def _run_end(buf: bytes, i: int, end: int) -> int:

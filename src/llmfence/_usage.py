@@ -23,7 +23,7 @@ from typing import Any
 
 from ._deltas import delta_texts
 from ._json import loads
-from ._sse import SSEFramer, event_data, events_with, next_cut
+from ._sse import SSEFramer, event_around, event_data, events_with
 
 __all__ = ["StreamUsageScanner", "Usage", "UsageChunkFilter", "usage_from_json"]
 
@@ -293,18 +293,21 @@ class UsageChunkFilter(SSEFramer):
         return self._strip(rest) if marked else rest
 
     def _strip(self, done: bytes) -> bytes:
+        # Only an event holding the marker can be the usage chunk: look at those alone, found
+        # from the marker, and pass the bytes between them through in one piece.
         kept: list[bytes] = []
         start = 0
-        while start < len(done):
-            end = next_cut(done, start)
-            if end < 0:
-                end = len(done)  # an unterminated last event, at `finish`
-            event = done[start:end]
-            if _MARK in event and _is_usage_chunk(event):
+        at = done.find(_MARK)
+        while at >= 0:
+            first, end = event_around(done, at)
+            if _is_usage_chunk(done[first:end]):
                 self._stripped = True
-            else:
-                kept.append(event)
-            start = end
+                kept.append(done[start:first])
+                start = end
+            at = done.find(_MARK, end)
+        if not kept:
+            return done
+        kept.append(done[start:])
         return b"".join(kept)
 
 
