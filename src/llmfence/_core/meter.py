@@ -26,7 +26,6 @@ from llmfence.stores import (
     AdmissionResult,
     BudgetScope,
     RateHit,
-    RateState,
     Settlement,
     Store,
 )
@@ -39,6 +38,7 @@ from .observe import Observer, timed
 from .outbox import Outbox
 from .plan import Plan
 from .refusals import refusal_error
+from .shadow import relax, unrelax
 
 __all__ = ["Meter"]
 
@@ -47,7 +47,6 @@ _T = TypeVar("_T")
 
 DEFAULT_STORE_TIMEOUT = DEFAULT_TIMEOUT
 """The bound of every call to a store that sets none of its own (seconds)."""
-_RELAXED = 1 << 62
 # How many times an admission may be retried with a smaller output allowance: once for the
 # tightest level reported, once more if another level turns out tighter still.
 _FITTINGS = 3
@@ -315,9 +314,9 @@ class Meter:
                 # Shadow checks never refuse: admit again with their limits lifted. Admitted
                 # now, the refusal was theirs: say what they would have done; their usage is
                 # still counted. Refused again, the refusal is a real check's.
-                relaxed = _relax(admission, plan)
+                relaxed = relax(admission, plan.shadowed)
                 again = await self.call(self.store.admit(relaxed))
-                again = replace(again, rates=_unrelax(again.rates, admission))
+                again = replace(again, rates=unrelax(again.rates, admission))
                 if again.refusal is None:
                     ctx.response_headers.append((_SHADOW_HEADER, refusal.reason.encode()))
                     logger.info("llmfence shadow refusal: %s on %s", refusal.reason, refusal.level)
@@ -367,33 +366,3 @@ class Meter:
         if not rooms:
             return None
         return max(0, min(rooms)) // request.n
-
-
-def _relax(admission: Admission, plan: Plan) -> Admission:
-    """The admission with the limits of the counters only shadow checks enforce lifted."""
-    shadowed = plan.shadowed
-    return replace(
-        admission,
-        rates=tuple(
-            replace(hit, limit=_RELAXED) if shadowed(hit.key) else hit for hit in admission.rates
-        ),
-        slots=tuple(
-            replace(slot, limit=_RELAXED) if shadowed(slot.key) else slot
-            for slot in admission.slots
-        ),
-        budgets=tuple(
-            replace(scope, limit=None) if shadowed(scope.key) else scope
-            for scope in admission.budgets
-        ),
-    )
-
-
-def _unrelax(states: tuple[RateState, ...], admission: Admission) -> tuple[RateState, ...]:
-    """Report shadowed windows against their real limits, not the lifted ones."""
-    limits = {hit.key: hit.limit for hit in admission.rates}
-    return tuple(
-        replace(s, limit=limits[s.key], remaining=max(0, limits[s.key] - (s.limit - s.remaining)))
-        if s.limit == _RELAXED
-        else s
-        for s in states
-    )
