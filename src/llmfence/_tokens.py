@@ -253,6 +253,10 @@ class TokenCounter:
             return await anyio.to_thread.run_sync(self.count, request)
         return self.count(request)
 
+    def may_thread(self, request: LLMRequest) -> bool:
+        """Whether `acount` may move this request's counting to a worker thread."""
+        return _rough_chars(request) > self._thread_threshold
+
     # -- messages --------------------------------------------------------------------------
 
     @staticmethod

@@ -34,6 +34,7 @@ from llmfence.stores._protocol import DEFAULT_TIMEOUT
 from .alerts import Alerts
 from .checks import BudgetCheck
 from .context import RequestContext
+from .lazy import admit_bounded
 from .observe import Observer, timed
 from .outbox import Outbox
 from .plan import Plan
@@ -78,6 +79,12 @@ class Meter:
         observer: Told of every request, refusal, spend, store call and degradation (a
             `llmfence.metrics` adapter); `None` (default): nothing is observed, at the cost of
             one `is None` check at each of those points.
+        lazy_counting: Admit with an upper bound of the prompt's tokens (its UTF-8 length,
+            `TokenCounter.bound`) and count exactly only when a decision or a figure needs it:
+            a refusal under the bound, a reservation that takes more than half the room of a
+            token window or budget, a response without usage (see `_core.lazy`). Admissions
+            decide as with exact counting; far from every limit, `x-ratelimit-remaining-tokens`
+            counts the bound while the request runs. `False`: count every prompt first.
     """
 
     def __init__(
@@ -93,8 +100,11 @@ class Meter:
         deployments: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
         observer: Observer | None = None,
+        lazy_counting: bool = True,
     ) -> None:
         self.store = store
+        self.lazy_counting = lazy_counting
+        """Whether prompts are counted only when a decision needs it (`_core.lazy`)."""
         self.deployments = dict(deployments or {})
         """The model each Azure-style deployment runs (a deployment not named runs the model of
         its own name)."""
@@ -185,12 +195,17 @@ class Meter:
     # -- projection --------------------------------------------------------------------------
 
     async def tokens(self, ctx: RequestContext) -> int:
-        """Prompt tokens plus the output allowance (what TPM reserves), counted once."""
+        """Prompt tokens plus the output allowance (what TPM reserves), counted once: the
+        prompt's upper bound under `lazy_counting` (`ctx.bounded`), else its exact count."""
         request = ctx.request
         if request is None:
             return 0
         if ctx.prompt_tokens is None:
-            ctx.prompt_tokens = await self.counter.acount(request)
+            if self.lazy_counting:
+                ctx.prompt_tokens = self.counter.bound(request)
+                ctx.bounded = True
+            else:
+                ctx.prompt_tokens = await self.counter.acount(request)
             if request.endpoint != "embeddings":
                 ctx.allowance = (request.max_output_tokens or self.default_max_tokens) * request.n
         return ctx.prompt_tokens + ctx.allowance
@@ -305,6 +320,10 @@ class Meter:
     async def _admit(
         self, ctx: RequestContext, plan: Plan, admission: Admission
     ) -> AdmissionResult:
+        if ctx.bounded:  # the prompt's bound first; counted exactly if a decision needs it
+            admitted, admission = await admit_bounded(self, ctx, admission)
+            if admitted is not None:
+                return admitted
         result = await self.call(self.store.admit(admission))
         for _ in range(_FITTINGS):
             refusal = result.refusal
