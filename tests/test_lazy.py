@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -257,11 +257,11 @@ async def run_both(
         ):
             for serial, call in enumerate(sequence):
                 clock.advance(call.gap)
-                assert await answer(lazy, call, serial) == await answer(exact, call, serial), (
-                    serial,
-                    call,
-                )
+                answered = await answer(lazy, call, serial)
+                assert answered == await answer(exact, call, serial), (serial, call)
                 assert lazy_received == exact_received
+                status, _, (*_, clamped, _) = answered
+                event(f"answered {status}" + (", clamped" if clamped else ""))
         now = clock.advance(1.0)
         assert await state(lazy_store, now) == await state(exact_store, now)
         if kind == "memory":
@@ -290,3 +290,85 @@ async def test_lazy_counting_decides_as_exact_counting_does_in_every_store(
     request: pytest.FixtureRequest, kind: str, limits: Limits, sequence: list[Call]
 ) -> None:
     await run_both(request, kind, limits, sequence, next(_runs))
+
+
+# -- the paths, one by one -------------------------------------------------------------------
+
+
+async def one(limits: Limits, call: Call, *, lazy: bool = True) -> tuple[httpx.Response, Store]:
+    store = MemoryStore()
+    async with gateway(store, FakeClock(T0), limits, lazy) as (client, _received):
+        body: dict[str, Any] = {
+            "model": call.model,
+            "messages": [{"role": "user", "content": prompt(call, 0)}],
+        }
+        if call.max_tokens is not None:
+            body["max_tokens"] = call.max_tokens
+        headers = {"authorization": f"Bearer {KEY}", "x-mode": call.mode, "x-completion": "5"}
+        return await client.post(CHAT, json=body, headers=headers), store
+
+
+LOOSE = Limits(None, None, None, None, None, None, None, None, None, 4096, False)
+LONG = Call(0.0, 400, False, 100, MODELS[0], None, 5, "usage")
+
+
+def prompt_tokens(call: Call) -> tuple[int, int]:
+    """The exact count and the bound of a call's prompt."""
+    body = {"model": call.model, "messages": [{"role": "user", "content": prompt(call, 0)}]}
+    parsed = parse_request(json.dumps(body).encode(), CHAT)
+    return COUNTER.count(parsed), COUNTER.bound(parsed)
+
+
+async def test_far_from_every_limit_the_headers_count_the_bound() -> None:
+    exact, bound = prompt_tokens(LONG)
+    response, _ = await one(replace(LOOSE, tpm=100 * bound), LONG)
+    assert response.status_code == 200
+    remaining = int(response.headers["x-ratelimit-remaining-tokens"])
+    assert remaining == 100 * bound - bound - 100 < 100 * bound - exact - 100
+
+
+async def test_near_a_limit_the_prompt_is_counted_and_the_headers_are_exact() -> None:
+    exact, bound = prompt_tokens(LONG)
+    # The bound reservation takes more than half of the window: not comfortable.
+    limits = replace(LOOSE, tpm=2 * bound + 100)
+    response, _ = await one(limits, LONG)
+    counted, _ = await one(limits, LONG, lazy=False)
+    assert response.status_code == counted.status_code == 200
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(2 * bound - exact)
+    for name in ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "ratelimit"):
+        assert response.headers[name] == counted.headers[name]
+
+
+async def test_a_bound_refused_is_admitted_on_the_exact_count() -> None:
+    exact, bound = prompt_tokens(LONG)
+    assert exact + 100 < bound  # English: several bytes a token
+    limits = replace(LOOSE, tpm=exact + 100)  # the exact reservation fits to the token
+    response, _ = await one(limits, LONG)
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-remaining-tokens"] == "0"
+    refused, _ = await one(replace(limits, tpm=exact + 99), LONG)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "tokens"
+
+
+async def test_a_clamped_allowance_is_the_one_exact_counting_gives() -> None:
+    exact, _ = prompt_tokens(LONG)
+    call = replace(LONG, max_tokens=None)
+    limits = replace(LOOSE, tpm=exact + 500)
+    for lazy in (True, False):
+        response, _ = await one(limits, call, lazy=lazy)
+        assert response.headers["x-llmfence-max-tokens-clamped"] == "500"
+
+
+async def test_a_response_without_usage_is_recorded_with_the_exact_prompt() -> None:
+    exact, _ = prompt_tokens(LONG)
+    response, store = await one(LOOSE, replace(LONG, mode="no-usage"))
+    assert response.status_code == 200
+    [record] = await store.spend_records()
+    assert (record.input_tokens, record.provenance) == (exact, "reservation-only")
+
+
+async def test_lazy_counting_off_counts_every_prompt_first() -> None:
+    exact, bound = prompt_tokens(LONG)
+    response, _ = await one(replace(LOOSE, tpm=100 * bound), LONG, lazy=False)
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(100 * bound - exact - 100)
