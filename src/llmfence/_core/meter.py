@@ -2,7 +2,8 @@
 
 `Meter` is long-lived: it holds the store, prices, token counter, clock and defaults, bounds
 every store call, and counts degradations. `admit` turns a request and a caller's `Plan` into one
-`Store.admit` call (with its shadow, clamping and outage rules); `_core.settle` ends the request.
+`Store.admit` call (with its shadow, clamping and outage rules; a prompt is only bounded until a
+decision needs its exact count, `_core.lazy`); `_core.settle` ends the request.
 The middlewares and the route guards both go through here. Nothing here knows ASGI.
 """
 
