@@ -100,8 +100,10 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
         min_output_tokens: Below this many output tokens, such a request is refused instead.
         lazy_counting: Admit with an upper bound of the prompt's tokens (its UTF-8 length) and
             count exactly only when a decision needs it: near a limit, on a refusal, for a
-            response without usage. Decisions are those of exact counting; far from every
-            limit `x-ratelimit-remaining-tokens` counts the bound. `False`: count every prompt.
+            response without usage. Decisions are those of exact counting; far from every limit
+            `x-ratelimit-remaining-tokens` counts the bound while the request runs. `False`:
+            count every prompt first (for clients that pace on that header to the token, or
+            many concurrent requests sharing a window near its limit).
         calendar_aligned: Align budget periods to UTC calendar boundaries instead of rolling.
         clamp_max_tokens: Lower `max_tokens` to what the tightest budget can pay for instead of
             refusing.

@@ -13,24 +13,27 @@ on the difference:
 - **Admitted under the bound**: every check is monotone in its cost (a token bucket fits iff
   its level plus the cost is within its size, a budget iff the cost is within its room; request
   windows and leases do not depend on tokens), so the exact, smaller costs would have been
-  admitted as well, with the same output allowance. The decision is the same; only what the
-  store holds until settlement is larger, by the bound's excess.
+  admitted as well, with the same output allowance. The decision is the same; what the store
+  holds until settlement is what the next two cases settle.
 - **Not comfortably** admitted: when the bound reservation took more than half the room of some
-  token window or budget (`comfortable`), the request is near a limit, where a figure matters:
-  the prompt is counted exactly at once, and the result is restated as the exact reservation
-  would have left it (`as_if_exact`), so the `x-ratelimit-*` headers and budget alerts read the
-  exact figures there. Far from every limit the headers count the bound reservation: a
-  conservative `remaining`, low by the bound's excess at most, while the request is in flight.
+  token window or budget (`comfortable`), the request is near a limit, where the bound's excess
+  could crowd out other requests and the figures matter. That reservation is given back at
+  once (a settlement of nothing at the same instant, which restores every counter as the
+  admission found it), the prompt is counted exactly, and the request is admitted again on the
+  exact count under a new id: the store then holds what exact counting holds, and the
+  `x-ratelimit-*` headers and budget alerts read the exact figures. Two more store calls, only
+  near a limit.
+- **Comfortably** admitted: the store holds the bound's excess until settlement, and at least
+  half of every room the request touched is left to others; the headers count the bound
+  reservation, a conservative `remaining` (low by the excess at most) while it runs.
 - **Settlement** replaces the reservation with the response's usage, as always; when the
   response reports none (a stream without usage, an error body, a disconnect), the prompt is
   counted exactly then, so records and charges equal what counting at admission would give.
 
-What this does not restate: the excess the store holds between admission and settlement. A
-concurrent request on the same counters, near their limit, sees up to that much less room than
-with exact counting; the comfort rule keeps the excess to requests that took at most half of
-every room they touched. Requests in sequence decide exactly as with exact counting (a property
-test runs the two side by side on every store). Route guards never count prompts (they reserve
-their configured estimates) and are unaffected.
+Requests in sequence decide exactly as with exact counting, and leave the same counters (a
+property test runs the two side by side on every store). Concurrent requests on the same
+counters may see up to a comfortable request's excess less room while it runs. Route guards
+never count prompts (they reserve their configured estimates) and are unaffected.
 """
 
 from __future__ import annotations
@@ -38,14 +41,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from llmfence.stores import Admission, AdmissionResult
+from llmfence.stores import Admission, AdmissionResult, Settlement
 
 from .context import RequestContext
 
 if TYPE_CHECKING:
     from .meter import Meter
 
-__all__ = ["admit_bounded", "as_if_exact", "comfortable", "count_exactly", "exact_admission"]
+__all__ = ["admit_bounded", "comfortable", "count_exactly", "exact_admission"]
 
 
 async def admit_bounded(
@@ -54,20 +57,33 @@ async def admit_bounded(
     """Admit a request whose prompt is still only bounded (`ctx.bounded`).
 
     Returns:
-        The result when the bound decided it (admitted), else `None` and the admission to
-        send instead, with the exact count: the bound was refused, which reserved nothing.
+        The result when the bound decided it (admitted comfortably), else `None` and the
+        admission to send instead, on the exact count: the bound was refused (which reserved
+        nothing), or took more than half of some room and was given back (under a new id).
     """
     result = await meter.call(meter.store.admit(admission))
     if result.refusal is None:
         if comfortable(result, (ctx.prompt_tokens or 0) + ctx.allowance, admission.cost):
             return result, admission
-        # Near a limit: the figures the headers and alerts read are the exact ones.
-        bound_cost = ctx.cost
-        fewer = await count_exactly(meter, ctx)
-        return as_if_exact(result, fewer, bound_cost - ctx.cost), admission
+        # Near a limit: the store is to hold what exact counting reserves, not the bound.
+        # The refund restores every counter as the admission found it (same instant).
+        refund = Settlement(admission.request_id, ctx.now, 0, 0, refund_requests=True)
+        await meter.call(meter.store.settle(refund))
+        admission = _renamed(ctx, admission)
     await count_exactly(meter, ctx)
     tokens = (ctx.prompt_tokens or 0) + ctx.allowance
     return None, exact_admission(admission, tokens, ctx.cost)
+
+
+def _renamed(ctx: RequestContext, admission: Admission) -> Admission:
+    """The admission under a new id: a settled id is answered as admitted and takes nothing
+    in every store (a retry's protection), so the exact one cannot reuse it."""
+    old, new = admission.request_id, f"{ctx.request_id}.{ctx.admissions}"
+    ctx.admissions += 1
+    ctx.uncertain[ctx.uncertain.index(old)] = new
+    if old in ctx.charges:
+        ctx.charges[new] = ctx.charges.pop(old)
+    return replace(admission, request_id=new)
 
 
 async def count_exactly(meter: Meter, ctx: RequestContext) -> int:
@@ -99,36 +115,6 @@ def comfortable(result: AdmissionResult, tokens: int, cost: int) -> bool:
             return False
     headroom = result.headroom
     return headroom is None or 2 * cost <= headroom
-
-
-def as_if_exact(result: AdmissionResult, fewer_tokens: int, less_cost: int) -> AdmissionResult:
-    """An admitted result restated as a reservation `fewer_tokens` smaller in every token window
-    and `less_cost` smaller at every budget level would have left the store.
-
-    A bucket's whole units left grow by exactly the tokens not taken (the level moves by whole
-    units of the window); its time to empty is taken down by the whole milliseconds those
-    units drain in, which is at most 1 ms later than exact (the reset is a ceiling).
-    """
-    if not fewer_tokens and not less_cost:
-        return result
-    rates = result.rates
-    if fewer_tokens:
-        restated = []
-        for state in rates:
-            if state.kind == "tokens":
-                window_ms = round(state.window * 1000)
-                reset_ms = round(state.reset_after * 1000) - fewer_tokens * window_ms // state.limit
-                state = replace(
-                    state,
-                    remaining=min(state.limit, state.remaining + fewer_tokens),
-                    reset_after=max(0, reset_ms) / 1000,
-                )
-            restated.append(state)
-        rates = tuple(restated)
-    budgets = result.budgets
-    if less_cost:
-        budgets = tuple(replace(state, spent=state.spent - less_cost) for state in budgets)
-    return replace(result, rates=rates, budgets=budgets)
 
 
 def exact_admission(admission: Admission, tokens: int, cost: int) -> Admission:

@@ -267,14 +267,15 @@ class Meter:
         ctx.uncertain.append(request_id)
         admission = Admission(request_id, ctx.now, rates, plan.slots, budgets, ctx.cost)
         try:
-            result = await self.reserve(
+            admitted = await self.reserve(
                 self._admit(ctx, plan, admission), plan.fail_closed, ctx.request_id
             )
         except StoreError as error:
             return error
-        if result is None:
+        if admitted is None:
             ctx.response_headers.append(DEGRADED_HEADER)
             return None
+        result, request_id = admitted  # the id changes when a bound's reservation went back
         ctx.uncertain.remove(request_id)
         ctx.rate_states.extend(result.rates)
         if self.alerts is not None and result.budgets:
@@ -303,10 +304,10 @@ class Meter:
 
     async def reserve(
         self,
-        admission: Awaitable[AdmissionResult],
+        admission: Awaitable[_T],
         fail_closed: bool,
         request_id: str | None = None,
-    ) -> AdmissionResult | None:
+    ) -> _T | None:
         """Await an admission under the outage policy: its result; `None` when the store is
         down and the checks fail open (logged and counted); `StoreError` when they fail closed.
         """
@@ -320,11 +321,17 @@ class Meter:
 
     async def _admit(
         self, ctx: RequestContext, plan: Plan, admission: Admission
-    ) -> AdmissionResult:
+    ) -> tuple[AdmissionResult, str]:
+        """The admission's result and the id its reservation holds."""
         if ctx.bounded:  # the prompt's bound first; counted exactly if a decision needs it
             admitted, admission = await admit_bounded(self, ctx, admission)
             if admitted is not None:
-                return admitted
+                return admitted, admission.request_id
+        return await self._fitted(ctx, plan, admission), admission.request_id
+
+    async def _fitted(
+        self, ctx: RequestContext, plan: Plan, admission: Admission
+    ) -> AdmissionResult:
         result = await self.call(self.store.admit(admission))
         for _ in range(_FITTINGS):
             refusal = result.refusal
