@@ -14,7 +14,7 @@ so must the final state: every rate bucket, budget and spend record.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import astuple, dataclass, replace
 from typing import Any
@@ -124,13 +124,16 @@ def prompt(call: Call, serial: int) -> str:
     return f"{serial} " + " ".join(pool[(i * 7 + serial) % len(pool)] for i in range(call.words))
 
 
-def upstream(received: list[int | None]) -> Starlette:
-    """An upstream reporting the exact prompt tokens and the completion a call asks for."""
+def upstream(received: list[int | None], during: Callable[[], None] | None = None) -> Starlette:
+    """An upstream reporting the exact prompt tokens and the completion a call asks for;
+    `during` is called while it answers (the request admitted, not yet settled)."""
 
     async def handle(request: Request) -> Response:
         raw = await request.body()
         parsed = parse_request(raw, CHAT)
         received.append(parsed.max_output_tokens)
+        if during is not None:
+            during()
         mode = request.headers["x-mode"]
         completion = int(request.headers["x-completion"])
         if parsed.max_output_tokens is not None:
@@ -157,10 +160,14 @@ def upstream(received: list[int | None]) -> Starlette:
 
 @asynccontextmanager
 async def gateway(
-    store: Store, clock: FakeClock, limits: Limits, lazy: bool
+    store: Store,
+    clock: FakeClock,
+    limits: Limits,
+    lazy: bool,
+    during: Callable[[], None] | None = None,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, list[int | None]]]:
     received: list[int | None] = []
-    app = upstream(received)
+    app = upstream(received, during)
     fence = Fence(
         store=store,
         master_key="sk-master-key",
@@ -295,9 +302,13 @@ async def test_lazy_counting_decides_as_exact_counting_does_in_every_store(
 # -- the paths, one by one -------------------------------------------------------------------
 
 
-async def one(limits: Limits, call: Call, *, lazy: bool = True) -> tuple[httpx.Response, Store]:
+async def one(
+    limits: Limits, call: Call, *, lazy: bool = True, held: list[Any] | None = None
+) -> tuple[httpx.Response, Store]:
+    """One call through a new gateway; `held`: gets the store's state while the call runs."""
     store = MemoryStore()
-    async with gateway(store, FakeClock(T0), limits, lazy) as (client, _received):
+    during = None if held is None else lambda: held.append(memory_state(store))
+    async with gateway(store, FakeClock(T0), limits, lazy, during) as (client, _received):
         body: dict[str, Any] = {
             "model": call.model,
             "messages": [{"role": "user", "content": prompt(call, 0)}],
@@ -372,3 +383,27 @@ async def test_lazy_counting_off_counts_every_prompt_first() -> None:
     exact, bound = prompt_tokens(LONG)
     response, _ = await one(replace(LOOSE, tpm=100 * bound), LONG, lazy=False)
     assert response.headers["x-ratelimit-remaining-tokens"] == str(100 * bound - exact - 100)
+
+
+async def test_near_a_limit_the_store_holds_the_exact_reservation_while_a_call_runs() -> None:
+    _, bound = prompt_tokens(LONG)
+    limits = replace(LOOSE, tpm=2 * bound + 100)  # not comfortable
+    lazy: list[Any] = []
+    counted: list[Any] = []
+    await one(limits, LONG, held=lazy)
+    await one(limits, LONG, lazy=False, held=counted)
+    assert lazy == counted != []
+
+
+async def test_far_from_every_limit_the_store_holds_the_bound_while_a_call_runs() -> None:
+    exact, bound = prompt_tokens(LONG)
+    limits = replace(LOOSE, tpm=100 * bound)
+    lazy: list[Any] = []
+    counted: list[Any] = []
+    await one(limits, LONG, held=lazy)
+    await one(limits, LONG, lazy=False, held=counted)
+    [(buckets, _)] = lazy
+    [(exact_buckets, _)] = counted
+    [tpm] = [key for key in buckets if key.startswith("tpm:")]
+    level, exact_level = buckets[tpm][1], exact_buckets[tpm][1]
+    assert level - exact_level == (bound - exact) * 60_000
