@@ -86,21 +86,16 @@ def _renamed(ctx: RequestContext, admission: Admission) -> Admission:
     return replace(admission, request_id=new)
 
 
-async def count_exactly(meter: Meter, ctx: RequestContext) -> int:
-    """Replace a request's bounded prompt by its exact count, and its projected cost with it.
-
-    Returns:
-        How many tokens fewer the exact count is (0 when the prompt was counted already).
-    """
+async def count_exactly(meter: Meter, ctx: RequestContext) -> None:
+    """Replace a request's bounded prompt by its exact count, and its projected cost (if one
+    was projected) with it; nothing when the prompt was counted already."""
     request = ctx.request
     if not ctx.bounded or request is None:
-        return 0
-    bound = ctx.prompt_tokens or 0
+        return
     ctx.prompt_tokens = exact = await meter.counter.acount(request)
     ctx.bounded = False
     if ctx.cost and ctx.price is not None:
         ctx.cost = ctx.price.projected(exact, ctx.allowance)
-    return bound - exact
 
 
 def comfortable(result: AdmissionResult, tokens: int, cost: int) -> bool:
