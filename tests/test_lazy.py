@@ -309,14 +309,8 @@ async def one(
     store = MemoryStore()
     during = None if held is None else lambda: held.append(memory_state(store))
     async with gateway(store, FakeClock(T0), limits, lazy, during) as (client, _received):
-        body: dict[str, Any] = {
-            "model": call.model,
-            "messages": [{"role": "user", "content": prompt(call, 0)}],
-        }
-        if call.max_tokens is not None:
-            body["max_tokens"] = call.max_tokens
-        headers = {"authorization": f"Bearer {KEY}", "x-mode": call.mode, "x-completion": "5"}
-        return await client.post(CHAT, json=body, headers=headers), store
+        response = await client.post(CHAT, json=body_of(call), headers=headers_of(call))
+        return response, store
 
 
 LOOSE = Limits(None, None, None, None, None, None, None, None, None, 4096, False)
@@ -407,3 +401,66 @@ async def test_far_from_every_limit_the_store_holds_the_bound_while_a_call_runs(
     [tpm] = [key for key in buckets if key.startswith("tpm:")]
     level, exact_level = buckets[tpm][1], exact_buckets[tpm][1]
     assert level - exact_level == (bound - exact) * 60_000
+
+
+class Calls:
+    """Counts a store's admissions and settlements (wrapping the instance's methods)."""
+
+    def __init__(self, store: Store) -> None:
+        self.log: list[str] = []
+        admit, settle = store.admit, store.settle
+
+        async def counted_admit(admission: Admission) -> Any:
+            self.log.append("admit")
+            return await admit(admission)
+
+        async def counted_settle(settlement: Any) -> bool:
+            self.log.append("settle")
+            return await settle(settlement)
+
+        store.admit = counted_admit  # type: ignore[method-assign]
+        store.settle = counted_settle  # type: ignore[method-assign]
+
+
+async def test_a_bound_above_half_a_limit_is_counted_before_any_store_call() -> None:
+    exact, bound = prompt_tokens(LONG)
+    store = MemoryStore()
+    calls = Calls(store)
+    limits = replace(LOOSE, tpm=2 * bound)  # the bound reservation is above half of it
+    async with gateway(store, FakeClock(T0), limits, True) as (client, _):
+        response = await client.post(CHAT, json=body_of(LONG), headers=headers_of(LONG))
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(2 * bound - exact - 100)
+    assert calls.log == ["admit", "settle"]
+
+
+async def test_a_bound_that_takes_over_half_the_room_left_goes_back_before_the_app() -> None:
+    exact, bound = prompt_tokens(LONG)
+    tpm = 4 * (bound + 100)  # half of the limit would hold the bound reservation
+    first = replace(LONG, max_tokens=None, completion=5 * (bound + 100) // 2 - exact)
+    figures = []
+    for lazy in (True, False):
+        store = MemoryStore()
+        async with gateway(store, FakeClock(T0), replace(LOOSE, tpm=tpm), lazy) as (client, _):
+            await client.post(CHAT, json=body_of(first), headers=headers_of(first))
+            calls = Calls(store)  # the window now has 1.5 reservations of room left
+            response = await client.post(CHAT, json=body_of(LONG), headers=headers_of(LONG))
+        assert response.status_code == 200
+        figures.append(response.headers["x-ratelimit-remaining-tokens"])
+        if lazy:
+            assert calls.log == ["admit", "settle", "admit", "settle"]
+    assert figures[0] == figures[1]
+
+
+def body_of(call: Call) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": call.model,
+        "messages": [{"role": "user", "content": prompt(call, 0)}],
+    }
+    if call.max_tokens is not None:
+        body["max_tokens"] = call.max_tokens
+    return body
+
+
+def headers_of(call: Call) -> dict[str, str]:
+    completion = str(call.completion)
+    return {"authorization": f"Bearer {KEY}", "x-mode": call.mode, "x-completion": completion}

@@ -15,6 +15,8 @@ on the difference:
   windows and leases do not depend on tokens), so the exact, smaller costs would have been
   admitted as well, with the same output allowance. The decision is the same; what the store
   holds until settlement is what the next two cases settle.
+- **Never comfortable**: a bound reservation above half of some token window's or budget's
+  whole limit cannot leave half of its room, so the prompt is counted before any store call.
 - **Not comfortably** admitted: when the bound reservation took more than half the room of some
   token window or budget (`comfortable`), the request is near a limit, where the bound's excess
   could crowd out other requests and the figures matter. That reservation is given back at
@@ -58,12 +60,20 @@ async def admit_bounded(
 
     Returns:
         The result when the bound decided it (admitted comfortably), else `None` and the
-        admission to send instead, on the exact count: the bound was refused (which reserved
-        nothing), or took more than half of some room and was given back (under a new id).
+        admission to send instead, on the exact count: the bound could never be comfortable
+        (it was not sent), was refused (which reserved nothing), or took more than half of
+        some room and was given back (the exact admission then has a new id).
     """
+    tokens = (ctx.prompt_tokens or 0) + ctx.allowance
+    if not _may_fit_comfortably(admission, tokens):
+        # More than half of a whole limit: never comfortable, whatever the store holds. The
+        # exact count goes first, sparing the round trips of a reservation given back.
+        await count_exactly(meter, ctx)
+        tokens = (ctx.prompt_tokens or 0) + ctx.allowance
+        return None, exact_admission(admission, tokens, ctx.cost)
     result = await meter.call(meter.store.admit(admission))
     if result.refusal is None:
-        if comfortable(result, (ctx.prompt_tokens or 0) + ctx.allowance, admission.cost):
+        if comfortable(result, tokens, admission.cost):
             return result, admission
         # Near a limit: the store is to hold what exact counting reserves, not the bound.
         # The refund restores every counter as the admission found it (same instant).
@@ -96,6 +106,16 @@ async def count_exactly(meter: Meter, ctx: RequestContext) -> None:
     ctx.bounded = False
     if ctx.cost and ctx.price is not None:
         ctx.cost = ctx.price.projected(exact, ctx.allowance)
+
+
+def _may_fit_comfortably(admission: Admission, tokens: int) -> bool:
+    """Whether the reservation is at most half of every token window's and budget's limit
+    (a room is never larger than its limit)."""
+    for hit in admission.rates:
+        if hit.kind == "tokens" and 2 * tokens > hit.limit:
+            return False
+    cost = admission.cost
+    return all(scope.limit is None or 2 * cost <= scope.limit for scope in admission.budgets)
 
 
 def comfortable(result: AdmissionResult, tokens: int, cost: int) -> bool:
