@@ -94,15 +94,15 @@ def tokens(*values: int | None) -> st.SearchStrategy[int | None]:
 
 limits = st.builds(
     Limits,
-    tpm=tokens(None, 300, 2_000, 8_000, 30_000, 10**7),
-    tpd=tokens(None, 5_000, 50_000, 10**8),
-    model_tpm=tokens(None, 1_000, 6_000, 10**7),
+    tpm=tokens(None, 300, 2_000, 8_000, 30_000, 60_000, 120_000, 10**7),
+    tpd=tokens(None, 5_000, 50_000, 200_000, 10**8),
+    model_tpm=tokens(None, 1_000, 6_000, 80_000, 10**7),
     rpm=st.sampled_from([None, 2, 5, 10_000]),
-    key_budget=st.sampled_from([None, 0.0004, 0.002, 0.01, 100.0]),
-    model_budget=st.sampled_from([None, 0.001, 100.0]),
-    global_budget=st.sampled_from([None, 0.003, 100.0]),
-    end_user_budget=st.sampled_from([None, 0.0008, 100.0]),
-    end_user_tpm=tokens(None, 1_500, 10**7),
+    key_budget=st.sampled_from([None, 0.0004, 0.002, 0.01, 0.05, 100.0]),
+    model_budget=st.sampled_from([None, 0.001, 0.03, 100.0]),
+    global_budget=st.sampled_from([None, 0.003, 0.04, 100.0]),
+    end_user_budget=st.sampled_from([None, 0.0008, 0.02, 100.0]),
+    end_user_tpm=tokens(None, 1_500, 50_000, 10**7),
     default_max_tokens=st.sampled_from([16, 256, 4096]),
     clamp=st.booleans(),
 )
@@ -114,7 +114,7 @@ calls = st.builds(
     max_tokens=st.none() | st.sampled_from([1, 20, 500, 3_000]) | st.integers(1, 5_000),
     model=st.sampled_from(MODELS),
     user=st.sampled_from(USERS),
-    completion=st.integers(0, 400),
+    completion=st.integers(0, 400) | st.sampled_from([3_000, 20_000]),
     mode=st.sampled_from(["usage", "usage", "usage", "no-usage", "stream", "error"]),
 )
 
