@@ -63,13 +63,18 @@ def redis_cluster_url(redis_cluster_servers: RedisClusterServers) -> str:
     return redis_cluster_servers.url
 
 
-async def open_store(request: pytest.FixtureRequest, kind: str, **options: object) -> Store:
-    """A fresh store of `kind` (`memory`, `redis`, `redis_cluster`, `sqlite`) for one test."""
+async def open_store(
+    request: pytest.FixtureRequest, kind: str, *, name: str = "llmfence", **options: object
+) -> Store:
+    """A fresh store of `kind` (`memory`, `redis`, `redis_cluster`, `sqlite`) for one test;
+    stores of different `name`s (the SQLite file, the Redis prefix) share no state."""
     if kind == "memory":
         return MemoryStore(**options)  # type: ignore[arg-type]
     if kind == "sqlite":
-        path = request.getfixturevalue("tmp_path") / "llmfence.db"
+        path = request.getfixturevalue("tmp_path") / f"{name}.db"
         return SQLiteStore(path, **options)  # type: ignore[arg-type]
+    if name != "llmfence":
+        options.setdefault("prefix", name)
     if kind == "redis_cluster":
         # A call costs a few round trips on a cluster, and the machines running the suite
         # are shared: a generous deadline keeps a busy moment from failing a test.

@@ -25,10 +25,12 @@ from ._openapi import install_routes
 from ._options import (
     checked_access_groups,
     checked_bool,
+    checked_deployments,
     checked_int,
     checked_master_key,
     checked_patterns,
     checked_policy,
+    checked_prices,
     checked_seconds,
     checked_store,
 )
@@ -96,6 +98,12 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
             not fit the tightest token window or budget, the request goes upstream with the
             `max_tokens` that does fit (`x-llmfence-max-tokens-clamped` says which).
         min_output_tokens: Below this many output tokens, such a request is refused instead.
+        lazy_counting: Admit with an upper bound of the prompt's tokens (its UTF-8 length) and
+            count exactly only when a decision needs it: near a limit, on a refusal, for a
+            response without usage. Decisions are those of exact counting; far from every limit
+            `x-ratelimit-remaining-tokens` counts the bound while the request runs. `False`:
+            count every prompt first (for clients that pace on that header to the token, or
+            many concurrent requests sharing a window near its limit).
         calendar_aligned: Align budget periods to UTC calendar boundaries instead of rolling.
         clamp_max_tokens: Lower `max_tokens` to what the tightest budget can pay for instead of
             refusing.
@@ -152,6 +160,7 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
         fallback_price: PriceSpec | None = None,
         default_max_tokens: int = 4096,
         min_output_tokens: int = 16,
+        lazy_counting: bool = True,
         calendar_aligned: bool = False,
         clamp_max_tokens: bool = False,
         metered_paths: Iterable[str] | None = None,
@@ -197,6 +206,7 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
         )
         checked_bool("calendar_aligned", calendar_aligned)
         checked_bool("clamp_max_tokens", clamp_max_tokens)
+        checked_bool("lazy_counting", lazy_counting)
         checked_policy("limits_on_store_error", limits_on_store_error)
         checked_policy("budgets_on_store_error", budgets_on_store_error)
         if store_timeout is not None:
@@ -207,23 +217,12 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
             None if metered_paths is None else checked_patterns("metered_paths", metered_paths)
         )
         exempt = checked_patterns("exempt_paths", exempt_paths)
-        if deployments is not None and (
-            not isinstance(deployments, Mapping)
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in deployments.items())
-        ):
-            raise ConfigurationError("deployments must map deployment names to model names")
+        checked_deployments(deployments)
         if not callable(clock):
             raise ConfigurationError(f"clock must be a callable, not {clock!r}")
         checked_store(store)
         checked_access_groups(access_groups)
-        try:
-            PriceBook(overrides=prices)
-        except ConfigurationError as error:
-            raise ConfigurationError(f"prices: {error}") from None
-        try:
-            PriceBook(fallback=fallback_price)
-        except ConfigurationError as error:
-            raise ConfigurationError(f"fallback_price: {error}") from None
+        checked_prices(prices, fallback_price)
         self.store: Store = store if store is not None else MemoryStore()
         self.meter = Meter(
             self.store,
@@ -236,6 +235,7 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
             deployments=deployments,
             clock=clock,
             observer=metrics,
+            lazy_counting=lazy_counting,
         )
         self.authenticator = Authenticator(
             self.store,

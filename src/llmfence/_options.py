@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
+from ._pricing import PriceBook
 from .exceptions import ConfigurationError
 
 __all__ = [
@@ -14,10 +16,12 @@ __all__ = [
     "POLICIES",
     "checked_access_groups",
     "checked_bool",
+    "checked_deployments",
     "checked_int",
     "checked_master_key",
     "checked_patterns",
     "checked_policy",
+    "checked_prices",
     "checked_seconds",
     "checked_store",
 ]
@@ -129,3 +133,24 @@ def checked_master_key(value: object) -> str | None:
             MIN_MASTER_KEY_LENGTH,
         )
     return value
+
+
+def checked_deployments(deployments: object) -> None:
+    """Deployment names and the model each runs: a mapping of strings to strings, or None."""
+    if deployments is not None and (
+        not isinstance(deployments, Mapping)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in deployments.items())
+    ):
+        raise ConfigurationError("deployments must map deployment names to model names")
+
+
+def checked_prices(prices: Any, fallback: Any) -> None:
+    """Price overrides and the fallback price, each named in the message if it is wrong."""
+    try:
+        PriceBook(overrides=prices)
+    except ConfigurationError as error:
+        raise ConfigurationError(f"prices: {error}") from None
+    try:
+        PriceBook(fallback=fallback)
+    except ConfigurationError as error:
+        raise ConfigurationError(f"fallback_price: {error}") from None

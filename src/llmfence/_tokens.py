@@ -8,6 +8,10 @@ Chat overhead follows OpenAI's cookbook ("How to count tokens with tiktoken"): 3
 message, 1 per `name`, 3 to prime the reply, and the cookbook's formula for tool definitions.
 Models that are not OpenAI's are counted with `o200k_base` as an approximation; the provider's
 reported usage replaces the estimate once the response arrives.
+
+`TokenCounter.bound` is the same arithmetic with every text measured by its UTF-8 length
+instead of encoded: a byte-level BPE token is at least one byte, so it is an upper bound of
+`count` for every request, at the cost of a length (ASCII) or one `str.encode` per text.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import base64
 import hashlib
 import json
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache, lru_cache
 from importlib.resources import files
 from typing import Any
@@ -146,6 +150,21 @@ def encoding_for_model(model: str | None) -> tiktoken.Encoding:
 # Every request asks for its model's encoding: a dict read, without the loading lock.
 _BY_MODEL: dict[str | None, tiktoken.Encoding] = {}
 
+Measure = Callable[[str], int]
+"""How many tokens a text counts for: encoded (`count`) or bounded by its bytes (`bound`)."""
+
+
+@cache
+def _measure(enc: tiktoken.Encoding) -> Measure:
+    encode = enc.encode_ordinary
+    return lambda text: len(encode(text))
+
+
+def _utf8_length(text: str) -> int:
+    # `isascii` reads a flag of the string (O(1)). Lone surrogates (valid JSON escapes) take
+    # 3 bytes here, as the U+FFFD tiktoken encodes in their place does.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
 
 # OpenAI's cookbook constants for counting tool definitions.
 _FUNC_INIT = 7
@@ -196,12 +215,31 @@ class TokenCounter:
     def count(self, request: LLMRequest) -> int:
         """Prompt tokens of a request, chat overhead and tool definitions included."""
         enc = encoding_for_model(request.model)
-        total = request.prompt_token_ids
-        total += sum(len(enc.encode_ordinary(text)) for text in request.texts)
+        measure = _measure(enc)
+        total = request.prompt_token_ids + sum(map(measure, request.texts))
         if request.messages:
             total += sum(self._message(enc, m) for m in request.messages) + _REPLY_PRIMING
         if request.tools:
-            total += self._tools(enc, request.tools)
+            total += _tools(measure, request.tools)
+        return total
+
+    def bound(self, request: LLMRequest) -> int:
+        """An upper bound of `count(request)`, found without encoding anything.
+
+        `count`'s own arithmetic (per-message and per-name overhead, reply priming, the tool
+        formula, image parts, pre-tokenized prompts) with each text measured by its UTF-8
+        length: tiktoken's encodings are byte-level BPE, whose every token stands for at least
+        one byte, so no text encodes to more tokens than it has bytes. Every term is the same
+        constant or a larger measure of the same text, so the sum is never below `count`'s (a
+        property test checks it over generated requests, non-ASCII and adversarial text
+        included). An ASCII text is measured in O(1); English runs about 4 bytes a token.
+        """
+        total = request.prompt_token_ids + sum(map(_utf8_length, request.texts))
+        if request.messages:
+            total += sum(_count_message(_utf8_length, m) for m in request.messages)
+            total += _REPLY_PRIMING
+        if request.tools:
+            total += _tools(_utf8_length, request.tools)
         return total
 
     async def acount(self, request: LLMRequest) -> int:
@@ -214,6 +252,10 @@ class TokenCounter:
         ):
             return await anyio.to_thread.run_sync(self.count, request)
         return self.count(request)
+
+    def may_thread(self, request: LLMRequest) -> bool:
+        """Whether `acount` may move this request's counting to a worker thread."""
+        return _rough_chars(request) > self._thread_threshold
 
     # -- messages --------------------------------------------------------------------------
 
@@ -232,7 +274,7 @@ class TokenCounter:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        count = _count_message(enc, message)
+        count = _count_message(_measure(enc), message)
         if len(self._cache) >= self._cache_size:
             self._evict()
         self._cache[key] = count
@@ -253,30 +295,6 @@ class TokenCounter:
             chars += len(str(message.get("content", "")))
         return chars
 
-    # -- tools -----------------------------------------------------------------------------
-
-    def _tools(self, enc: tiktoken.Encoding, tools: Iterable[Mapping[str, Any]]) -> int:
-        count = 0
-        for tool in tools:
-            # {"type": "function", "function": {...}} (chat), the function itself (legacy
-            # `functions`, Responses API), or Anthropic's {"name", "description", "input_schema"}.
-            function = tool.get("function", tool)
-            if not isinstance(function, Mapping):
-                count += len(enc.encode_ordinary(json.dumps(tool)))
-                continue
-            count += _FUNC_INIT
-            name = _text(function.get("name"))
-            description = _text(function.get("description")).removesuffix(".")
-            count += len(enc.encode_ordinary(f"{name}:{description}"))
-            schema = function.get("parameters", function.get("input_schema"))
-            properties = schema.get("properties") if isinstance(schema, Mapping) else None
-            if isinstance(properties, Mapping) and properties:
-                count += _PROP_INIT
-                for key, prop in properties.items():
-                    count += _PROP_KEY
-                    count += _property(enc, str(key), prop)
-        return count + _FUNC_END if count else 0
-
 
 def _rough_chars(request: LLMRequest) -> int:
     """About how many characters a request's prompt has (nested content counts by its repr)."""
@@ -291,49 +309,73 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _property(enc: tiktoken.Encoding, name: str, prop: object) -> int:
+def _tools(measure: Measure, tools: Iterable[Mapping[str, Any]]) -> int:
+    count = 0
+    for tool in tools:
+        # {"type": "function", "function": {...}} (chat), the function itself (legacy
+        # `functions`, Responses API), or Anthropic's {"name", "description", "input_schema"}.
+        function = tool.get("function", tool)
+        if not isinstance(function, Mapping):
+            count += measure(json.dumps(tool))
+            continue
+        count += _FUNC_INIT
+        name = _text(function.get("name"))
+        description = _text(function.get("description")).removesuffix(".")
+        count += measure(f"{name}:{description}")
+        schema = function.get("parameters", function.get("input_schema"))
+        properties = schema.get("properties") if isinstance(schema, Mapping) else None
+        if isinstance(properties, Mapping) and properties:
+            count += _PROP_INIT
+            for key, prop in properties.items():
+                count += _PROP_KEY
+                count += _property(measure, str(key), prop)
+    return count + _FUNC_END if count else 0
+
+
+def _property(measure: Measure, name: str, prop: object) -> int:
     if not isinstance(prop, Mapping):
-        return len(enc.encode_ordinary(f"{name}:{json.dumps(prop)}"))
+        return measure(f"{name}:{json.dumps(prop)}")
     count = 0
     enum = prop.get("enum")
     if isinstance(enum, list):
         count += _ENUM_INIT
         for item in enum:
-            count += _ENUM_ITEM + len(enc.encode_ordinary(str(item)))
+            count += _ENUM_ITEM + measure(str(item))
     kind = prop.get("type")
     kind_text = kind if isinstance(kind, str) else json.dumps(kind) if kind else ""
     description = _text(prop.get("description")).removesuffix(".")
-    count += len(enc.encode_ordinary(f"{name}:{kind_text}:{description}"))
+    count += measure(f"{name}:{kind_text}:{description}")
     # The cookbook's formula covers flat schemas; nested objects and arrays are counted by
     # their JSON so that a large schema is never free.
     for nested in ("properties", "items", "anyOf", "oneOf"):
         if nested in prop:
-            count += len(enc.encode_ordinary(json.dumps(prop[nested])))
+            count += measure(json.dumps(prop[nested]))
     return count
 
 
-def _count_message(enc: tiktoken.Encoding, message: Mapping[str, Any]) -> int:
+def _count_message(measure: Measure, message: Mapping[str, Any]) -> int:
     count = _TOKENS_PER_MESSAGE
     for key, value in message.items():
-        count += _count_value(enc, value)
+        # Most values are strings: measured here, without a call through `_count_value`.
+        count += measure(value) if value.__class__ is str else _count_value(measure, value)
         if key == "name":
             count += _TOKENS_PER_NAME
     return count
 
 
-def _count_value(enc: tiktoken.Encoding, value: object) -> int:
+def _count_value(measure: Measure, value: object) -> int:
     if isinstance(value, str):
-        return len(enc.encode_ordinary(value))
+        return measure(value)
     if isinstance(value, list):
-        return sum(_count_part(enc, part) for part in value)
+        return sum(_count_part(measure, part) for part in value)
     if isinstance(value, Mapping):
-        return len(enc.encode_ordinary(json.dumps(value, separators=(",", ":"))))
+        return measure(json.dumps(value, separators=(",", ":")))
     return 0
 
 
-def _count_part(enc: tiktoken.Encoding, part: object) -> int:
+def _count_part(measure: Measure, part: object) -> int:
     if isinstance(part, str):
-        return len(enc.encode_ordinary(part))
+        return measure(part)
     if not isinstance(part, Mapping):
         return 0
     kind = part.get("type")
@@ -348,9 +390,9 @@ def _count_part(enc: tiktoken.Encoding, part: object) -> int:
         if key in ("type", "cache_control", "id", "tool_use_id", "signature"):
             continue
         if isinstance(value, str):
-            count += len(enc.encode_ordinary(value))
+            count += measure(value)
         elif isinstance(value, list):
-            count += sum(_count_part(enc, item) for item in value)
+            count += sum(_count_part(measure, item) for item in value)
         elif isinstance(value, Mapping):
-            count += len(enc.encode_ordinary(json.dumps(value, separators=(",", ":"))))
+            count += measure(json.dumps(value, separators=(",", ":")))
     return count

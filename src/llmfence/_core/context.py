@@ -65,6 +65,7 @@ class RequestContext:
         "app_called",
         "app_failed",
         "body",
+        "bounded",
         "budget_scopes",
         "charges",
         "completed",
@@ -106,6 +107,8 @@ class RequestContext:
         self.principal: Principal | None = None
         self.customer: CustomerRecord | None = None  # the registered customer named, if any
         self.prompt_tokens: int | None = None
+        # `prompt_tokens` is an upper bound, not the exact count (`Meter.lazy_counting`).
+        self.bounded = False
         self.price: ModelPrice | None = None
         self.allowance = 0
         self.cost = 0

@@ -2,7 +2,8 @@
 
 `Meter` is long-lived: it holds the store, prices, token counter, clock and defaults, bounds
 every store call, and counts degradations. `admit` turns a request and a caller's `Plan` into one
-`Store.admit` call (with its shadow, clamping and outage rules); `_core.settle` ends the request.
+`Store.admit` call (with its shadow, clamping and outage rules; a prompt is only bounded until a
+decision needs its exact count, `_core.lazy`); `_core.settle` ends the request.
 The middlewares and the route guards both go through here. Nothing here knows ASGI.
 """
 
@@ -26,7 +27,6 @@ from llmfence.stores import (
     AdmissionResult,
     BudgetScope,
     RateHit,
-    RateState,
     Settlement,
     Store,
 )
@@ -35,10 +35,12 @@ from llmfence.stores._protocol import DEFAULT_TIMEOUT
 from .alerts import Alerts
 from .checks import BudgetCheck
 from .context import RequestContext
+from .lazy import admit_bounded
 from .observe import Observer, timed
 from .outbox import Outbox
 from .plan import Plan
 from .refusals import refusal_error
+from .shadow import relax, unrelax
 
 __all__ = ["Meter"]
 
@@ -47,7 +49,6 @@ _T = TypeVar("_T")
 
 DEFAULT_STORE_TIMEOUT = DEFAULT_TIMEOUT
 """The bound of every call to a store that sets none of its own (seconds)."""
-_RELAXED = 1 << 62
 # How many times an admission may be retried with a smaller output allowance: once for the
 # tightest level reported, once more if another level turns out tighter still.
 _FITTINGS = 3
@@ -79,6 +80,12 @@ class Meter:
         observer: Told of every request, refusal, spend, store call and degradation (a
             `llmfence.metrics` adapter); `None` (default): nothing is observed, at the cost of
             one `is None` check at each of those points.
+        lazy_counting: Admit with an upper bound of the prompt's tokens (its UTF-8 length,
+            `TokenCounter.bound`) and count exactly only when a decision or a figure needs it:
+            a refusal under the bound, a reservation that takes more than half the room of a
+            token window or budget, a response without usage (see `_core.lazy`). Admissions
+            decide as with exact counting; far from every limit, `x-ratelimit-remaining-tokens`
+            counts the bound while the request runs. `False`: count every prompt first.
     """
 
     def __init__(
@@ -94,8 +101,11 @@ class Meter:
         deployments: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
         observer: Observer | None = None,
+        lazy_counting: bool = True,
     ) -> None:
         self.store = store
+        self.lazy_counting = lazy_counting
+        """Whether prompts are counted only when a decision needs it (`_core.lazy`)."""
         self.deployments = dict(deployments or {})
         """The model each Azure-style deployment runs (a deployment not named runs the model of
         its own name)."""
@@ -186,12 +196,17 @@ class Meter:
     # -- projection --------------------------------------------------------------------------
 
     async def tokens(self, ctx: RequestContext) -> int:
-        """Prompt tokens plus the output allowance (what TPM reserves), counted once."""
+        """Prompt tokens plus the output allowance (what TPM reserves), counted once: the
+        prompt's upper bound under `lazy_counting` (`ctx.bounded`), else its exact count."""
         request = ctx.request
         if request is None:
             return 0
         if ctx.prompt_tokens is None:
-            ctx.prompt_tokens = await self.counter.acount(request)
+            if self.lazy_counting:
+                ctx.prompt_tokens = self.counter.bound(request)
+                ctx.bounded = True
+            else:
+                ctx.prompt_tokens = await self.counter.acount(request)
             if request.endpoint != "embeddings":
                 ctx.allowance = (request.max_output_tokens or self.default_max_tokens) * request.n
         return ctx.prompt_tokens + ctx.allowance
@@ -252,14 +267,15 @@ class Meter:
         ctx.uncertain.append(request_id)
         admission = Admission(request_id, ctx.now, rates, plan.slots, budgets, ctx.cost)
         try:
-            result = await self.reserve(
+            admitted = await self.reserve(
                 self._admit(ctx, plan, admission), plan.fail_closed, ctx.request_id
             )
         except StoreError as error:
             return error
-        if result is None:
+        if admitted is None:
             ctx.response_headers.append(DEGRADED_HEADER)
             return None
+        result, request_id = admitted  # the id changes when a bound's reservation went back
         ctx.uncertain.remove(request_id)
         ctx.rate_states.extend(result.rates)
         if self.alerts is not None and result.budgets:
@@ -288,10 +304,10 @@ class Meter:
 
     async def reserve(
         self,
-        admission: Awaitable[AdmissionResult],
+        admission: Awaitable[_T],
         fail_closed: bool,
         request_id: str | None = None,
-    ) -> AdmissionResult | None:
+    ) -> _T | None:
         """Await an admission under the outage policy: its result; `None` when the store is
         down and the checks fail open (logged and counted); `StoreError` when they fail closed.
         """
@@ -305,6 +321,16 @@ class Meter:
 
     async def _admit(
         self, ctx: RequestContext, plan: Plan, admission: Admission
+    ) -> tuple[AdmissionResult, str]:
+        """The admission's result and the id its reservation holds."""
+        if ctx.bounded:  # the prompt's bound first; counted exactly if a decision needs it
+            admitted, admission = await admit_bounded(self, ctx, admission)
+            if admitted is not None:
+                return admitted, admission.request_id
+        return await self._fitted(ctx, plan, admission), admission.request_id
+
+    async def _fitted(
+        self, ctx: RequestContext, plan: Plan, admission: Admission
     ) -> AdmissionResult:
         result = await self.call(self.store.admit(admission))
         for _ in range(_FITTINGS):
@@ -315,9 +341,9 @@ class Meter:
                 # Shadow checks never refuse: admit again with their limits lifted. Admitted
                 # now, the refusal was theirs: say what they would have done; their usage is
                 # still counted. Refused again, the refusal is a real check's.
-                relaxed = _relax(admission, plan)
+                relaxed = relax(admission, plan.shadowed)
                 again = await self.call(self.store.admit(relaxed))
-                again = replace(again, rates=_unrelax(again.rates, admission))
+                again = replace(again, rates=unrelax(again.rates, admission))
                 if again.refusal is None:
                     ctx.response_headers.append((_SHADOW_HEADER, refusal.reason.encode()))
                     logger.info("llmfence shadow refusal: %s on %s", refusal.reason, refusal.level)
@@ -367,33 +393,3 @@ class Meter:
         if not rooms:
             return None
         return max(0, min(rooms)) // request.n
-
-
-def _relax(admission: Admission, plan: Plan) -> Admission:
-    """The admission with the limits of the counters only shadow checks enforce lifted."""
-    shadowed = plan.shadowed
-    return replace(
-        admission,
-        rates=tuple(
-            replace(hit, limit=_RELAXED) if shadowed(hit.key) else hit for hit in admission.rates
-        ),
-        slots=tuple(
-            replace(slot, limit=_RELAXED) if shadowed(slot.key) else slot
-            for slot in admission.slots
-        ),
-        budgets=tuple(
-            replace(scope, limit=None) if shadowed(scope.key) else scope
-            for scope in admission.budgets
-        ),
-    )
-
-
-def _unrelax(states: tuple[RateState, ...], admission: Admission) -> tuple[RateState, ...]:
-    """Report shadowed windows against their real limits, not the lifted ones."""
-    limits = {hit.key: hit.limit for hit in admission.rates}
-    return tuple(
-        replace(s, limit=limits[s.key], remaining=max(0, limits[s.key] - (s.limit - s.remaining)))
-        if s.limit == _RELAXED
-        else s
-        for s in states
-    )

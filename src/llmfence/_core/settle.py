@@ -22,6 +22,7 @@ from llmfence.stores import BudgetScope, Settlement, SpendRecord
 
 from .auth import Principal
 from .context import RequestContext
+from .lazy import count_exactly
 from .meter import Meter
 from .plan import budget_scopes
 
@@ -106,8 +107,13 @@ async def finish(ctx: RequestContext) -> None:
         meter.observer.request_finished(ctx)
     if not ctx.reservations and not ctx.uncertain and not ctx.record_spend:
         return
-    # Counting a prompt nobody counted yet may go to a worker thread: a suspension point.
-    with protected(meter, suspends=ctx.prompt_tokens is None and ctx.request is not None):
+    # Counting a prompt nobody counted yet (or only bounded) may go to a worker thread: a
+    # suspension point.
+    request = ctx.request
+    suspends = request is not None and (
+        ctx.prompt_tokens is None or (ctx.bounded and meter.counter.may_thread(request))
+    )
+    with protected(meter, suspends=suspends):
         await _settle(meter, ctx)
 
 
@@ -130,6 +136,11 @@ async def _settle(meter: Meter, ctx: RequestContext) -> None:
         return
     await meter.tokens(ctx)  # a recorder without guards has not counted the prompt yet
     usage, provenance = usage_of(meter, ctx)
+    if ctx.bounded and usage.estimated and usage.input_tokens:
+        # No usage reported, and the prompt was only bounded (`_core.lazy`): the record and
+        # the charge take the exact count, as if it had been counted at admission.
+        await count_exactly(meter, ctx)
+        usage = replace(usage, input_tokens=ctx.prompt_tokens or 0)
     cost, source = _cost(meter, ctx, usage)
     request = ctx.request
     model = request.model if request is not None else ""
