@@ -54,14 +54,19 @@ _SCRIPTS: Final = (
     "list_keys",
     "registry_delete",
     "claim",
+    "lease",
 )
 # Scripts that roll budget periods get the one shared definition of the roll prepended.
-_ROLLS_BUDGETS: Final = frozenset({"admit", "charge", "settle"})
+_ROLLS_BUDGETS: Final = frozenset({"admit", "charge", "settle", "lease"})
 # Scripts that must not run twice: a second `charge` charges twice, and a second create or
 # delete of a record answers "taken" or "none" for the one the first call made or deleted.
-# Every other call is safe to repeat (reads; `admit`, `settle` and `release` are idempotent
-# per request id), so it gets one more try on a fresh connection after a connection error.
-_NOT_REPEATABLE: Final = frozenset({"charge", "record_create", "record_delete", "registry_delete"})
+# A lease (or a slice's late adjustment) sent twice takes twice. Every other call is safe to
+# repeat (reads; `admit`, `settle` and `release` are idempotent per request id; a slice's
+# return finds it gone the second time), so it gets one more try on a fresh connection after
+# a connection error.
+_NOT_REPEATABLE: Final = frozenset(
+    {"charge", "record_create", "record_delete", "registry_delete", "lease"}
+)
 # Scripts that write key, user or team records: a read of a record that a write may have
 # overtaken is not shared with a caller who comes after the write (see `_read_record`).
 _RECORD_WRITES: Final = frozenset(

@@ -49,8 +49,9 @@ from ._redis_admit import (
     refusal,
     ttl_ms,
 )
-from ._redis_base import RedisBase, encode_record, num, opt_num, text
+from ._redis_base import encode_record, num, opt_num, text
 from ._redis_keys import SPEND, request_tag, scope_of, scoped, tag
+from ._redis_slices import RedisSlices
 from ._spend import total_keys
 from ._types import Admission, AdmissionResult, BudgetScope, Settlement
 
@@ -86,7 +87,7 @@ class _Part:
         self.budgets: list[int] = []
 
 
-class RedisShards(RedisBase):
+class RedisShards(RedisSlices):
     """What `RedisStore` does differently on a cluster, and the calls both paths share."""
 
     # -- shared by both paths ----------------------------------------------------------------
@@ -174,20 +175,33 @@ class RedisShards(RedisBase):
             return found
 
         rates, slots, scopes = admission.rates, admission.slots, admission.budgets
+        # The global level from a slice of the global budget, if this store leases them.
+        index = self._global_index(admission)
+        fresh = request_id not in self._tickets
+        local = index is not None and await self._slice_take(admission, index)
+        local_level = self._slice_level(request_id) if local else None
         for i, hit in enumerate(rates):
             part(hit.key).rates.append(i)
         for i, lease in enumerate(slots):
             part(lease.key).slots.append(i)
         for i, scope in enumerate(scopes):
-            part(scope.key).budgets.append(i)
+            if not (local and i == index):
+                part(scope.key).budgets.append(i)
         shards = list(parts.values())
 
         nonce = secrets.token_hex(8)
         expiry, ttl = num(now + admission.ttl), ttl_ms(admission.ttl * 1000)
-        state, _ = await self._home(
-            request_id, "admit", num(now), expiry, ttl, nonce, *(p.tag for p in shards)
-        )
+        try:
+            state, _ = await self._home(
+                request_id, "admit", num(now), expiry, ttl, nonce, *(p.tag for p in shards)
+            )
+        except BaseException:
+            if local and fresh:
+                self._slice_untake(request_id)  # nothing of this admission was recorded
+            raise
         idle = state == "idle"
+        if local and fresh and idle:
+            self._slice_untake(request_id)
 
         def call(p: _Part) -> Awaitable[Any]:
             keys, args = admit_call(
@@ -202,6 +216,8 @@ class RedisShards(RedisBase):
         replies = await self._each(call(p) for p in shards)
         buckets: list[tuple[int, int]] = [(0, 0)] * len(rates)
         levels: list[tuple[int, int, float | None]] = [(0, 0, None)] * len(scopes)
+        if local_level is not None and index is not None:
+            levels[index] = local_level
         first: tuple[tuple[int, int], int, int, int] | None = None  # order, verdict, index, held
         took: list[_Part] = []
         for p, reply in zip(shards, replies, strict=True):
@@ -240,6 +256,8 @@ class RedisShards(RedisBase):
                 return self._script("settle", keys, args)
 
             await self._each(give_back(p) for p in took)
+        if local and fresh:
+            self._slice_untake(request_id)
         await self._home(request_id, "undo", num(now), nonce)
         _, verdict, index, held = first
         refused = refusal(admission, verdict, index, held, buckets, levels)
@@ -280,7 +298,14 @@ class RedisShards(RedisBase):
             )  # fmt: skip
             return self._script("settle", keys, args)
 
-        await self._each(call(slot, t, s) for slot, (t, s) in shards.items())
+        calls = [call(slot, t, s) for slot, (t, s) in shards.items()]
+        if self._tickets:  # admitted from a slice of the global budget
+            call_global = self._slice_settle(
+                request_id, settlement.cost, settlement.now, state == "A"
+            )
+            if call_global is not None:
+                calls.append(call_global)
+        await self._each(calls)
         return state == "A"
 
     async def _release_shards(self, request_id: str, slot_keys: Sequence[str]) -> None:

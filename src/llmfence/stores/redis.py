@@ -15,6 +15,8 @@ import math
 import secrets
 from typing import TYPE_CHECKING, Any
 
+from llmfence.exceptions import ConfigurationError
+
 from ._protocol import DEFAULT_TIMEOUT
 from ._redis_base import _Connection, import_redis
 from ._redis_keys import tag
@@ -109,6 +111,15 @@ class RedisStore(RedisLedger, RedisRegistry):
             the event loop counts too; `Fence(store_timeout=...)` sets another).
         max_spend_records: How many spend records the log keeps (oldest dropped first). The
             running totals count every record ever appended.
+        global_slices: Lease slices of the global budget to this store and admit the global
+            level from them locally (see `_redis_slices`): the global counter's slot is then
+            touched once per slice instead of once per request. `None` (the default): on a
+            cluster, where that slot binds first; a single node runs every request's script
+            on one thread anyway and takes `False` only.
+        slice_divisor: A slice is `1/slice_divisor` of what the global budget has neither
+            spent nor leased (so slices shrink near its end); one that would not hold four
+            requests like the one asking is not leased, and requests are admitted exactly,
+            one by one, on the global slot.
 
     Raises:
         ImportError: When the `redis` package is not installed.
@@ -124,9 +135,12 @@ class RedisStore(RedisLedger, RedisRegistry):
         prefix: str = "llmfence",
         timeout: float = DEFAULT_TIMEOUT,
         max_spend_records: int = 100_000,
+        global_slices: bool | None = None,
+        slice_divisor: int = 16,
     ) -> None:
         self._setup(prefix, timeout, max_spend_records)
         self._cluster = isinstance(client, import_redis().asyncio.RedisCluster)
+        self._setup_slices(_slicing(self._cluster, global_slices, slice_divisor), slice_divisor)
         self._connection = _Connection(client)
         self._factory = None
 
@@ -139,6 +153,8 @@ class RedisStore(RedisLedger, RedisRegistry):
         timeout: float = DEFAULT_TIMEOUT,
         max_spend_records: int = 100_000,
         cluster: bool = False,
+        global_slices: bool | None = None,
+        slice_divisor: int = 16,
         **redis_kwargs: Any,
     ) -> RedisStore:
         """A store with its own client, opened on first use and closed by `aclose()`.
@@ -156,6 +172,8 @@ class RedisStore(RedisLedger, RedisRegistry):
             max_spend_records: How many spend records the log keeps.
             cluster: Open a `redis.asyncio.RedisCluster` (the URL names any node; the
                 client finds the others) and spread the state over the cluster's slots.
+            global_slices: Lease slices of the global budget (default: on a cluster only).
+            slice_divisor: A slice is `1/slice_divisor` of the global budget's free room.
             **redis_kwargs: More connection options, as `redis.asyncio.Redis.from_url` (or
                 `RedisCluster.from_url`) takes them; `max_connections` sizes the pool
                 (default 50; on a cluster, per node, where a call finding every connection
@@ -195,6 +213,7 @@ class RedisStore(RedisLedger, RedisRegistry):
         store = cls.__new__(cls)
         store._setup(prefix, timeout, max_spend_records)
         store._cluster = cluster
+        store._setup_slices(_slicing(cluster, global_slices, slice_divisor), slice_divisor)
         store._connection = None
         store._factory = open_cluster if cluster else open_client
         return store
@@ -228,6 +247,7 @@ class RedisStore(RedisLedger, RedisRegistry):
         A `from_url` store opens a new client if it is used again afterwards, so a sync
         caller may run each call in its own event loop and close the store at the end of it.
         """
+        await self._stop_slices()  # the unused part of its slices back to the budget
         if self._factory is None:
             return  # the caller owns the client; the scripts stay loaded for later calls
         connection, self._connection = self._connection, None
@@ -236,3 +256,12 @@ class RedisStore(RedisLedger, RedisRegistry):
         # old client is just dropped.
         if connection is not None and loop is asyncio.get_running_loop():
             await connection.client.aclose()
+
+
+def _slicing(cluster: bool, global_slices: bool | None, divisor: int) -> bool:
+    """Whether a store leases global budget slices; `ConfigurationError` for bad options."""
+    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+        raise ConfigurationError(f"slice_divisor must be an integer >= 1, not {divisor!r}")
+    if global_slices and not cluster:
+        raise ConfigurationError("global_slices needs a Redis Cluster (cluster=True)")
+    return cluster if global_slices is None else global_slices

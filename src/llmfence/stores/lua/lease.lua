@@ -1,0 +1,120 @@
+-- lease.lua: slices of one budget counter leased to app instances (budget.lua is prepended).
+--
+-- On a Redis Cluster every request of a whole-app budget would touch the global counter's
+-- slot; instead an instance leases a slice of the budget here, admits the global level
+-- locally from it, and returns it (see stores/_redis_slices.py). The counter's `spent` holds
+-- every outstanding slice in full, exactly as it holds a request's reservation, so admit.lua's
+-- check (spent + cost <= limit) counts them and Σ of everything never passes the limit. The
+-- counter's `leased` field is how much of `spent` is outstanding slices: reads subtract it
+-- (budgets.lua), so they show spend, not leases. budget.lua's roll drops `leased` with the
+-- period's `spent`.
+--
+-- KEYS[1]  the budget counter (see budget.lua)
+-- KEYS[2]  its slices: a hash {lease id -> 'size epoch expiry'} (Unix seconds, float text)
+--
+-- ARGV[1] op, ARGV[2] now (Unix seconds, float text); then
+--   lease   ARGV[3] period end ('' for none), ARGV[4] limit ('' for none), ARGV[5] lease id,
+--           ARGV[6] divisor (a slice is 1/divisor of what is neither spent nor leased),
+--           ARGV[7] the smallest slice worth having, ARGV[8] the slice without a limit,
+--           ARGV[9] the lease's expiry
+--           -> {size (0: none, admit per request), epoch, end ('' for none), spent - leased,
+--               total}
+--   return  ARGV[3] lease id, ARGV[4] used (reserved + settled by its requests), ARGV[5]
+--           settled (the actual cost of its settled requests)
+--           -> {'ok'} or {'gone'} (it expired, and counted as spent in full)
+--   adjust  ARGV[3] epoch, ARGV[4] reserved, ARGV[5] actual cost: a request admitted from a
+--           slice that is gone (returned, or its period ended), settled as settle.lua
+--           settles a reservation's level -> {'ok'}
+--
+-- An expired lease (its instance died, or never came back) counts as spent in full: its
+-- size stays in `spent` and goes to `total`, and only `leased` forgets it. Conservative:
+-- spend never passes the budget, and a dead instance's slice is lost to its period.
+-- Money goes in as text and through HINCRBY or string.format('%d'), never cjson.
+
+local key, slices = KEYS[1], KEYS[2]
+local op, now = ARGV[1], tonumber(ARGV[2])
+
+local function epoch_of()
+  return redis.call('HGET', key, 'epoch') or '0'
+end
+
+local function drop(id, entry, current_epoch)
+  local size, epoch = string.match(entry, '^(%S+) (%S+)')
+  if epoch == current_epoch then
+    redis.call('HINCRBY', key, 'leased', '-' .. size)
+  end
+  redis.call('HDEL', slices, id)
+  return size
+end
+
+-- Leases past their expiry: counted as spent in full.
+local function sweep(current_epoch)
+  local all = redis.call('HGETALL', slices)
+  for i = 1, #all, 2 do
+    local expiry = tonumber(string.match(all[i + 1], '(%S+)$'))
+    if expiry <= now then
+      redis.call('HINCRBY', key, 'total', drop(all[i], all[i + 1], current_epoch))
+    end
+  end
+end
+
+if op == 'lease' then
+  local b = load_budget(key, now, ARGV[3])
+  local epoch = string.format('%d', b.epoch)
+  sweep(epoch)
+  local leased = tonumber(redis.call('HGET', key, 'leased') or '0')
+  local size = 0
+  if ARGV[4] == '' then
+    size = tonumber(ARGV[8])
+  else
+    -- Room and sizes stay under 2^53: exact as Lua numbers.
+    local room = tonumber(ARGV[4]) - b.spent
+    local divisor = tonumber(ARGV[6])
+    if room > 0 then
+      size = math.floor(room / divisor)
+      while size > 0 and size * divisor > room do size = size - 1 end
+    end
+    if size < tonumber(ARGV[7]) then size = 0 end
+  end
+  if size > 0 then
+    local text = string.format('%d', size)
+    redis.call('HINCRBY', key, 'spent', text)
+    redis.call('HINCRBY', key, 'leased', text)
+    redis.call('HSET', slices, ARGV[5], text .. ' ' .. epoch .. ' ' .. ARGV[9])
+  end
+  return {string.format('%d', size), epoch, b.ends or '', string.format('%d', b.spent - leased),
+    b.total}
+end
+
+if op == 'return' then
+  local entry = redis.call('HGET', slices, ARGV[3])
+  local current = epoch_of()
+  if not entry or tonumber(string.match(entry, '(%S+)$')) <= now then
+    sweep(current)
+    return {'gone'}
+  end
+  local size, epoch = string.match(entry, '^(%S+) (%S+)')
+  drop(ARGV[3], entry, current)
+  if epoch == current then
+    -- The unused part back (or a top-up past the slice), never below zero.
+    local delta = string.format('%d', tonumber(ARGV[4]) - tonumber(size))
+    if redis.call('HINCRBY', key, 'spent', delta) < 0 then
+      redis.call('HSET', key, 'spent', '0')
+    end
+  end
+  -- A slice of an ended period: its spend stays with that period, which is gone.
+  redis.call('HINCRBY', key, 'total', ARGV[5])
+  return {'ok'}
+end
+
+-- adjust: as settle.lua settles one level of a reservation.
+if epoch_of() == ARGV[3] then
+  local delta = string.format('%d', tonumber(ARGV[5]) - tonumber(ARGV[4]))
+  if redis.call('HINCRBY', key, 'spent', delta) < 0 then
+    redis.call('HSET', key, 'spent', '0')
+  end
+else
+  redis.call('HINCRBY', key, 'spent', ARGV[5])
+end
+redis.call('HINCRBY', key, 'total', ARGV[5])
+return {'ok'}
