@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from llmfence.exceptions import ConfigurationError, StoreError
 
-from ._redis_keys import SPEND, tag
 from ._types import SpendRecord, checked_timeout
 
 if TYPE_CHECKING:
@@ -151,10 +150,6 @@ class RedisBase:
             raise ConfigurationError("max_spend_records must not be negative")
         self._prefix = prefix
         self._tag = "{" + prefix + "}:"  # the registry's
-        spend = tag(prefix, SPEND)
-        self._log_key = spend + "log"
-        self._totals_key = spend + "totals"
-        self._end_users_key = spend + "end_users"
         self._cluster = False
         self._timeout = timeout
         self._max_records = max_spend_records

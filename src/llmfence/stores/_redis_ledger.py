@@ -40,6 +40,7 @@ from ._redis_admit import (
 from ._redis_base import opt_float, opt_num
 from ._redis_keys import scoped
 from ._redis_shards import RedisShards
+from ._redis_slices import GLOBAL
 from ._types import Admission, AdmissionResult, BudgetScope, BudgetState, Settlement
 
 __all__ = ["RedisLedger"]
@@ -141,6 +142,10 @@ class RedisLedger(RedisShards):
         states = []
         for i, scope in enumerate(scopes):
             spent, total = int(values[3 * i]), int(values[3 * i + 1])
+            if scope.key == GLOBAL and self._slicing:
+                # What this store's slices hold and the counter does not show yet.
+                held, settled = self._slice_spend(now)
+                spent, total = spent + held, total + settled
             end = opt_float(values[3 * i + 2])
             ended = end is not None and now >= end
             states.append(

@@ -49,9 +49,10 @@ from ._redis_admit import (
     refusal,
     ttl_ms,
 )
-from ._redis_base import encode_record, num, opt_num, text
-from ._redis_keys import SPEND, request_tag, scope_of, scoped, tag
+from ._redis_base import num, opt_num, text
+from ._redis_keys import request_tag, scope_of, scoped, tag
 from ._redis_slices import RedisSlices
+from ._redis_spendlog import RedisSpendLog
 from ._spend import total_keys
 from ._types import Admission, AdmissionResult, BudgetScope, Settlement
 
@@ -87,7 +88,7 @@ class _Part:
         self.budgets: list[int] = []
 
 
-class RedisShards(RedisSlices):
+class RedisShards(RedisSlices, RedisSpendLog):
     """What `RedisStore` does differently on a cluster, and the calls both paths share."""
 
     # -- shared by both paths ----------------------------------------------------------------
@@ -126,15 +127,17 @@ class RedisShards(RedisSlices):
         tokens = settlement.tokens
         spend = settlement.record if record else None
         prefix = self._prefix
+        shard = self._spend_shard(settlement.request_id)
         if spend is None and self._cluster:
             # Not touched without a record, but named: on a cluster every key must be on the
             # slot this part runs on.
             keys = [reservation, reservation, reservation, reservation, tombstone]
         else:
-            keys = [reservation, self._log_key, self._totals_key, self._end_users_key, tombstone]
+            log = self._spend_tags[shard]
+            keys = [reservation, log + "log", log + "totals", log + "end_users", tombstone]
         args: list[Any] = [
             num(now), _window.to_ms(now), settlement.cost, "" if tokens is None else tokens,
-            settlement.request_id, 1 if settlement.refund_requests else 0, self._max_records,
+            settlement.request_id, 1 if settlement.refund_requests else 0, self._keeps[shard],
             TOMBSTONE_TTL_MS, mode, len(charges),
         ]  # fmt: skip
         for scope in charges:
@@ -143,7 +146,7 @@ class RedisShards(RedisSlices):
         if spend is None:
             args.append("")
         else:
-            args += (encode_record(spend), spend.cost, spend.input_tokens, spend.output_tokens)
+            args += (self._encode_spend(spend), spend.cost, spend.input_tokens, spend.output_tokens)
             args += total_keys(spend)
         return keys, args
 
@@ -265,7 +268,7 @@ class RedisShards(RedisSlices):
 
     async def _settle_shards(self, settlement: Settlement) -> bool:
         prefix, request_id = self._prefix, settlement.request_id
-        spend = tag(prefix, SPEND)
+        spend = self._spend_tags[self._spend_shard(request_id)]
         logged = [spend] if settlement.record is not None else []
         # Where a settlement that finds no admission goes: its charges' slots, and the log's.
         unknown = [tag(prefix, scope_of(scope.key)) for scope in settlement.charges] + logged

@@ -34,8 +34,9 @@ A dead instance. Leases expire after `_LEASE_TTL` seconds; an expired lease not 
 counts as spent in full (it stays in `spent`, moves to the all-time total): spend stays within
 the budget, and the dead instance's unused slice is lost to its period.
 
-Reads (`budgets`, `/global/spend`) leave outstanding slices out: they show spend settled or
-reserved on the counter, exact once the slices are returned.
+Reads (`budgets`, `/global/spend`) leave outstanding slices out and add what the reading
+store's own slices hold: one instance reads what it spent at once, and every instance's spend
+shows once its slices are returned (within `_IDLE` seconds of its last request).
 """
 
 from __future__ import annotations
@@ -192,6 +193,19 @@ class RedisSlices(RedisBase):
         """The global level as this instance sees it before the request's take."""
         s, reserved = self._tickets[request_id]
         return s.base + s.used - reserved, s.total + s.settled, s.ends
+
+    def _slice_spend(self, now: float) -> tuple[int, int]:
+        """What this store's slices hold that the counter does not show yet: the spend of
+        the current period (reserved and settled), and the settled spend for the total."""
+        spent = settled = 0
+        slices = [*self._retired] if self._current is None else [self._current, *self._retired]
+        for s in slices:
+            if s.returning is not None:
+                continue
+            settled += s.settled
+            if s.ends is None or now < s.ends:
+                spent += s.used
+        return spent, settled
 
     # -- settlement --------------------------------------------------------------------------
 

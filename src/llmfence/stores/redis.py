@@ -22,6 +22,7 @@ from ._redis_base import _Connection, import_redis
 from ._redis_keys import tag
 from ._redis_ledger import RedisLedger
 from ._redis_registry import RedisRegistry
+from ._redis_spendlog import SHARDS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
@@ -120,6 +121,9 @@ class RedisStore(RedisLedger, RedisRegistry):
             spent nor leased (so slices shrink near its end); one that would not hold four
             requests like the one asking is not leased, and requests are admitted exactly,
             one by one, on the global slot.
+        spend_log_shards: How many logs the spend log is spread over, each with its own
+            totals (see `_redis_spendlog`). `None` (the default): 12 on a cluster, where one
+            log's slot binds right after the global counter's; 1 on a single node.
 
     Raises:
         ImportError: When the `redis` package is not installed.
@@ -137,10 +141,12 @@ class RedisStore(RedisLedger, RedisRegistry):
         max_spend_records: int = 100_000,
         global_slices: bool | None = None,
         slice_divisor: int = 16,
+        spend_log_shards: int | None = None,
     ) -> None:
         self._setup(prefix, timeout, max_spend_records)
         self._cluster = isinstance(client, import_redis().asyncio.RedisCluster)
         self._setup_slices(_slicing(self._cluster, global_slices, slice_divisor), slice_divisor)
+        self._setup_spend_log(_shards(self._cluster, spend_log_shards))
         self._connection = _Connection(client)
         self._factory = None
 
@@ -155,6 +161,7 @@ class RedisStore(RedisLedger, RedisRegistry):
         cluster: bool = False,
         global_slices: bool | None = None,
         slice_divisor: int = 16,
+        spend_log_shards: int | None = None,
         **redis_kwargs: Any,
     ) -> RedisStore:
         """A store with its own client, opened on first use and closed by `aclose()`.
@@ -174,6 +181,8 @@ class RedisStore(RedisLedger, RedisRegistry):
                 client finds the others) and spread the state over the cluster's slots.
             global_slices: Lease slices of the global budget (default: on a cluster only).
             slice_divisor: A slice is `1/slice_divisor` of the global budget's free room.
+            spend_log_shards: How many logs the spend log is spread over (default: 12 on a
+                cluster, 1 on a single node).
             **redis_kwargs: More connection options, as `redis.asyncio.Redis.from_url` (or
                 `RedisCluster.from_url`) takes them; `max_connections` sizes the pool
                 (default 50; on a cluster, per node, where a call finding every connection
@@ -214,6 +223,7 @@ class RedisStore(RedisLedger, RedisRegistry):
         store._setup(prefix, timeout, max_spend_records)
         store._cluster = cluster
         store._setup_slices(_slicing(cluster, global_slices, slice_divisor), slice_divisor)
+        store._setup_spend_log(_shards(cluster, spend_log_shards))
         store._connection = None
         store._factory = open_cluster if cluster else open_client
         return store
@@ -265,3 +275,12 @@ def _slicing(cluster: bool, global_slices: bool | None, divisor: int) -> bool:
     if global_slices and not cluster:
         raise ConfigurationError("global_slices needs a Redis Cluster (cluster=True)")
     return cluster if global_slices is None else global_slices
+
+
+def _shards(cluster: bool, shards: int | None) -> int:
+    """How many logs the spend log has; `ConfigurationError` for a bad option."""
+    if shards is None:
+        return SHARDS if cluster else 1
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ConfigurationError(f"spend_log_shards must be an integer >= 1, not {shards!r}")
+    return shards
