@@ -16,9 +16,11 @@
 --   lease   ARGV[3] period end ('' for none), ARGV[4] limit ('' for none), ARGV[5] lease id,
 --           ARGV[6] divisor (a slice is 1/divisor of what is neither spent nor leased),
 --           ARGV[7] the smallest slice worth having, ARGV[8] the slice without a limit,
---           ARGV[9] the lease's expiry
+--           ARGV[9] the lease's expiry, ARGV[10] the lease id of the slice this one follows
+--           ('' for none) and ARGV[11] what that one gives back first (the part of it no
+--           request holds: it takes nothing more)
 --           -> {size (0: none, admit per request), epoch, end ('' for none), spent - leased,
---               total}
+--               total, '1' if the slice followed gave its part back}
 --   return  ARGV[3] lease id, ARGV[4] used (reserved + settled by its requests), ARGV[5]
 --           settled (the actual cost of its settled requests)
 --           -> {'ok'} or {'gone'} (it expired, and counted as spent in full)
@@ -62,6 +64,21 @@ if op == 'lease' then
   local b = load_budget(key, now, ARGV[3])
   local epoch = string.format('%d', b.epoch)
   sweep(epoch)
+  -- The slice this one follows gives back what none of its requests holds, first.
+  local shrunk = ''
+  local before = ARGV[10] ~= '' and redis.call('HGET', slices, ARGV[10])
+  if before then
+    local size, old_epoch, expiry = string.match(before, '^(%S+) (%S+) (%S+)$')
+    local give = tonumber(ARGV[11])
+    if old_epoch == epoch and give > 0 and give <= tonumber(size) then
+      redis.call('HINCRBY', key, 'spent', '-' .. ARGV[11])
+      redis.call('HINCRBY', key, 'leased', '-' .. ARGV[11])
+      b.spent = b.spent - give
+      redis.call('HSET', slices, ARGV[10],
+        string.format('%d', tonumber(size) - give) .. ' ' .. old_epoch .. ' ' .. expiry)
+      shrunk = '1'
+    end
+  end
   local leased = tonumber(redis.call('HGET', key, 'leased') or '0')
   local size = 0
   if ARGV[4] == '' then
@@ -83,7 +100,7 @@ if op == 'lease' then
     redis.call('HSET', slices, ARGV[5], text .. ' ' .. epoch .. ' ' .. ARGV[9])
   end
   return {string.format('%d', size), epoch, b.ends or '', string.format('%d', b.spent - leased),
-    b.total}
+    b.total, shrunk}
 end
 
 if op == 'return' then
