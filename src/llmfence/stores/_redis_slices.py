@@ -30,9 +30,13 @@ once that period ends, its return adds nothing to the next period, and a request
 it but settled after the end is charged in full to the new period, as `settle.lua` charges a
 reservation that outlived its period.
 
-A dead instance. Leases expire after `_LEASE_TTL` seconds; an expired lease not returned
-counts as spent in full (it stays in `spent`, moves to the all-time total): spend stays within
-the budget, and the dead instance's unused slice is lost to its period.
+A dead instance. Leases expire after `_LEASE_TTL` seconds (an instance takes nothing from a
+slice in the last quarter of that, and returns it); the next lease by any other instance
+sweeps an expired one, which then counts as spent in full (it stays in `spent` and moves to
+the all-time total): spend stays within the budget, and the dead instance's unused slice is
+lost to its period. An instance's own leases are never swept by its own leases (its clock
+may have jumped, as a test's fake clock does); a return that comes after the sweep changes
+nothing.
 
 Reads (`budgets`, `/global/spend`) leave outstanding slices out and add what the reading
 store's own slices hold: one instance reads what it spent at once, and every instance's spend
@@ -158,6 +162,7 @@ class RedisSlices(RedisBase):
                     "lease", num(admission.now), opt_num(scope.period_end),
                     "" if scope.limit is None else scope.limit, lease_id, self._divisor, wanted,
                     _UNLIMITED_SLICE, num(expires), follows, give,
+                    *(held.lease_id for held in self._retired),  # alive: not to be swept
                 ],
             )  # fmt: skip
             if before is not None and text(reply[5]) == "1":

@@ -18,12 +18,15 @@
 --           ARGV[7] the smallest slice worth having, ARGV[8] the slice without a limit,
 --           ARGV[9] the lease's expiry, ARGV[10] the lease id of the slice this one follows
 --           ('' for none) and ARGV[11] what that one gives back first (the part of it no
---           request holds: it takes nothing more)
+--           request holds: it takes nothing more), ARGV[12 ..] the caller's own leases, which
+--           no sweep takes (it is alive, and returns them whatever its clock says)
 --           -> {size (0: none, admit per request), epoch, end ('' for none), spent - leased,
 --               total, '1' if the slice followed gave its part back}
 --   return  ARGV[3] lease id, ARGV[4] used (reserved + settled by its requests), ARGV[5]
 --           settled (the actual cost of its settled requests)
---           -> {'ok'} or {'gone'} (it expired, and counted as spent in full)
+--           -> {'ok'}, or {'gone'} (it expired and was swept: it counted as spent in full).
+--           A lease past its expiry that no sweep took yet is returned as any other: its
+--           instance stopped taking from it before it expired, and knows what it used.
 --   adjust  ARGV[3] epoch, ARGV[4] reserved, ARGV[5] actual cost: a request admitted from a
 --           slice that is gone (returned, or its period ended), settled as settle.lua
 --           settles a reservation's level -> {'ok'}
@@ -49,12 +52,12 @@ local function drop(id, entry, current_epoch)
   return size
 end
 
--- Leases past their expiry: counted as spent in full.
-local function sweep(current_epoch)
+-- Leases past their expiry: counted as spent in full (but not the caller's own).
+local function sweep(current_epoch, own)
   local all = redis.call('HGETALL', slices)
   for i = 1, #all, 2 do
     local expiry = tonumber(string.match(all[i + 1], '(%S+)$'))
-    if expiry <= now then
+    if expiry <= now and not own[all[i]] then
       redis.call('HINCRBY', key, 'total', drop(all[i], all[i + 1], current_epoch))
     end
   end
@@ -63,7 +66,9 @@ end
 if op == 'lease' then
   local b = load_budget(key, now, ARGV[3])
   local epoch = string.format('%d', b.epoch)
-  sweep(epoch)
+  local own = {}
+  for i = 12, #ARGV do own[ARGV[i]] = true end
+  sweep(epoch, own)
   -- The slice this one follows gives back what none of its requests holds, first.
   local shrunk = ''
   local before = ARGV[10] ~= '' and redis.call('HGET', slices, ARGV[10])
@@ -106,8 +111,7 @@ end
 if op == 'return' then
   local entry = redis.call('HGET', slices, ARGV[3])
   local current = epoch_of()
-  if not entry or tonumber(string.match(entry, '(%S+)$')) <= now then
-    sweep(current)
+  if not entry then
     return {'gone'}
   end
   local size, epoch = string.match(entry, '^(%S+) (%S+)')
