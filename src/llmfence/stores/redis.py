@@ -40,7 +40,10 @@ class RedisStore(RedisLedger, RedisRegistry):
     script each over every key of the request, whatever their tags (a single Redis lets a
     script reach any key). On a cluster each call is split by slot and the slots run in
     parallel, exactly (see `_redis_shards`): a refusal on any slot gives back what the others
-    reserved, and a settlement goes once to every slot its request touched. Each script names
+    reserved, and a settlement goes once to every slot its request touched. Two keys would
+    still take every request of a cluster on one slot each, so on a cluster the global budget
+    is leased to each store in slices and admitted locally from them (`_redis_slices`), and
+    the spend log is spread over 12 shards (`_redis_spendlog`). Each script names
     the keys it touches in `KEYS`; `settle` also reaches the keys its reservation names, which
     `admit` named on the same slot, and listing keys the records an index names, under the
     registry's tag.
@@ -54,13 +57,18 @@ class RedisStore(RedisLedger, RedisRegistry):
       hold it, or, without a period, a minute after its spend is back at zero; the operator's
       never expire), `{prefix:<scope>}:bucket:<counter>` rate-bucket hashes (level, t;
       expiring after two windows, or a minute if that is longer) and
-      `{prefix:<scope>}:lease:<counter>` sorted sets (request id scored by expiry);
+      `{prefix:<scope>}:lease:<counter>` sorted sets (request id scored by expiry); the
+      global budget's hash also counts in `leased` the slices leased out of its `spent`,
+      listed in `{prefix:global}:slices` (lease id -> size, epoch, expiry);
     - `{prefix:spend}:log`, the bounded list of spend records (each a JSON array of the
       record's values in `SpendRecord` field order), `{prefix:spend}:totals`, the hash of
       running totals (field `<group>:<name>`, e.g. `user:alice` or `global:`; value
       `"<cost> <input tokens> <output tokens> <requests>"`, summed exactly by `settle.lua`),
       whose `end_user:` fields are kept for the most recent `max(max_spend_records, 1000)`
       end users only, ranked in the `{prefix:spend}:end_users` sorted set (by last use, ms);
+      on a cluster the same three keys under each shard's tag, `{prefix:spend:<i>}` (or
+      `{prefix:spend:<i>.<n>}`, see `_redis_spendlog`), each record with a sequence number
+      after its fields, and the unsharded keys above still read;
     - the registry, under `{prefix}:`: `key:<hash>`, `user:<id>`, `team:<id>` record hashes
       (one JSON value per field; only a key's hash and masked form are ever stored), the
       `keys`, `keys:by_user`, `keys:by_team` indexes, `access_groups`, `project:<name>`,
