@@ -162,6 +162,14 @@ class RedisLedger(RedisShards):
         return states
 
     async def reset_budget(self, key: str, period_end: float | None, now: float) -> None:
-        """Start a new period for one budget counter now."""
+        """Start a new period for one budget counter now.
+
+        The global counter's slices this store holds are returned first (to the old period);
+        another store's are used until it returns them (idle, old, or at its next lease: at
+        most `_redis_slices._AGE` seconds), and what they admit meanwhile counts in the old
+        period.
+        """
+        if key == GLOBAL and self._slicing:
+            await self.return_slices()
         keys = [scoped(self._prefix, "budget", key)]
         await self._script("reset_budget", keys, [opt_num(period_end)])

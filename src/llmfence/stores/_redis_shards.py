@@ -303,9 +303,8 @@ class RedisShards(RedisSlices, RedisSpendLog):
 
         calls = [call(slot, t, s) for slot, (t, s) in shards.items()]
         if self._tickets:  # admitted from a slice of the global budget
-            call_global = self._slice_settle(
-                request_id, settlement.cost, settlement.now, state == "A"
-            )
+            # Held: the admission (or, sent again, its settlement) is on the home.
+            call_global = self._slice_settle(request_id, settlement.cost, settlement.now, rule_one)
             if call_global is not None:
                 calls.append(call_global)
         await self._each(calls)

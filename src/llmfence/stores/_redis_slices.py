@@ -145,6 +145,8 @@ class RedisSlices(RedisBase):
         async with self._leasing:  # one lease at a time; the others wait for it
             if self._take(request_id, scope, cost, admission.now):
                 return True
+            if time.monotonic() < self._refused_until and wanted >= self._refused_min:
+                return False  # the lease it waited for had nothing to give
             lease_id = secrets.token_hex(8)
             expires = admission.now + _LEASE_TTL
             # The slice this one follows gives back, in the same call, what none of its
@@ -231,8 +233,9 @@ class RedisSlices(RedisBase):
     ) -> Awaitable[Any] | None:
         """Settle a request admitted from a slice; a call for the counter when it must go there.
 
-        `held`: the home still held the admission (else it expired: its take stays spent,
-        and the settlement charges the levels it names, the global one included).
+        `held`: the home held the admission, or a first try of this settlement found it
+        there (else it expired: its take stays spent, and the settlement charges the levels
+        it names, the global one included). Once per request id: the take is forgotten here.
         """
         found = self._tickets.pop(request_id, None)
         if found is None:
