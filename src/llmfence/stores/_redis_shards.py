@@ -32,12 +32,11 @@ request is refused.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final
 
 from . import _window
 from ._redis_admit import (
@@ -61,7 +60,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisShards"]
 
-_T = TypeVar("_T")
 # A refusal's order among the checks, as `MemoryStore` runs them: request buckets, token
 # buckets, leases, budgets; then the check's position in the admission.
 _REQUESTS, _TOKENS, _LEASES, _BUDGETS = 0, 1, 2, 3
@@ -92,17 +90,6 @@ class RedisShards(RedisSlices, RedisSpendLog):
     """What `RedisStore` does differently on a cluster, and the calls both paths share."""
 
     # -- shared by both paths ----------------------------------------------------------------
-
-    async def _each(self, calls: Iterable[Awaitable[_T]]) -> list[_T]:
-        """Run calls at once and wait for all of them; then raise the first error, if any."""
-        pending = list(calls)
-        if len(pending) == 1:
-            return [await pending[0]]
-        results = await asyncio.gather(*pending, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return results  # type: ignore[return-value]  # no exception is left in it
 
     def _by_slot(self, counters: Sequence[str]) -> list[list[int]]:
         """Positions of budget counters, grouped by their keys' slots (first seen first)."""

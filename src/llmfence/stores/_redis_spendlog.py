@@ -29,6 +29,7 @@ thread: spreading keys there buys nothing).
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import json
@@ -37,7 +38,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Iterable
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ._protocol import SpendGroup
 from ._redis_base import RedisBase, decode_record, encode_record
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = ["SHARDS", "RedisSpendLog", "spend_tags"]
+
+_T = TypeVar("_T")
 
 SHARDS: Final = 12
 """How many shards the spend log has on a cluster."""
@@ -109,17 +112,16 @@ class RedisSpendLog(RedisBase):
             return 0
         return zlib.crc32(request_id.encode()) % len(self._spend_tags)
 
-    async def _all(self, calls: Iterable[Awaitable[Any]]) -> list[Any]:
+    async def _each(self, calls: Iterable[Awaitable[_T]]) -> list[_T]:
+        """Run calls at once and wait for all of them; then raise the first error, if any."""
         pending = list(calls)
         if len(pending) == 1:
             return [await pending[0]]
-        import asyncio
-
         results = await asyncio.gather(*pending, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return results
+        return results  # type: ignore[return-value]  # no exception is left in it
 
     async def spend_records(
         self,
@@ -152,7 +154,7 @@ class RedisSpendLog(RedisBase):
 
         logs = [t + "log" for t in (*self._spend_tags, *self._old_spend)]
         found: list[SpendRecord] = []
-        replies = await self._all(read(log) for log in logs)
+        replies = await self._each(read(log) for log in logs)
         if len(replies) == 1:
             for raw in replies[0]:
                 if len(found) >= limit:
@@ -185,7 +187,7 @@ class RedisSpendLog(RedisBase):
 
         keys = [t + "totals" for t in (*self._spend_tags, *self._old_spend)]
         sums = [0, 0, 0, 0]
-        for packed in await self._all(read(key) for key in keys):
+        for packed in await self._each(read(key) for key in keys):
             if packed is not None:
                 # settle.lua packs them as "cost input_tokens output_tokens requests".
                 for i, value in enumerate(packed.split()):
