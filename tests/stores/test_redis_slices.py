@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
@@ -93,9 +94,33 @@ async def test_spend_never_passes_a_tight_global_budget(
     try:
         costs = [rng.randint(100, 3000) for _ in range(300)]
         actuals = [rng.randint(0, cost) for cost in costs]  # usage never passes the reservation
-        served = await asyncio.gather(
-            *(serve(stores[i % 3], f"r{i}", T0, costs[i], actuals[i], g) for i in range(len(costs)))
-        )
+        done = asyncio.Event()
+        highest = 0
+
+        async def watch() -> None:
+            # What the counter holds (spend, reservations and slices) never passes the limit.
+            nonlocal highest
+            watcher = redis.asyncio.RedisCluster.from_url(redis_cluster_servers.url)
+            try:
+                while not done.is_set():
+                    highest = max(highest, int(await watcher.hget(COUNTER, "spent") or 0))
+                    await asyncio.sleep(0.002)
+            finally:
+                await watcher.aclose()
+
+        async def load() -> list[bool]:
+            try:
+                return await asyncio.gather(
+                    *(
+                        serve(stores[i % 3], f"r{i}", T0, costs[i], actuals[i], g)
+                        for i in range(len(costs))
+                    )
+                )
+            finally:
+                done.set()
+
+        served, _ = await asyncio.gather(load(), watch())
+        assert 0 < highest <= limit
         assert not all(served)  # some were refused: the budget is tight
         charged = sum(a for a, ok in zip(actuals, served, strict=True) if ok)
         assert charged <= limit
