@@ -377,3 +377,25 @@ async def test_a_global_reset_returns_the_stores_own_slices_first(
     await store.return_slices()
     state = (await three[1].budgets([g], T0))[0]
     assert (state.spent, state.total) == (800, 1700)
+
+
+async def test_a_lease_whose_caller_left_is_kept_and_returned(
+    three: list[RedisStore], redis_cluster_servers: RedisClusterServers
+) -> None:
+    store = three[0]
+    g = scope(10**9)
+    await store.ping()  # connected: the admission's first wait is its lease
+    admitting = asyncio.ensure_future(
+        store.admit(Admission("gone", T0, budgets=(g, key("k")), cost=1000))
+    )
+    await asyncio.sleep(0)
+    admitting.cancel()  # the client disconnected while the slice was being leased
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    for _ in range(40):  # the keeper returns the kept slice within a tick or two
+        await asyncio.sleep(0.05)
+        if not store._retired and store._current is None:
+            break
+    stats = counter(redis_cluster_servers)
+    assert int(stats.get("leased", 0)) == 0
+    assert int(stats["spent"]) == 0

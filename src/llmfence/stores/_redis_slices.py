@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import time
 from collections.abc import Awaitable
@@ -74,8 +75,8 @@ class _Slice:
     """One leased slice: its size, what its requests took, and where it stands."""
 
     __slots__ = (
-        "base", "born", "ends", "epoch", "expires", "inflight", "last", "lease_id", "limit",
-        "retired", "returning", "settled", "size", "total", "used",
+        "base", "born", "ends", "epoch", "expires", "giving", "inflight", "last", "lease_id",
+        "limit", "retired", "returning", "settled", "size", "total", "used",
     )  # fmt: skip
 
     def __init__(self, lease_id: str, reply: list[Any], limit: int | None, expires: float) -> None:
@@ -90,6 +91,7 @@ class _Slice:
         self.born = self.last = time.monotonic()
         self.retired = False  # takes nothing more; returned once `inflight` is 0
         self.returning: tuple[int, int] | None = None  # (used, settled) frozen for the return
+        self.giving: asyncio.Task[None] | None = None  # the return under way, or done
 
 
 class RedisSlices(RedisBase):
@@ -159,18 +161,25 @@ class RedisSlices(RedisBase):
                 follows, give = before.lease_id, before.size - before.used
             else:
                 before, follows, give = None, "", 0
-            reply = await self._script(
+            lease = asyncio.ensure_future(self._script(
                 "lease", [self._counter, self._slices_key], [
                     "lease", num(admission.now), opt_num(scope.period_end),
                     "" if scope.limit is None else scope.limit, lease_id, self._divisor, wanted,
                     _UNLIMITED_SLICE, num(expires), follows, give,
                     *(held.lease_id for held in self._retired),  # alive: not to be swept
                 ],
-            )  # fmt: skip
-            if before is not None and text(reply[5]) == "1":
-                before.size -= give
-            leased = _Slice(lease_id, reply[:5], scope.limit, expires)
-            if leased.size == 0:
+            ))  # fmt: skip
+            try:
+                await asyncio.shield(lease)
+            except asyncio.CancelledError:
+                # The caller left (a disconnect): the lease still lands, and is kept (and
+                # returned), rather than lost until it expires.
+                lease.add_done_callback(
+                    functools.partial(self._orphan, before, give, lease_id, scope.limit, expires)
+                )
+                raise
+            leased = self._adopt(before, give, lease_id, scope.limit, expires, lease)
+            if leased is None:
                 self._refused_until, self._refused_min = time.monotonic() + _REFUSED_FOR, wanted
                 return False
             if self._current is not None:
@@ -178,6 +187,39 @@ class RedisSlices(RedisBase):
             self._current = leased
             self._start_keeper()
             return self._take(request_id, scope, cost, admission.now)
+
+    def _adopt(
+        self,
+        before: _Slice | None,
+        give: int,
+        lease_id: str,
+        limit: int | None,
+        expires: float,
+        lease: asyncio.Future[Any],
+    ) -> _Slice | None:
+        """The slice a finished lease call gave (None: none), its predecessor shrunk."""
+        if lease.cancelled() or lease.exception() is not None:
+            return None
+        reply = lease.result()
+        if before is not None and text(reply[5]) == "1":
+            before.size -= give
+        leased = _Slice(lease_id, reply[:5], limit, expires)
+        return leased if leased.size else None
+
+    def _orphan(
+        self,
+        before: _Slice | None,
+        give: int,
+        lease_id: str,
+        limit: int | None,
+        expires: float,
+        lease: asyncio.Future[Any],
+    ) -> None:
+        """A lease whose caller left: its slice is kept only to be returned."""
+        leased = self._adopt(before, give, lease_id, limit, expires, lease)
+        if leased is not None:
+            self._retire(leased)
+            self._start_keeper()
 
     def _take(self, request_id: str, scope: BudgetScope, cost: int, now: float) -> bool:
         # No await in here: check and take are one step for the event loop.
@@ -273,6 +315,18 @@ class RedisSlices(RedisBase):
         return then + (time.monotonic() - at)
 
     async def _give_back(self, s: _Slice) -> None:
+        """Return one slice; a return of it under way (the keeper's, a flush's) is joined."""
+        task = s.giving
+        loop = asyncio.get_running_loop()
+        if (
+            task is None
+            or task.get_loop() is not loop
+            or (task.done() and (task.cancelled() or task.exception() is not None))
+        ):
+            task = s.giving = loop.create_task(self._return_now(s))
+        await asyncio.shield(task)
+
+    async def _return_now(self, s: _Slice) -> None:
         if s.returning is None:
             s.returning = (s.used, s.settled)
         used, settled = s.returning
