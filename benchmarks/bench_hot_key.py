@@ -38,7 +38,7 @@ import time
 from typing import Any
 
 import redis
-from _harness import source_revision, write_json
+from _harness import finish, source_revision
 
 from llmfence import RedisStore
 from llmfence.stores import Admission, BudgetScope, Settlement, SpendRecord
@@ -140,6 +140,7 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    started = time.perf_counter()
     results: dict[str, Any] = {}
     with RedisClusterServers() as servers:
         for variant, options in VARIANTS.items():
@@ -165,8 +166,7 @@ async def main() -> None:
         print(f"\ncluster ceiling (busiest node): {busiest['ceiling']:,.0f} requests/s\n")
     first, last = (results[variant]["ceiling"] for variant in VARIANTS)
     print(f"ceiling after / before: {last / first:.2f}x")
-    if args.json:
-        write_json(args.json, results)
+    finish(args.json, "hot_key", started, False, {"variants": results})
 
 
 if __name__ == "__main__":
