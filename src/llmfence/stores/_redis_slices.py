@@ -20,10 +20,11 @@ lease is near expiry): then requests still in flight settle on the counter direc
 (`adjust`), exactly as their reservation would have.
 
 Sizes. A slice is `1/divisor` of what the budget has neither spent nor leased, so slices
-shrink as the budget runs out; one that would not hold `_MIN_REQUESTS` requests like the one
-asking is not leased, and the request is admitted exactly, per request, on the global slot
-(then no new lease is tried for `_REFUSED_FOR` seconds). A budget without a limit gets
-`_UNLIMITED_SLICE` per slice (it only counts spend).
+shrink as the budget runs out, and at most `_MAX_REQUESTS` requests like the one asking (what a
+busy instance spends in about a second: the most a dead instance can strand); one that would
+not hold `_MIN_REQUESTS` of them is not leased, and the request is admitted exactly, per
+request, on the global slot (then no new lease is tried for `_REFUSED_FOR` seconds). A budget
+without a limit (it only counts spend) gets slices of `_MAX_REQUESTS` requests.
 
 Periods. A slice belongs to the period (the counter's epoch) it was leased in; it is not used
 once that period ends, its return adds nothing to the next period, and a request admitted from
@@ -62,8 +63,8 @@ from ._types import Admission, BudgetScope
 __all__ = ["RedisSlices"]
 
 GLOBAL: Final = "global"
-_UNLIMITED_SLICE: Final = 10**12  # nano-USD: 1,000 USD a slice when the budget has no limit
 _MIN_REQUESTS: Final = 4  # a slice must hold at least this many requests like the one asking
+_MAX_REQUESTS: Final = 1024  # and holds at most this many (every slice of an unlimited budget)
 _LEASE_TTL: Final = 120.0  # seconds (the caller's clock) a lease lives unless returned
 _IDLE: Final = 1.0  # seconds without a take before a slice is returned
 _AGE: Final = 10.0  # seconds after which a slice is retired (returned once its requests end)
@@ -165,7 +166,7 @@ class RedisSlices(RedisBase):
                 "lease", [self._counter, self._slices_key], [
                     "lease", num(admission.now), opt_num(scope.period_end),
                     "" if scope.limit is None else scope.limit, lease_id, self._divisor, wanted,
-                    _UNLIMITED_SLICE, num(expires), follows, give,
+                    _MAX_REQUESTS * max(1, cost), num(expires), follows, give,
                     *(held.lease_id for held in self._retired),  # alive: not to be swept
                 ],
             ))  # fmt: skip

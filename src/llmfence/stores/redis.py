@@ -126,9 +126,9 @@ class RedisStore(RedisLedger, RedisRegistry):
             cluster, where that slot binds first; a single node runs every request's script
             on one thread anyway and takes `False` only.
         slice_divisor: A slice is `1/slice_divisor` of what the global budget has neither
-            spent nor leased (so slices shrink near its end); one that would not hold four
-            requests like the one asking is not leased, and requests are admitted exactly,
-            one by one, on the global slot.
+            spent nor leased (so slices shrink near its end), and at most 1024 requests like
+            the one asking; one that would not hold four of them is not leased, and requests
+            are admitted exactly, one by one, on the global slot.
         spend_log_shards: How many logs the spend log is spread over, each with its own
             totals (see `_redis_spendlog`). `None` (the default): 12 on a cluster, where one
             log's slot binds right after the global counter's; 1 on a single node.

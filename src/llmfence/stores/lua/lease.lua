@@ -15,7 +15,8 @@
 -- ARGV[1] op, ARGV[2] now (Unix seconds, float text); then
 --   lease   ARGV[3] period end ('' for none), ARGV[4] limit ('' for none), ARGV[5] lease id,
 --           ARGV[6] divisor (a slice is 1/divisor of what is neither spent nor leased),
---           ARGV[7] the smallest slice worth having, ARGV[8] the slice without a limit,
+--           ARGV[7] the smallest slice worth having, ARGV[8] the largest (and the size of
+--           every slice of a budget without a limit),
 --           ARGV[9] the lease's expiry, ARGV[10] the lease id of the slice this one follows
 --           ('' for none) and ARGV[11] what that one gives back first (the part of it no
 --           request holds: it takes nothing more), ARGV[12 ..] the caller's own leases, which
@@ -96,6 +97,7 @@ if op == 'lease' then
       size = math.floor(room / divisor)
       while size > 0 and size * divisor > room do size = size - 1 end
     end
+    if size > tonumber(ARGV[8]) then size = tonumber(ARGV[8]) end
     if size < tonumber(ARGV[7]) then size = 0 end
   end
   if size > 0 then
