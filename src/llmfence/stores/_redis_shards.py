@@ -23,6 +23,12 @@ A script may only touch keys of one slot on a cluster, and a request's checks li
 `charge`, `budgets`
     One script per slot, in parallel.
 
+The global budget level is the exception when the store leases slices of it
+(`_redis_slices`): an admission takes it from this instance's slice, in memory, and only the
+other levels go to their slots; its settlement settles the take there too (the home records
+no global slot for it). A refusal on another slot, or an admission that takes nothing, gives
+the take back.
+
 A request therefore costs two round trips in a row on a cluster for `admit` (the home, then
 every slot at once; a refusal that must give something back, two more) and two for `settle`,
 against one each on a single node, and one script per slot it touches. Budgets are exact all
@@ -181,14 +187,11 @@ class RedisShards(RedisSlices, RedisSpendLog):
 
         nonce = secrets.token_hex(8)
         expiry, ttl = num(now + admission.ttl), ttl_ms(admission.ttl * 1000)
-        try:
-            state, _ = await self._home(
-                request_id, "admit", num(now), expiry, ttl, nonce, *(p.tag for p in shards)
-            )
-        except BaseException:
-            if local and fresh:
-                self._slice_untake(request_id)  # nothing of this admission was recorded
-            raise
+        # A take stays when this fails: the home may have recorded the admission (a lost
+        # reply), and its settlement then settles the take; if not, the take stays spent.
+        state, _ = await self._home(
+            request_id, "admit", num(now), expiry, ttl, nonce, *(p.tag for p in shards)
+        )
         idle = state == "idle"
         if local and fresh and idle:
             self._slice_untake(request_id)
