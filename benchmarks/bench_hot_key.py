@@ -1,21 +1,28 @@
 """The hot key on Redis Cluster (issue 12, item 4): how many requests one shared counter's shard
-can take, against how many one app process sends.
+can take, against how many one app process sends; before and after global budget slices and
+the sharded spend log, in one run.
 
 Every metered request of a whole-app budget touches the global budget counter, and every
-settlement appends to the spend log: on a cluster each of those lives on one slot, so one node
-serves them all however many nodes there are. This script starts a 3-master cluster and drives
-`RedisStore(cluster=True)` from this process with many requests in flight, each one an
-admission (a global budget and a key budget of its own, on another slot) and its settlement,
-for a few seconds. Then it reads each node's `INFO commandstats`:
+settlement appends to the spend log: with one slot for each, one node serves them all however
+many nodes there are. This script starts a 3-master cluster and drives `RedisStore(cluster=True)`
+from this process with many requests in flight, each one an admission (a global budget and a
+key budget of its own, on another slot) and its settlement, for a few seconds, twice:
+
+- **before**: `global_slices=False, spend_log_shards=1`: the global level admitted per request
+  on its slot, one spend log (the layout before slices);
+- **after**: the defaults on a cluster: the global level admitted from leased slices
+  (`_redis_slices`), the spend log over 12 shards (`_redis_spendlog`).
+
+After each, it reads each node's `INFO commandstats`:
 
 - **per process**: requests per second this one process sustained (client-bound: Python builds
   and parses every call);
-- **server µs per request** on the node that holds the global counter and on the node that
-  holds the spend log: the CPU each request costs there (`usec` of EVALSHA/EVAL over the
+- **server µs per request** on each node, and what it holds (the global counter, the spend
+  log or its shards): the CPU each request costs there (`usec` of EVALSHA/EVAL over the
   requests), so `1e6 / µs` is the most requests per second that node can take for all app
-  instances together (Redis runs scripts on one thread);
-- **instances to saturate** = that ceiling / the per-process rate: how many app processes like
-  this one it takes before the hot shard, not the apps, limits throughput.
+  instances together (Redis runs scripts on one thread); the busiest node's is the cluster's
+  ceiling;
+- **instances to saturate** = that ceiling / the per-process rate.
 
 Run: `python benchmarks/bench_hot_key.py [--seconds 5] [--json PATH]`.
 """
@@ -31,11 +38,11 @@ import time
 from typing import Any
 
 import redis
-from _harness import source_revision, write_json
+from _harness import finish, source_revision
 
 from llmfence import RedisStore
 from llmfence.stores import Admission, BudgetScope, Settlement, SpendRecord
-from llmfence.stores._redis_keys import SPEND, scope_of
+from llmfence.stores._redis_keys import scope_of
 from llmfence.testing import RedisClusterServers
 
 HUGE = 10**15  # a budget nobody reaches: every admission passes
@@ -82,44 +89,84 @@ def node_of(cluster: redis.RedisCluster, key: str) -> str:
     return f"{node.host}:{node.port}"
 
 
+VARIANTS: dict[str, dict[str, Any]] = {
+    "before (per request, one log)": {"global_slices": False, "spend_log_shards": 1},
+    "after (slices, 12 log shards)": {},
+}
+
+
+def holdings(cluster: redis.RedisCluster, store: RedisStore) -> dict[str, list[str]]:
+    """What each node holds of the hot keys: the global counter, the spend log's shards."""
+    held: dict[str, list[str]] = {}
+    held.setdefault(node_of(cluster, "{llmfence:" + scope_of("global") + "}"), []).append(
+        "global budget"
+    )
+    tags = store._spend_tags
+    for i, spend_tag in enumerate(tags):
+        what = "spend log" if len(tags) == 1 else f"log shard {i}"
+        held.setdefault(node_of(cluster, spend_tag + "log"), []).append(what)
+    return held
+
+
+async def measure(
+    servers: RedisClusterServers, seconds: float, options: dict[str, Any]
+) -> dict[str, Any]:
+    """One variant on a flushed cluster: the rate, and each node's µs per request."""
+    servers.flush()
+    store = RedisStore.from_url(servers.url, cluster=True, timeout=30.0, **options)
+    await drive(store, 0.5)  # warm: connections, scripts, slot map, a first slice
+    nodes = {f"127.0.0.1:{port}": redis.Redis(port=port) for port in servers.ports}
+    before = {name: script_usec(client) for name, client in nodes.items()}
+    started = time.perf_counter()
+    requests = await drive(store, seconds)
+    elapsed = time.perf_counter() - started
+    after = {name: script_usec(client) for name, client in nodes.items()}
+    with redis.RedisCluster(host="127.0.0.1", port=servers.ports[0]) as cluster:
+        held = holdings(cluster, store)
+    await store.aclose()
+    for client in nodes.values():
+        client.close()
+    rows = []
+    for name in nodes:
+        usec = (after[name] - before[name]) / requests
+        holds = ", ".join(held.get(name, [])) or "keys, homes"
+        ceiling = 1e6 / usec if usec else float("inf")
+        rows.append({"node": name, "holds": holds, "usec": usec, "ceiling": ceiling})
+    return {"per_process": requests / elapsed, "seconds": elapsed, "nodes": rows}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
     with RedisClusterServers() as servers:
-        store = RedisStore.from_url(servers.url, cluster=True, timeout=30.0)
-        await drive(store, 0.5)  # warm: connections, scripts, slot map
-        nodes = {f"127.0.0.1:{port}": redis.Redis(port=port) for port in servers.ports}
-        before = {name: script_usec(client) for name, client in nodes.items()}
-        started = time.perf_counter()
-        requests = await drive(store, args.seconds)
-        elapsed = time.perf_counter() - started
-        after = {name: script_usec(client) for name, client in nodes.items()}
-        await store.aclose()
-        with redis.RedisCluster(host="127.0.0.1", port=servers.ports[0]) as cluster:
-            hot = {
-                "global budget": node_of(cluster, "{llmfence:" + scope_of("global") + "}"),
-                "spend log": node_of(cluster, "{llmfence:" + SPEND + "}"),
-            }
-        for client in nodes.values():
-            client.close()
-    per_process = requests / elapsed
+        for variant, options in VARIANTS.items():
+            results[variant] = await measure(servers, args.seconds, options)
     host = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
     print(f"llmfence benchmark: the hot key on a 3-master Redis Cluster ({host})")
-    print(f"llmfence at {source_revision()}; {IN_FLIGHT} requests in flight, {elapsed:.1f} s\n")
-    print(f"one app process: {per_process:,.0f} requests/s (admit + settle)\n")
-    print("| node | holds | server µs per request | ceiling req/s | app processes to saturate |")
-    print("|---|---|---:|---:|---:|")
-    rows = []
-    for name in nodes:
-        usec = (after[name] - before[name]) / requests
-        holds = ", ".join(what for what, node in hot.items() if node == name) or "keys, homes"
-        ceiling = 1e6 / usec if usec else float("inf")
-        rows.append({"node": name, "holds": holds, "usec": usec, "ceiling": ceiling})
-        print(f"| {name} | {holds} | {usec:.1f} | {ceiling:,.0f} | {ceiling / per_process:.1f} |")
-    if args.json:
-        write_json(args.json, {"per_process": per_process, "nodes": rows, "seconds": elapsed})
+    print(f"llmfence at {source_revision()}; {IN_FLIGHT} requests in flight\n")
+    for variant, result in results.items():
+        per_process = result["per_process"]
+        print(f"### {variant}: one app process, {per_process:,.0f} requests/s (admit + settle)\n")
+        print(
+            "| node | holds | server µs per request | ceiling req/s | app processes to saturate |"
+        )
+        print("|---|---|---:|---:|---:|")
+        for row in result["nodes"]:
+            ceiling = row["ceiling"]
+            print(
+                f"| {row['node']} | {row['holds']} | {row['usec']:.1f} | {ceiling:,.0f} "
+                f"| {ceiling / per_process:.1f} |"
+            )
+        busiest = max(result["nodes"], key=lambda row: row["usec"])
+        result["ceiling"] = busiest["ceiling"]
+        print(f"\ncluster ceiling (busiest node): {busiest['ceiling']:,.0f} requests/s\n")
+    first, last = (results[variant]["ceiling"] for variant in VARIANTS)
+    print(f"ceiling after / before: {last / first:.2f}x")
+    finish(args.json, "hot_key", started, False, {"variants": results})
 
 
 if __name__ == "__main__":

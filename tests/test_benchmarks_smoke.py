@@ -192,3 +192,20 @@ def test_run_gathers_the_pieces(tmp_path: Path) -> None:
     assert set(payload["pieces"]) == {"fairness", "roundtrips"}
     assert not payload["failed"]
     assert json.loads((tmp_path / "latest.json").read_text()) == payload
+
+
+def test_bench_hot_key_measures_before_and_after(tmp_path: Path) -> None:
+    """The hot key on a Cluster, with and without global budget slices and log shards: each
+    node's script time per request, and the busiest node's ceiling, for both."""
+    results = tmp_path / "hot_key.json"
+    argv = [str(BENCHMARKS / "bench_hot_key.py"), "--seconds", "0.3"]
+    out = run_script([*argv, "--json", str(results)]).stdout
+    assert "ceiling after / before" in out
+    payload = json.loads(results.read_text())["variants"]
+    assert len(payload) == 2
+    for variant in payload.values():
+        assert variant["per_process"] > 0
+        assert len(variant["nodes"]) == 3
+        assert variant["ceiling"] > 0
+    after = list(payload.values())[1]
+    assert sum("log shard" in row["holds"] for row in after["nodes"]) == 3

@@ -49,6 +49,7 @@ from .middleware import (
 from .middleware._base import DEFAULT_EXEMPT_PATHS, DEFAULT_MAX_BODY_SIZE
 from .middleware._paths import PathRules
 from .stores import MemoryStore, Store
+from .stores._leases import return_leases
 
 __all__ = ["Fence"]
 
@@ -325,17 +326,17 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
         return app
 
     async def flush(self) -> int:
-        """Send the settlements the store did not take (an outage) again, now.
+        """Send the settlements the store did not take again, and return its leases, now.
 
-        The app's lifespan does this on its own: in the background while the app runs, and at
-        shutdown. Call it where no lifespan runs (a script, a test), or before closing the
-        store yourself.
+        Leases: `RedisStore`'s global budget slices on a cluster. The app's lifespan does
+        both at shutdown; call this where none runs (a script, a test), or before an aclose.
 
         Returns:
-            How many still wait (the store still fails).
+            How many settlements still wait (the store still fails).
         """
         outbox = self.meter.outbox
         await outbox.drain(self.meter.resend, wait=True)
+        await return_leases(self.meter.store)
         if self.meter.alerts is not None:  # and the budget alerts waiting to be sent
             await self.meter.alerts.flush()
         return outbox.depth

@@ -4,8 +4,9 @@ while the app runs and at shutdown.
 A settlement the store did not take (an outage) waits in the meter's outbox. For as long as the
 server runs the app's lifespan, one background task sends it again as soon as its backoff
 passes, so a key's lease comes back without waiting for another request. At
-`lifespan.shutdown` the outbox is drained (bounded in time) before the app hears of the
-shutdown, since the app's own shutdown handlers may close the store.
+`lifespan.shutdown` the outbox is drained and the store's leases (global budget slices) are
+returned, bounded in time, before the app hears of the shutdown, since the app's own shutdown
+handlers may close the store.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmfence._core.meter import Meter
+from llmfence.stores._leases import return_leases
 
 __all__ = ["SHUTDOWN_DRAIN_SECONDS", "run_lifespan"]
 
@@ -44,6 +46,10 @@ async def run_lifespan(
                     "llmfence shut down with %d settlements the store did not take",
                     outbox.depth,
                 )
+        if message["type"] == "lifespan.shutdown":
+            # What the store leased (global budget slices) back, after the settlements.
+            with anyio.move_on_after(max(SHUTDOWN_DRAIN_SECONDS, 3 * meter.store_timeout)):
+                await return_leases(meter.store)
         if message["type"] == "lifespan.shutdown" and alerts is not None:
             with anyio.move_on_after(SHUTDOWN_DRAIN_SECONDS):
                 await alerts.flush()

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from llmfence.exceptions import ConfigurationError, StoreError
 
-from ._redis_keys import SPEND, tag
 from ._types import SpendRecord, checked_timeout
 
 if TYPE_CHECKING:
@@ -54,14 +53,19 @@ _SCRIPTS: Final = (
     "list_keys",
     "registry_delete",
     "claim",
+    "lease",
 )
 # Scripts that roll budget periods get the one shared definition of the roll prepended.
-_ROLLS_BUDGETS: Final = frozenset({"admit", "charge", "settle"})
+_ROLLS_BUDGETS: Final = frozenset({"admit", "charge", "settle", "lease"})
 # Scripts that must not run twice: a second `charge` charges twice, and a second create or
 # delete of a record answers "taken" or "none" for the one the first call made or deleted.
-# Every other call is safe to repeat (reads; `admit`, `settle` and `release` are idempotent
-# per request id), so it gets one more try on a fresh connection after a connection error.
-_NOT_REPEATABLE: Final = frozenset({"charge", "record_create", "record_delete", "registry_delete"})
+# A lease (or a slice's late adjustment) sent twice takes twice. Every other call is safe to
+# repeat (reads; `admit`, `settle` and `release` are idempotent per request id; a slice's
+# return finds it gone the second time), so it gets one more try on a fresh connection after
+# a connection error.
+_NOT_REPEATABLE: Final = frozenset(
+    {"charge", "record_create", "record_delete", "registry_delete", "lease"}
+)
 # Scripts that write key, user or team records: a read of a record that a write may have
 # overtaken is not shared with a caller who comes after the write (see `_read_record`).
 _RECORD_WRITES: Final = frozenset(
@@ -146,10 +150,6 @@ class RedisBase:
             raise ConfigurationError("max_spend_records must not be negative")
         self._prefix = prefix
         self._tag = "{" + prefix + "}:"  # the registry's
-        spend = tag(prefix, SPEND)
-        self._log_key = spend + "log"
-        self._totals_key = spend + "totals"
-        self._end_users_key = spend + "end_users"
         self._cluster = False
         self._timeout = timeout
         self._max_records = max_spend_records

@@ -7,7 +7,10 @@ Keys that one atomic step must touch together share a tag; everything else is sp
   `…:lease:<counter>`, where the scope is what the counter counts for (`global`, `team:<id>`,
   `user:<id>`, `key:<hash>`, `end_user:<id>`…): a key's RPM and TPM buckets, its lease set,
   its budget and its per-model counters live together, and every other principal elsewhere;
-- the spend log, its running totals and the end users' ranking: `{<prefix>:spend}:…`;
+- the spend log, its running totals and the end users' ranking: `{<prefix>:spend}:…`, and
+  on a cluster each of its shards' under `{<prefix>:spend:<i>}:…` (see `_redis_spendlog`);
+- the global budget's slices leased to app instances, beside its counter:
+  `{<prefix>:global}:slices` (see `_redis_slices`);
 - the registry (key, user and team records, their indexes, access groups, projects):
   `{<prefix>}:…`, the names of earlier versions;
 - a request's reservation and tombstone: on a single node `{<prefix>}:reservation:<id>` and

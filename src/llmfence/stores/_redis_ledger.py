@@ -40,6 +40,7 @@ from ._redis_admit import (
 from ._redis_base import opt_float, opt_num
 from ._redis_keys import scoped
 from ._redis_shards import RedisShards
+from ._redis_slices import GLOBAL
 from ._types import Admission, AdmissionResult, BudgetScope, BudgetState, Settlement
 
 __all__ = ["RedisLedger"]
@@ -141,6 +142,10 @@ class RedisLedger(RedisShards):
         states = []
         for i, scope in enumerate(scopes):
             spent, total = int(values[3 * i]), int(values[3 * i + 1])
+            if scope.key == GLOBAL and self._slicing:
+                # What this store's slices hold and the counter does not show yet.
+                held, settled = self._slice_spend(now)
+                spent, total = spent + held, total + settled
             end = opt_float(values[3 * i + 2])
             ended = end is not None and now >= end
             states.append(
@@ -157,6 +162,14 @@ class RedisLedger(RedisShards):
         return states
 
     async def reset_budget(self, key: str, period_end: float | None, now: float) -> None:
-        """Start a new period for one budget counter now."""
+        """Start a new period for one budget counter now.
+
+        The global counter's slices this store holds are returned first (to the old period);
+        another store's are used until it returns them (idle, old, or at its next lease: at
+        most `_redis_slices._AGE` seconds), and what they admit meanwhile counts in the old
+        period.
+        """
+        if key == GLOBAL and self._slicing:
+            await self.return_slices()
         keys = [scoped(self._prefix, "budget", key)]
         await self._script("reset_budget", keys, [opt_num(period_end)])

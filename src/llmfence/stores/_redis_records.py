@@ -3,7 +3,7 @@
 Key, user and team records are hashes with one JSON value per field, so an update rewrites only
 the fields it changes and no number ever passes through cjson (which keeps 14 significant
 digits). Creating, updating and deleting a key record keeps its indexes (by user, by team) right
-in the same script. The spend log is written by `settle.lua`; this module reads it.
+in the same script. The spend log is written by `settle.lua` and read by `_redis_spendlog`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from ._protocol import SpendGroup
-from ._redis_base import RedisBase, decode_record, text
-from ._spend import matches, total_key
+from ._redis_base import text
+from ._redis_spendlog import RedisSpendLog
 from ._types import (
     BudgetTier,
     CustomerRecord,
     KeyRecord,
-    SpendRecord,
-    SpendTotals,
     TeamRecord,
     UserRecord,
 )
@@ -35,7 +32,7 @@ _R = TypeVar("_R", KeyRecord, UserRecord, TeamRecord, CustomerRecord, BudgetTier
 _KEEP_INDEX: Final = ("keep", "", "keep", "")
 
 
-class RedisRecords(RedisBase):
+class RedisRecords(RedisSpendLog):
     """The registry, spend log and project part of `RedisStore`."""
 
     # -- key, user and team records ----------------------------------------------------------
@@ -186,57 +183,6 @@ class RedisRecords(RedisBase):
         args = [record_id, *index, *_fields(known)]
         reply = await self._script("record_update", keys, args)
         return None if reply is None else cls.from_dict(decode_fields(reply))
-
-    # -- spend records -----------------------------------------------------------------------
-
-    async def spend_records(
-        self,
-        *,
-        key_hash: str | None = None,
-        user_id: str | None = None,
-        team_id: str | None = None,
-        model: str | None = None,
-        start: float | None = None,
-        end: float | None = None,
-        limit: int = 1000,
-        request_id: str | None = None,
-    ) -> list[SpendRecord]:
-        """Kept spend records matching every filter given, newest first.
-
-        Filters run in Python over the bounded log, read in one command.
-        """
-        if limit <= 0:
-            return []
-        filters = (key_hash, user_id, team_id, model, start, end)
-        filtered = request_id is not None or any(value is not None for value in filters)
-        stop = -1 if filtered else limit - 1
-        log = self._log_key
-
-        async def call(client: Redis) -> list[Any]:
-            return await client.lrange(log, 0, stop)
-
-        found: list[SpendRecord] = []
-        for raw in await self._run("spend_records", call):
-            if len(found) >= limit:
-                break
-            record = decode_record(json.loads(raw))
-            if matches(record, filters, request_id):
-                found.append(record)
-        return found
-
-    async def spend_totals(self, group: SpendGroup, name: str = "") -> SpendTotals:
-        """All-time totals of one group (`"global"` ignores `name`)."""
-        key, field = self._totals_key, total_key(group, name)
-
-        async def call(client: Redis) -> Any:
-            return await client.hget(key, field)
-
-        packed = await self._run("spend_totals", call)
-        if packed is None:
-            return SpendTotals()
-        # settle.lua packs them as "cost input_tokens output_tokens requests".
-        cost, input_tokens, output_tokens, requests = (int(value) for value in packed.split())
-        return SpendTotals(cost, input_tokens, output_tokens, requests)
 
     # -- BudgetManager project documents -----------------------------------------------------
 

@@ -23,6 +23,12 @@ A script may only touch keys of one slot on a cluster, and a request's checks li
 `charge`, `budgets`
     One script per slot, in parallel.
 
+The global budget level is the exception when the store leases slices of it
+(`_redis_slices`): an admission takes it from this instance's slice, in memory, and only the
+other levels go to their slots; its settlement settles the take there too (the home records
+no global slot for it). A refusal on another slot, or an admission that takes nothing, gives
+the take back.
+
 A request therefore costs two round trips in a row on a cluster for `admit` (the home, then
 every slot at once; a refusal that must give something back, two more) and two for `settle`,
 against one each on a single node, and one script per slot it touches. Budgets are exact all
@@ -32,12 +38,11 @@ request is refused.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final
 
 from . import _window
 from ._redis_admit import (
@@ -49,8 +54,10 @@ from ._redis_admit import (
     refusal,
     ttl_ms,
 )
-from ._redis_base import RedisBase, encode_record, num, opt_num, text
-from ._redis_keys import SPEND, request_tag, scope_of, scoped, tag
+from ._redis_base import num, opt_num, text
+from ._redis_keys import request_tag, scope_of, scoped, tag
+from ._redis_slices import RedisSlices
+from ._redis_spendlog import RedisSpendLog
 from ._spend import total_keys
 from ._types import Admission, AdmissionResult, BudgetScope, Settlement
 
@@ -59,7 +66,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisShards"]
 
-_T = TypeVar("_T")
 # A refusal's order among the checks, as `MemoryStore` runs them: request buckets, token
 # buckets, leases, budgets; then the check's position in the admission.
 _REQUESTS, _TOKENS, _LEASES, _BUDGETS = 0, 1, 2, 3
@@ -86,21 +92,10 @@ class _Part:
         self.budgets: list[int] = []
 
 
-class RedisShards(RedisBase):
+class RedisShards(RedisSlices, RedisSpendLog):
     """What `RedisStore` does differently on a cluster, and the calls both paths share."""
 
     # -- shared by both paths ----------------------------------------------------------------
-
-    async def _each(self, calls: Iterable[Awaitable[_T]]) -> list[_T]:
-        """Run calls at once and wait for all of them; then raise the first error, if any."""
-        pending = list(calls)
-        if len(pending) == 1:
-            return [await pending[0]]
-        results = await asyncio.gather(*pending, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return results  # type: ignore[return-value]  # no exception is left in it
 
     def _by_slot(self, counters: Sequence[str]) -> list[list[int]]:
         """Positions of budget counters, grouped by their keys' slots (first seen first)."""
@@ -125,15 +120,17 @@ class RedisShards(RedisBase):
         tokens = settlement.tokens
         spend = settlement.record if record else None
         prefix = self._prefix
+        shard = self._spend_shard(settlement.request_id)
         if spend is None and self._cluster:
             # Not touched without a record, but named: on a cluster every key must be on the
             # slot this part runs on.
             keys = [reservation, reservation, reservation, reservation, tombstone]
         else:
-            keys = [reservation, self._log_key, self._totals_key, self._end_users_key, tombstone]
+            log = self._spend_tags[shard]
+            keys = [reservation, log + "log", log + "totals", log + "end_users", tombstone]
         args: list[Any] = [
             num(now), _window.to_ms(now), settlement.cost, "" if tokens is None else tokens,
-            settlement.request_id, 1 if settlement.refund_requests else 0, self._max_records,
+            settlement.request_id, 1 if settlement.refund_requests else 0, self._keeps[shard],
             TOMBSTONE_TTL_MS, mode, len(charges),
         ]  # fmt: skip
         for scope in charges:
@@ -142,7 +139,7 @@ class RedisShards(RedisBase):
         if spend is None:
             args.append("")
         else:
-            args += (encode_record(spend), spend.cost, spend.input_tokens, spend.output_tokens)
+            args += (self._encode_spend(spend), spend.cost, spend.input_tokens, spend.output_tokens)
             args += total_keys(spend)
         return keys, args
 
@@ -174,20 +171,30 @@ class RedisShards(RedisBase):
             return found
 
         rates, slots, scopes = admission.rates, admission.slots, admission.budgets
+        # The global level from a slice of the global budget, if this store leases them.
+        index = self._global_index(admission)
+        fresh = request_id not in self._tickets
+        local = index is not None and await self._slice_take(admission, index)
+        local_level = self._slice_level(request_id) if local else None
         for i, hit in enumerate(rates):
             part(hit.key).rates.append(i)
         for i, lease in enumerate(slots):
             part(lease.key).slots.append(i)
         for i, scope in enumerate(scopes):
-            part(scope.key).budgets.append(i)
+            if not (local and i == index):
+                part(scope.key).budgets.append(i)
         shards = list(parts.values())
 
         nonce = secrets.token_hex(8)
         expiry, ttl = num(now + admission.ttl), ttl_ms(admission.ttl * 1000)
+        # A take stays when this fails: the home may have recorded the admission (a lost
+        # reply), and its settlement then settles the take; if not, the take stays spent.
         state, _ = await self._home(
             request_id, "admit", num(now), expiry, ttl, nonce, *(p.tag for p in shards)
         )
         idle = state == "idle"
+        if local and fresh and idle:
+            self._slice_untake(request_id)
 
         def call(p: _Part) -> Awaitable[Any]:
             keys, args = admit_call(
@@ -202,6 +209,8 @@ class RedisShards(RedisBase):
         replies = await self._each(call(p) for p in shards)
         buckets: list[tuple[int, int]] = [(0, 0)] * len(rates)
         levels: list[tuple[int, int, float | None]] = [(0, 0, None)] * len(scopes)
+        if local_level is not None and index is not None:
+            levels[index] = local_level
         first: tuple[tuple[int, int], int, int, int] | None = None  # order, verdict, index, held
         took: list[_Part] = []
         for p, reply in zip(shards, replies, strict=True):
@@ -240,6 +249,8 @@ class RedisShards(RedisBase):
                 return self._script("settle", keys, args)
 
             await self._each(give_back(p) for p in took)
+        if local and fresh:
+            self._slice_untake(request_id)
         await self._home(request_id, "undo", num(now), nonce)
         _, verdict, index, held = first
         refused = refusal(admission, verdict, index, held, buckets, levels)
@@ -247,7 +258,7 @@ class RedisShards(RedisBase):
 
     async def _settle_shards(self, settlement: Settlement) -> bool:
         prefix, request_id = self._prefix, settlement.request_id
-        spend = tag(prefix, SPEND)
+        spend = self._spend_tags[self._spend_shard(request_id)]
         logged = [spend] if settlement.record is not None else []
         # Where a settlement that finds no admission goes: its charges' slots, and the log's.
         unknown = [tag(prefix, scope_of(scope.key)) for scope in settlement.charges] + logged
@@ -280,7 +291,13 @@ class RedisShards(RedisBase):
             )  # fmt: skip
             return self._script("settle", keys, args)
 
-        await self._each(call(slot, t, s) for slot, (t, s) in shards.items())
+        calls = [call(slot, t, s) for slot, (t, s) in shards.items()]
+        if self._tickets:  # admitted from a slice of the global budget
+            # Held: the admission (or, sent again, its settlement) is on the home.
+            call_global = self._slice_settle(request_id, settlement.cost, settlement.now, rule_one)
+            if call_global is not None:
+                calls.append(call_global)
+        await self._each(calls)
         return state == "A"
 
     async def _release_shards(self, request_id: str, slot_keys: Sequence[str]) -> None:

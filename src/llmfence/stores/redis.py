@@ -15,11 +15,14 @@ import math
 import secrets
 from typing import TYPE_CHECKING, Any
 
+from llmfence.exceptions import ConfigurationError
+
 from ._protocol import DEFAULT_TIMEOUT
 from ._redis_base import _Connection, import_redis
 from ._redis_keys import tag
 from ._redis_ledger import RedisLedger
 from ._redis_registry import RedisRegistry
+from ._redis_spendlog import SHARDS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
@@ -37,7 +40,10 @@ class RedisStore(RedisLedger, RedisRegistry):
     script each over every key of the request, whatever their tags (a single Redis lets a
     script reach any key). On a cluster each call is split by slot and the slots run in
     parallel, exactly (see `_redis_shards`): a refusal on any slot gives back what the others
-    reserved, and a settlement goes once to every slot its request touched. Each script names
+    reserved, and a settlement goes once to every slot its request touched. Two keys would
+    still take every request of a cluster on one slot each, so on a cluster the global budget
+    is leased to each store in slices and admitted locally from them (`_redis_slices`), and
+    the spend log is spread over 12 shards (`_redis_spendlog`). Each script names
     the keys it touches in `KEYS`; `settle` also reaches the keys its reservation names, which
     `admit` named on the same slot, and listing keys the records an index names, under the
     registry's tag.
@@ -51,13 +57,18 @@ class RedisStore(RedisLedger, RedisRegistry):
       hold it, or, without a period, a minute after its spend is back at zero; the operator's
       never expire), `{prefix:<scope>}:bucket:<counter>` rate-bucket hashes (level, t;
       expiring after two windows, or a minute if that is longer) and
-      `{prefix:<scope>}:lease:<counter>` sorted sets (request id scored by expiry);
+      `{prefix:<scope>}:lease:<counter>` sorted sets (request id scored by expiry); the
+      global budget's hash also counts in `leased` the slices leased out of its `spent`,
+      listed in `{prefix:global}:slices` (lease id -> size, epoch, expiry);
     - `{prefix:spend}:log`, the bounded list of spend records (each a JSON array of the
       record's values in `SpendRecord` field order), `{prefix:spend}:totals`, the hash of
       running totals (field `<group>:<name>`, e.g. `user:alice` or `global:`; value
       `"<cost> <input tokens> <output tokens> <requests>"`, summed exactly by `settle.lua`),
       whose `end_user:` fields are kept for the most recent `max(max_spend_records, 1000)`
       end users only, ranked in the `{prefix:spend}:end_users` sorted set (by last use, ms);
+      on a cluster the same three keys under each shard's tag, `{prefix:spend:<i>}` (or
+      `{prefix:spend:<i>.<n>}`, see `_redis_spendlog`), each record with a sequence number
+      after its fields, and the unsharded keys above still read;
     - the registry, under `{prefix}:`: `key:<hash>`, `user:<id>`, `team:<id>` record hashes
       (one JSON value per field; only a key's hash and masked form are ever stored), the
       `keys`, `keys:by_user`, `keys:by_team` indexes, `access_groups`, `project:<name>`,
@@ -109,6 +120,18 @@ class RedisStore(RedisLedger, RedisRegistry):
             the event loop counts too; `Fence(store_timeout=...)` sets another).
         max_spend_records: How many spend records the log keeps (oldest dropped first). The
             running totals count every record ever appended.
+        global_slices: Lease slices of the global budget to this store and admit the global
+            level from them locally (see `_redis_slices`): the global counter's slot is then
+            touched once per slice instead of once per request. `None` (the default): on a
+            cluster, where that slot binds first; a single node runs every request's script
+            on one thread anyway and takes `False` only.
+        slice_divisor: A slice is `1/slice_divisor` of what the global budget has neither
+            spent nor leased (so slices shrink near its end), and at most 1024 requests like
+            the one asking; one that would not hold four of them is not leased, and requests
+            are admitted exactly, one by one, on the global slot.
+        spend_log_shards: How many logs the spend log is spread over, each with its own
+            totals (see `_redis_spendlog`). `None` (the default): 12 on a cluster, where one
+            log's slot binds right after the global counter's; 1 on a single node.
 
     Raises:
         ImportError: When the `redis` package is not installed.
@@ -124,9 +147,14 @@ class RedisStore(RedisLedger, RedisRegistry):
         prefix: str = "llmfence",
         timeout: float = DEFAULT_TIMEOUT,
         max_spend_records: int = 100_000,
+        global_slices: bool | None = None,
+        slice_divisor: int = 16,
+        spend_log_shards: int | None = None,
     ) -> None:
         self._setup(prefix, timeout, max_spend_records)
         self._cluster = isinstance(client, import_redis().asyncio.RedisCluster)
+        self._setup_slices(_slicing(self._cluster, global_slices, slice_divisor), slice_divisor)
+        self._setup_spend_log(_shards(self._cluster, spend_log_shards))
         self._connection = _Connection(client)
         self._factory = None
 
@@ -139,6 +167,9 @@ class RedisStore(RedisLedger, RedisRegistry):
         timeout: float = DEFAULT_TIMEOUT,
         max_spend_records: int = 100_000,
         cluster: bool = False,
+        global_slices: bool | None = None,
+        slice_divisor: int = 16,
+        spend_log_shards: int | None = None,
         **redis_kwargs: Any,
     ) -> RedisStore:
         """A store with its own client, opened on first use and closed by `aclose()`.
@@ -156,6 +187,10 @@ class RedisStore(RedisLedger, RedisRegistry):
             max_spend_records: How many spend records the log keeps.
             cluster: Open a `redis.asyncio.RedisCluster` (the URL names any node; the
                 client finds the others) and spread the state over the cluster's slots.
+            global_slices: Lease slices of the global budget (default: on a cluster only).
+            slice_divisor: A slice is `1/slice_divisor` of the global budget's free room.
+            spend_log_shards: How many logs the spend log is spread over (default: 12 on a
+                cluster, 1 on a single node).
             **redis_kwargs: More connection options, as `redis.asyncio.Redis.from_url` (or
                 `RedisCluster.from_url`) takes them; `max_connections` sizes the pool
                 (default 50; on a cluster, per node, where a call finding every connection
@@ -195,6 +230,8 @@ class RedisStore(RedisLedger, RedisRegistry):
         store = cls.__new__(cls)
         store._setup(prefix, timeout, max_spend_records)
         store._cluster = cluster
+        store._setup_slices(_slicing(cluster, global_slices, slice_divisor), slice_divisor)
+        store._setup_spend_log(_shards(cluster, spend_log_shards))
         store._connection = None
         store._factory = open_cluster if cluster else open_client
         return store
@@ -228,6 +265,7 @@ class RedisStore(RedisLedger, RedisRegistry):
         A `from_url` store opens a new client if it is used again afterwards, so a sync
         caller may run each call in its own event loop and close the store at the end of it.
         """
+        await self._stop_slices()  # the unused part of its slices back to the budget
         if self._factory is None:
             return  # the caller owns the client; the scripts stay loaded for later calls
         connection, self._connection = self._connection, None
@@ -236,3 +274,21 @@ class RedisStore(RedisLedger, RedisRegistry):
         # old client is just dropped.
         if connection is not None and loop is asyncio.get_running_loop():
             await connection.client.aclose()
+
+
+def _slicing(cluster: bool, global_slices: bool | None, divisor: int) -> bool:
+    """Whether a store leases global budget slices; `ConfigurationError` for bad options."""
+    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+        raise ConfigurationError(f"slice_divisor must be an integer >= 1, not {divisor!r}")
+    if global_slices and not cluster:
+        raise ConfigurationError("global_slices needs a Redis Cluster (cluster=True)")
+    return cluster if global_slices is None else global_slices
+
+
+def _shards(cluster: bool, shards: int | None) -> int:
+    """How many logs the spend log has; `ConfigurationError` for a bad option."""
+    if shards is None:
+        return SHARDS if cluster else 1
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ConfigurationError(f"spend_log_shards must be an integer >= 1, not {shards!r}")
+    return shards

@@ -7,6 +7,7 @@
 --   end     Unix seconds (float text, as the caller wrote it) when the period ends; absent
 --           while the spend never resets
 --   epoch   bumped at every roll, so settle can tell that a reservation's period is gone
+--   leased  how much of `spent` is slices leased to app instances (lease.lua); absent if none
 --
 -- Times stay the caller's float text: comparing two doubles parsed from Python's repr is
 -- exact, so a period ends at exactly the instant MemoryStore says it does.
@@ -62,6 +63,8 @@ local function load_budget(key, now, period_end)
     b.spent = 0
     b.epoch = b.epoch + 1
     redis.call('HSET', key, 'spent', '0', 'epoch', string.format('%d', b.epoch))
+    -- Slices leased in the ended period (lease.lua) went with its spend.
+    redis.call('HDEL', key, 'leased')
     if period_end ~= '' then
       redis.call('HSET', key, 'end', period_end)
       b.ends = period_end

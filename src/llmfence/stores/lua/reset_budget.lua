@@ -6,6 +6,8 @@
 
 redis.call('HSET', KEYS[1], 'spent', '0')
 redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+-- Slices leased in the old period (lease.lua) go with it: their returns add to the total only.
+redis.call('HDEL', KEYS[1], 'leased')
 if ARGV[1] ~= '' then
   redis.call('HSET', KEYS[1], 'end', ARGV[1])
 else
