@@ -19,6 +19,14 @@ settings.register_profile("llmfence", deadline=None, suppress_health_check=[Heal
 settings.load_profile("llmfence")
 
 
+@pytest.fixture(scope="module", params=["asyncio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """asyncio, whichever anyio is installed: anyio 4.4's own fixture also asks for trio, which
+    the suite does not install (newer ones ask only for the backends installed)."""
+    backend: str = request.param
+    return backend
+
+
 def required(found: str | None, missing: str) -> str:
     """`found`; else a skip, or with `CI` set a failure: CI runs every test, none may skip."""
     if found is None:

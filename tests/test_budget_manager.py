@@ -10,6 +10,8 @@ import time
 import types
 import uuid
 from collections.abc import Callable, Iterator
+from functools import reduce
+from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -379,7 +381,8 @@ def test_money_does_not_drift(
     budget_manager.create_budget(total_budget=1, user="u")
     for _ in range(10):
         budget_manager.update_cost(completion_obj=completion("gpt-3.5-turbo", []), user="u")
-    assert sum([CALL] * 10) != 0.00079  # what summing floats, as LiteLLM does, gives
+    # What adding floats one by one (`+=`), as LiteLLM does, gives; sum() compensates on 3.12+.
+    assert reduce(add, [CALL] * 10) != 0.00079
     assert budget_manager.get_current_cost("u") == 0.00079
     assert budget_manager.get_model_cost("u") == {"gpt-3.5-turbo-0613": 0.00079}
 
@@ -414,7 +417,7 @@ def test_thread_safe_8_threads_x_125_updates(
     run_threads(lambda _: budget_manager.update_cost(completion_obj=response, user="u"))
     assert budget_manager.get_current_cost("u") == 0.079  # exactly 1000 × $0.000079
     assert budget_manager.get_model_cost("u") == {"gpt-3.5-turbo-0613": 0.079}
-    assert sum([CALL] * 1000) != 0.079
+    assert reduce(add, [CALL] * 1000) != 0.079  # `+=`, as LiteLLM adds
 
 
 @pytest.mark.redis

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from functools import reduce
+from operator import add
 
 import pytest
 
@@ -59,7 +61,8 @@ def test_nano_to_usd_and_decimal() -> None:
 
 
 def test_float_sums_drift_but_nano_sums_do_not() -> None:
-    assert sum([0.1] * 10) != 1.0
+    # Added one by one (`+=`): sum() compensates since Python 3.12, a running total does not.
+    assert reduce(add, [0.1] * 10) != 1.0
     assert sum([usd_to_nano(0.1)] * 10) == usd_to_nano(1)
 
 

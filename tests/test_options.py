@@ -34,6 +34,8 @@ from llmfence.testing import mock_llm_app
 
 from .middleware.conftest import CHAT, MODEL, auth, client_for
 
+pytestmark = pytest.mark.anyio
+
 MASTER = "sk-master-key-123"
 
 
@@ -186,21 +188,18 @@ def _fence(redis_url: str, own_timeout: float, **options: Any) -> Fence:
 # A 1.5 s stall; the outcome (served or 503) tells which bound governed, with no clock read.
 
 
-@pytest.mark.anyio
 async def test_a_longer_store_timeout_outlasts_the_store_s_own(redis_url: str) -> None:
     fence = _fence(redis_url, own_timeout=0.3, store_timeout=5)
     status, _ = await _paused_request(redis_url, fence, 1500)
     assert status == 200
 
 
-@pytest.mark.anyio
 async def test_a_shorter_store_timeout_cuts_a_stall_short(redis_url: str) -> None:
     fence = _fence(redis_url, own_timeout=10, store_timeout=0.3)
     status, _ = await _paused_request(redis_url, fence, 1500)
     assert status == 503
 
 
-@pytest.mark.anyio
 async def test_without_store_timeout_the_store_keeps_its_own(redis_url: str) -> None:
     status, _ = await _paused_request(redis_url, _fence(redis_url, own_timeout=0.3), 1500)
     assert status == 503

@@ -19,6 +19,8 @@ from llmfence._tokens import (
     get_encoding,
 )
 
+pytestmark = pytest.mark.anyio
+
 
 def chat(
     model: str, *messages: dict[str, Any], tools: tuple[dict[str, Any], ...] = ()

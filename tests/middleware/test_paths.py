@@ -25,6 +25,8 @@ from llmfence._request import parse_request
 from llmfence.exceptions import InvalidRequestError
 from llmfence.middleware._paths import normalize_path
 
+pytestmark = pytest.mark.anyio
+
 CHAT_MESSAGES = [{"role": "user", "content": "hi"}]
 
 

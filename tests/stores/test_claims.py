@@ -11,6 +11,8 @@ import pytest
 from llmfence.stores import ClaimStore, MemoryStore, SQLiteStore, Store
 from tests.conftest import open_store
 
+pytestmark = pytest.mark.anyio
+
 T0 = 1_800_000_000.0
 
 

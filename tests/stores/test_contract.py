@@ -28,6 +28,8 @@ from llmfence.stores import (
 from llmfence.testing import FakeClock
 from tests.conftest import open_store
 
+pytestmark = pytest.mark.anyio
+
 T0 = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC).timestamp()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 import redis.asyncio
 
 from llmfence.stores import (
@@ -21,6 +22,8 @@ from llmfence.stores import (
 )
 from llmfence.stores._memory_state import SWEEP_EVERY, TOMBSTONE_TTL
 from llmfence.stores.redis import RedisStore
+
+pytestmark = pytest.mark.anyio
 
 T0 = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC).timestamp()
 SCOPES = (BudgetScope("key:h", "key", "h", 100, None),)

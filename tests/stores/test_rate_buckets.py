@@ -19,6 +19,8 @@ from llmfence.stores import Admission, AdmissionResult, RateHit, Settlement, Sto
 from llmfence.stores._types import RateKind
 from llmfence.testing import FakeClock
 
+pytestmark = pytest.mark.anyio
+
 T0_MS = 1_795_000_000_000
 MINUTE_MS = 60_000
 

@@ -33,6 +33,8 @@ from llmfence.testing import RedisClusterServers
 
 from .test_redis_store import History
 
+pytestmark = pytest.mark.anyio
+
 T0 = 1_795_000_000.0
 TEAM = BudgetScope("team:t", "team", "t", 1_000_000, T0 + 3600)
 GLOBAL = BudgetScope("global", "global", "global", None, T0 + 86_400)

@@ -43,6 +43,8 @@ from llmfence.stores._types import RateKind
 from llmfence.stores.redis import RedisStore
 from llmfence.testing import RedisServer
 
+pytestmark = pytest.mark.anyio
+
 T0 = 1_795_000_000.0
 _R = TypeVar("_R")
 SCRIPTS = (

@@ -4,6 +4,7 @@ customers, budget tiers, new key fields, and the spend log's `request_id` filter
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,8 @@ async def test_a_version_1_sqlite_file_gets_the_registry_table(tmp_path: Path) -
     store = SQLiteStore(path)
     await store.create_user(UserRecord(user_id="kept"))
     await store.aclose()
-    with sqlite3.connect(path) as raw:  # what version 1 wrote: no registry table
+    # What version 1 wrote: no registry table. (sqlite3's `with` commits but never closes.)
+    with closing(sqlite3.connect(path)) as raw, raw:
         raw.execute("DROP TABLE registry")
         raw.execute("PRAGMA user_version = 1")
     store = SQLiteStore(path)

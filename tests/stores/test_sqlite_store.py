@@ -41,6 +41,8 @@ from tests.middleware.conftest import CHAT, auth, chat_body, client_for
 from . import test_contract
 from .test_redis_store import History
 
+pytestmark = pytest.mark.anyio
+
 T0 = test_contract.T0
 DAY = 86_400.0
 

@@ -212,10 +212,11 @@ def _delete_key(db: sqlite3.Connection, key_hash: str) -> bool:
 
 
 def _list_keys(db: sqlite3.Connection, user_id: str | None, team_id: str | None) -> list[KeyRecord]:
+    # Named parameters: Python 3.12.0-3.12.3 warn about numbered ones (`?1`) given a tuple.
     rows = db.execute(
-        "SELECT record FROM keys WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR "
-        "team_id = ?2) ORDER BY rowid",
-        (user_id, team_id),
+        "SELECT record FROM keys WHERE (:user IS NULL OR user_id = :user) AND (:team IS NULL OR "
+        "team_id = :team) ORDER BY rowid",
+        {"user": user_id, "team": team_id},
     )
     return [KeyRecord.from_dict(loads(record)) for (record,) in rows]
 
