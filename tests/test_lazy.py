@@ -38,6 +38,8 @@ from llmfence.testing import FakeClock
 
 from .conftest import open_store
 
+pytestmark = pytest.mark.anyio
+
 T0 = 1_795_000_000.0
 CHAT = "/v1/chat/completions"
 KEY = "sk-lazy-counting-" + "k" * 32
