@@ -99,12 +99,10 @@ class Fence(RecordsMixin, RegistryMixin, CustomersMixin, RoutesMixin, MetricsMix
             not fit the tightest token window or budget, the request goes upstream with the
             `max_tokens` that does fit (`x-llmfence-max-tokens-clamped` says which).
         min_output_tokens: Below this many output tokens, such a request is refused instead.
-        lazy_counting: Admit with an upper bound of the prompt's tokens (its UTF-8 length) and
-            count exactly only when a decision needs it: near a limit, on a refusal, for a
-            response without usage. Decisions are those of exact counting; far from every limit
-            `x-ratelimit-remaining-tokens` counts the bound while the request runs. `False`:
-            count every prompt first (for clients that pace on that header to the token, or
-            many concurrent requests sharing a window near its limit).
+        lazy_counting: Admit with an upper bound of the prompt's tokens (its UTF-8 length),
+            counting exactly only when a decision needs it (near a limit, a refusal, no usage);
+            decisions are exact counting's. `False`: count every prompt first (far from every
+            limit `x-ratelimit-remaining-tokens` counts the bound while a request runs).
         calendar_aligned: Align budget periods to UTC calendar boundaries instead of rolling.
         clamp_max_tokens: Lower `max_tokens` to what the tightest budget can pay for instead of
             refusing.
