@@ -16,8 +16,8 @@ nox.options.default_venv_backend = "venv"
 ROOT = Path(__file__).parent
 # Every Python the classifiers in pyproject.toml name (a test keeps the two lists equal).
 PYTHONS = ["3.11", "3.12", "3.13"]
-# The extras that are not part of what users install: the tools, the benchmarks' peers.
-NOT_RUNTIME_EXTRAS = {"dev", "bench"}
+# The extras that are not part of what users install: the tools, the docs, the benchmarks' peers.
+NOT_RUNTIME_EXTRAS = {"dev", "bench", "docs"}
 
 
 @nox.session(python=PYTHONS)
